@@ -1,0 +1,106 @@
+"""Orbax checkpoints of a run: async, keep-N plus stage boundaries, exact resume.
+
+Each saved step holds two items:
+  state  the TrainState pytree (sharded arrays; Orbax reshards on restore onto another mesh)
+  meta   JSON: step, stage, the data position of every process, frozen-network references
+
+Orbax writes a step into a temporary directory and renames it when complete, so a crash
+mid-save never replaces the last good checkpoint. A latest checkpoint that fails to restore
+(corrupted files) is skipped with a warning and the previous one is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """A CheckpointManager over `directory` with the run's save and keep rules."""
+
+  def __init__(self, directory: str, *, every_steps: int, keep: int,
+               keep_steps: Sequence[int] = (), async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every_steps = int(every_steps)
+    policies = [cm.LatestN(max(1, int(keep)))]
+    if keep_steps:
+      policies.append(cm.CustomSteps(list(int(s) for s in keep_steps)))
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        enable_async_checkpointing=async_save,
+        preservation_policy=cm.AnyPreservationPolicy(policies),
+        cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
+                                         options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """The newest checkpoint that restores; corrupted ones are skipped with a warning."""
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
+        log.warning("checkpoint at step %d in %s could not be restored (%s: %s); "
+                    "falling back to the previous one", step, self.directory,
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_of(tree: Any) -> Any:
+  """ShapeDtypeStructs with shardings, the restore target of a live tree."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_raw(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
+  """Restores a run's checkpoint without a target (host arrays), e.g. to read a teacher."""
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(mngr.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  candidates = [step] if step is not None else list(reversed(steps))
+  last_error = None
+  for s in candidates:
+    try:
+      out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+      return s, {"state": out["state"], "meta": dict(out["meta"])}
+    except Exception as e:  # noqa: BLE001
+      last_error = e
+      log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
+  raise ValueError(f"no restorable checkpoint in {directory}: {last_error}")

@@ -1,0 +1,250 @@
+"""Configs: the base schema, loading `configs/X.py[:arg]`, `--config.a.b=value` overrides and
+validation before any work.
+
+A config file is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict`. It
+starts from `base_config()` (every key the engine reads, with defaults) and sets what it needs.
+The schema a run is checked against is the base plus the keys its objective, dataset and model
+declare (`objective_defaults`, `data defaults`, `model defaults`), so a misspelt key anywhere
+stops the run with one line naming it.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Iterable
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config problem; its message is one line naming the key."""
+
+
+def base_config() -> ConfigDict:
+  """Every key the engine itself reads, with its default."""
+  c = ConfigDict()
+  c.seed = 0
+
+  c.objective = ConfigDict({"name": "denoise"})
+  # The student's (or, for teacher training, the teacher's) architecture. `name` is a model
+  # registry name; `prediction` the parameterisation its output is read in; the rest are the
+  # module's constructor arguments.
+  c.model = ConfigDict({"name": "mlp", "prediction": "flow", "attention": "xla",
+                        "jvp_attention": "xla"})
+  # The noise process of the network trained here. A distillation run takes its teacher's
+  # process from the teacher's checkpoint unless the objective says otherwise.
+  c.process = ConfigDict({"name": "rectified_flow"})
+  c.teacher = ConfigDict({"checkpoint": "", "params": "ema"})
+  c.data = ConfigDict({"name": "gmm"})
+
+  c.train = ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 256          # global
+  c.train.grad_accum = 1            # micro-batches per optimizer step
+  c.train.log_every = 50
+  c.train.max_skipped_steps = 20    # consecutive non-finite updates before the run stops
+  c.train.profile = False
+
+  c.optim = ConfigDict()
+  c.optim.name = "adam"             # optax name: adam | adamw | sgd | lion
+  c.optim.lr = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"     # constant | cosine | linear (decay over the stage)
+  c.optim.grad_clip = 0.0           # global-norm clip; 0 = off
+  c.optim.param_dtype = "float32"   # dtype trained parameters are kept in
+  # Per-network overrides of any key above, e.g. optim.networks.fake_score.lr = 4e-5.
+  c.optim.networks = ConfigDict()
+
+  # EMA decays per network and role, e.g. ema.student.eval = 0.999 (roles are the objective's).
+  c.ema = ConfigDict()
+
+  c.checkpoint = ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = ConfigDict()
+  c.eval.every_steps = 0            # 0 = only at the end
+  c.eval.num_samples = 2048
+  c.eval.steps = (1, 2, 4)          # the student's step counts
+  c.eval.teacher_steps = 64         # the teacher's reference step count
+  c.eval.seed = 1234
+  c.eval.metric = ""                # "" = the dataset's default metric
+  c.eval.at_end = True
+
+  c.sample = ConfigDict()
+  c.sample.every_steps = 0          # 0 = only at the end
+  c.sample.num = 64
+  c.sample.seed = 7
+
+  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Logical axis -> mesh axis rules; see distill/sharding.py for the default table.
+  c.sharding = ConfigDict({"rules": ""})
+
+  c.distributed = ConfigDict({"initialize": False, "coordinator_address": "",
+                              "num_processes": 0, "process_id": -1})
+  c.compilation_cache = ""          # a directory for JAX's persistent compilation cache
+  return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_file(spec: str) -> ConfigDict:
+  """Loads `path/to/file.py[:arg]` and calls its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: file {path!r} does not exist")
+  mod_name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+  module = importlib.util.module_from_spec(spec_obj)
+  spec_obj.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config: {path} has no get_config(arg) function")
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except TypeError:
+    return module.get_config()
+
+
+def _parse_value(text: str, like: Any, key: str) -> Any:
+  """Parses `text` into the type of the current value `like`."""
+  if isinstance(like, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {key!r}: expected a bool, got {text!r}")
+  if isinstance(like, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: expected an int, got {text!r}") from None
+  if isinstance(like, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: expected a float, got {text!r}") from None
+  if isinstance(like, str):
+    return text
+  if isinstance(like, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = tuple(p for p in text.split(",") if p)
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return type(like)(value)
+  if like is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  raise ConfigError(f"config key {key!r}: cannot override a value of type {type(like).__name__}")
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+  """Applies `a.b=value` overrides; unknown keys and unparsable values raise ConfigError."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r}: expected --config.key=value")
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+      if not isinstance(node, ConfigDict) or part not in node:
+        raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}")
+      node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ConfigDict):
+      raise ConfigError(f"unknown config key {key!r}")
+    if leaf not in node:
+      # Sub-dicts that hold open-ended per-name entries (optim.networks, ema) accept new keys.
+      if _is_open(parts[:-1]):
+        node[leaf] = _parse_value(text, None, key)
+        continue
+      raise ConfigError(f"unknown config key {key!r}")
+    with node.ignore_type():
+      node[leaf] = _parse_value(text, node[leaf], key)
+  return config
+
+
+_OPEN_DICTS = (("ema",), ("optim", "networks"))
+
+
+def _is_open(prefix: list[str]) -> bool:
+  return any(tuple(prefix[:len(o)]) == o for o in _OPEN_DICTS)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_against(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if _is_open(path.split(".")[:len(path.split("."))]):
+      continue
+    if key not in schema:
+      raise ConfigError(f"unknown config key {path!r}")
+    expected = schema[key]
+    if isinstance(expected, ConfigDict):
+      if not isinstance(value, ConfigDict):
+        raise ConfigError(f"config key {path!r}: expected a section, got {type(value).__name__}")
+      _check_against(value, expected, path + ".")
+      continue
+    _check_type(path, value, expected)
+
+
+def _check_type(path: str, value: Any, expected: Any) -> None:
+  if expected is None or value is None:
+    return
+  if isinstance(expected, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(expected, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(expected, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(expected, (tuple, list)):
+    ok = isinstance(value, (tuple, list))
+  else:
+    ok = isinstance(value, type(expected))
+  if not ok:
+    raise ConfigError(f"config key {path!r}: expected {type(expected).__name__}, "
+                      f"got {type(value).__name__} ({value!r})")
+
+
+def validate_keys(config: ConfigDict, schema: ConfigDict) -> None:
+  """Raises ConfigError naming the first key of `config` that `schema` lacks or mistypes."""
+  _check_against(config, schema)
+
+
+def merge_defaults(schema: ConfigDict, section: str, defaults: dict) -> None:
+  """Adds a component's declared keys (objective, data, model) to the schema section."""
+  node = schema[section]
+  with node.unlocked() if hasattr(node, "unlocked") else _null():
+    for k, v in defaults.items():
+      if k not in node:
+        node[k] = v
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def to_dict(config: ConfigDict) -> dict:
+  return config.to_dict()
+
+
+def from_dict(d: dict) -> ConfigDict:
+  return ml_collections.ConfigDict(d)

@@ -1,0 +1,121 @@
+"""What a phase loss sees besides its trainable params: every other network, EMA copies, the
+apply functions and each network's noise process.
+
+    x0 = ctx.x0("teacher", x_t, t, cond)                         # frozen teacher, its own params
+    out = ctx.apply("student", x_t, t, cond, params=trainable["student"])
+    tgt = ctx.apply("student", x_t, t, cond, params=ctx.ema["student"]["target"])
+
+`t` is always in the network's process units; the network's timestep input is
+`process.timestep(t)`. `ctx.apply` returns the raw output in the network's prediction kind;
+`ctx.x0`/`ctx.eps` convert it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from distill import processes as procs
+
+Params = Any
+
+# Batch keys -> the keyword the models' __call__ uses for them.
+BATCH_TO_MODEL_KWARG = {
+    "label": "class_labels",
+    "text_embeds": "encoder_hidden_states",
+    "added_cond": "added_cond",
+}
+
+
+def cond_from_batch(batch: Mapping[str, jax.Array]) -> dict:
+  """The conditioning keywords of a batch (everything but the data `x`)."""
+  return {BATCH_TO_MODEL_KWARG[k]: v for k, v in batch.items() if k in BATCH_TO_MODEL_KWARG}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NetInfo:
+  """Static facts about one network."""
+  name: str
+  module: Any                      # the flax module
+  prediction: str = "flow"         # eps | x0 | v | flow | raw (heads)
+  process: Any = None              # the network's noise process
+  num_classes: int = 0             # class-conditional: index num_classes is the null class
+  base: Optional[str] = None       # frozen network whose weights a LoRA network merges into
+  lora_scale: float = 1.0
+  apply_fn: Optional[Callable] = None  # apply(variables, *args, **kw); default module.apply
+  wrapper: Optional[Callable] = None   # (info, raw_apply) -> apply with the same signature
+  flops_per_example: float = 0.0
+
+
+def merge_params(info: NetInfo, params: Params, all_params: Mapping[str, Params]) -> Params:
+  """The full weights of a network: its own, or its base's with a LoRA adapter merged."""
+  if info.base is None:
+    return params
+  from models import lora
+  return lora.lora_merge(all_params[info.base], params, info.lora_scale)
+
+
+@struct.dataclass
+class Context:
+  params: dict               # name -> params of networks this phase does not train
+  ema: dict                  # name -> role -> params
+  model_state: dict          # name -> mutable collections
+  nets: dict = struct.field(pytree_node=False)        # name -> NetInfo
+  mesh: Any = struct.field(pytree_node=False, default=None)
+
+  # -- raw application -------------------------------------------------------------------
+  def variables(self, name: str, params: Optional[Params] = None) -> dict:
+    info = self.nets[name]
+    p = self.params[name] if params is None else params
+    p = merge_params(info, p, self.params)
+    variables = {"params": p}
+    variables.update(self.model_state.get(name, {}))
+    return variables
+
+  def call(self, name: str, *args, params: Optional[Params] = None, **kwargs):
+    """module.apply(variables, *args, **kwargs) with this network's (merged) weights."""
+    info = self.nets[name]
+    apply = info.apply_fn or info.module.apply
+    return apply(self.variables(name, params), *args, **kwargs)
+
+  # -- denoiser view (t in process units) ------------------------------------------------
+  def process(self, name: str):
+    return self.nets[name].process
+
+  def apply(self, name: str, x_t, t, cond: Optional[Mapping] = None, *,
+            params: Optional[Params] = None, **extras):
+    """Raw network output for noisy x_t at process time t (scalar or per-sample)."""
+    info = self.nets[name]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
+    timestep = info.process.timestep(t)
+
+    def raw(x, ts, **kw):
+      return self.call(name, x, ts, params=params, **kw)
+
+    fn = info.wrapper(info, raw, t) if info.wrapper is not None else raw
+    return fn(x_t, timestep, **dict(cond or {}), **extras)
+
+  def x0(self, name: str, x_t, t, cond=None, *, params=None, **extras):
+    out = self.apply(name, x_t, t, cond, params=params, **extras)
+    return to_kind(self.nets[name], out, "x0", x_t, t)
+
+  def eps(self, name: str, x_t, t, cond=None, *, params=None, **extras):
+    out = self.apply(name, x_t, t, cond, params=params, **extras)
+    return to_kind(self.nets[name], out, "eps", x_t, t)
+
+  def null_labels(self, name: str, batch_size: int):
+    return jnp.full((batch_size,), self.nets[name].num_classes, jnp.int32)
+
+
+def to_kind(info: NetInfo, out, kind: str, x_t, t):
+  """Converts a network's output from its prediction kind to `kind` at (x_t, t)."""
+  if info.prediction == kind:
+    return out
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
+  alpha, sigma = info.process.alpha_sigma(t)
+  shape = (-1,) + (1,) * (x_t.ndim - 1)
+  return procs.convert(out, info.prediction, kind, x_t, alpha.reshape(shape),
+                       sigma.reshape(shape))

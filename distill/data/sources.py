@@ -1,0 +1,190 @@
+"""Data sources by name: the `DATASETS` registry, config validation and `make_source`.
+
+A *source* turns `(seed, step, process_index)` into a batch with no iterator state, so a run
+resumes exactly from its step number alone (docs/conventions.md, "Data"):
+
+    src = make_source(config.data, seed)
+    src.batch(step, global_batch, process_index=0, process_count=1)  # {"x": f32, "label": i32}
+    src.reference(n, seed)                                           # real samples, np.ndarray
+    src.shape, src.num_classes                                       # per-example shape, 0 = none
+
+Determinism contract. The global batch of step `step` is drawn with
+`numpy.random.Generator(PCG64(SeedSequence(seed, spawn_key=(0, step))))`; process `p` of `P`
+receives rows `[p * B / P, (p + 1) * B / P)` of that same global batch, so concatenating the
+slices of all processes in order reproduces the single-process batch bit for bit. `reference`
+uses the separate streams `spawn_key=(1, chunk)` of its own seed, so real samples for metrics
+never alias a training batch's random stream, and `reference(m, s)` is a prefix of
+`reference(n, s)` for `m <= n`.
+
+Each dataset is a `Source` subclass registered with `register_dataset(name)`; its `DEFAULTS`
+class attribute lists every key the dataset accepts with its default value. `make_source`
+rejects unknown keys and wrong types with one line naming the key, before any work.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from distill.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+# Random-stream tags mixed into the SeedSequence spawn key (see the module docstring).
+_BATCH_STREAM = 0
+_REFERENCE_STREAM = 1
+REFERENCE_CHUNK = 4096
+
+
+def _seed_int(seed: int) -> int:
+  """Maps any Python int (also negative) onto the non-negative range SeedSequence accepts."""
+  return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def batch_rng(seed: int, step: int) -> np.random.Generator:
+  """The generator of the global batch at `step` (shared by all processes)."""
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  ss = np.random.SeedSequence(_seed_int(seed), spawn_key=(_BATCH_STREAM, int(step)))
+  return np.random.Generator(np.random.PCG64(ss))
+
+
+def reference_rng(seed: int, chunk: int = 0) -> np.random.Generator:
+  """The generator of chunk `chunk` of the reference samples for `seed`."""
+  ss = np.random.SeedSequence(_seed_int(seed), spawn_key=(_REFERENCE_STREAM, int(chunk)))
+  return np.random.Generator(np.random.PCG64(ss))
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  """The rows of the global batch that belong to one process."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"bad process {process_index} of {process_count}")
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+  per = global_batch // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+class Source:
+  """Base class of a stateless, seeded data source.
+
+  Subclasses set `shape` and `num_classes` in `__init__` and implement `draw(rng, n)`, which
+  returns `n` i.i.d. examples as a dict (`x` float32 and, when `num_classes > 0`, `label` int32).
+  Sources that can gather a subset of rows cheaply may override `global_rows` instead.
+  """
+
+  DEFAULTS: ClassVar[dict[str, Any]] = {}
+  shape: tuple[int, ...] = ()
+  num_classes: int = 0
+
+  def __init__(self, seed: int):
+    self.seed = int(seed)
+
+  def draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def global_rows(self, rng: np.random.Generator, global_batch: int,
+                  rows: slice) -> dict[str, np.ndarray]:
+    """The `rows` slice of a global batch drawn from `rng` (default: draw all, then slice)."""
+    full = self.draw(rng, global_batch)
+    return {k: v[rows] for k, v in full.items()}
+
+  def batch(self, step: int, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch of `step`: a pure function of its arguments."""
+    rows = process_rows(global_batch, process_index, process_count)
+    return self.global_rows(batch_rng(self.seed, step), global_batch, rows)
+
+  def reference(self, n: int, seed: int) -> np.ndarray:
+    """`n` real examples (`x` only) for metrics, independent of the training stream.
+
+    Drawn in chunks of `REFERENCE_CHUNK` rows, chunk `i` from `reference_rng(seed, i)`, so a
+    smaller reference is a prefix of a larger one with the same seed.
+    """
+    chunks, left, i = [], n, 0
+    while left > 0:
+      take = min(left, REFERENCE_CHUNK)
+      chunks.append(self.draw(reference_rng(seed, i), REFERENCE_CHUNK)["x"][:take])
+      left, i = left - take, i + 1
+    if not chunks:
+      return np.zeros((0,) + tuple(self.shape), np.float32)
+    return np.concatenate(chunks)
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}(shape={self.shape}, num_classes={self.num_classes})"
+
+
+def register_dataset(name: str):
+  """Class decorator: registers a `Source` subclass (with a `DEFAULTS` dict) under `name`."""
+  def deco(cls):
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+      raise TypeError(f"dataset {name!r} must be a Source subclass")
+    if not isinstance(cls.__dict__.get("DEFAULTS"), dict):
+      raise TypeError(f"dataset {name!r} must define its own DEFAULTS dict")
+    return DATASETS.register(name)(cls)
+  return deco
+
+
+def default_config(name: str) -> dict[str, Any]:
+  """Every key dataset `name` accepts, with its default value (a fresh dict, `name` excluded)."""
+  return dict(DATASETS.get(name).DEFAULTS)
+
+
+def _as_dict(data_config: Any) -> dict[str, Any]:
+  if hasattr(data_config, "to_dict"):  # ml_collections (Frozen)ConfigDict
+    return dict(data_config.to_dict())
+  if isinstance(data_config, Mapping):
+    return dict(data_config)
+  raise TypeError(f"data config must be a mapping, got {type(data_config).__name__}")
+
+
+def _check_type(name: str, key: str, value: Any, default: Any) -> Any:
+  """Returns `value` coerced to the default's type, or raises one line naming `data.<key>`."""
+  bad = ValueError(f"data.{key}: expected {type(default).__name__} for dataset {name!r}, "
+                   f"got {value!r} ({type(value).__name__})")
+  if default is None:
+    return value
+  if isinstance(default, bool):
+    if not isinstance(value, (bool, np.bool_)):
+      raise bad
+    return bool(value)
+  if isinstance(default, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+      raise bad
+    return int(value)
+  if isinstance(default, float):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+      raise bad
+    return float(value)
+  if not isinstance(value, type(default)):
+    raise bad
+  return value
+
+
+def resolve_config(data_config: Any) -> tuple[str, dict[str, Any]]:
+  """Validates a data config: returns `(name, kwargs)` with every default filled in."""
+  cfg = _as_dict(data_config)
+  if "name" not in cfg:
+    raise ValueError("data.name is missing")
+  name = cfg.pop("name")
+  defaults = default_config(name)
+  for key in cfg:
+    if key not in defaults:
+      known = ", ".join(sorted(defaults)) or "none"
+      raise ValueError(f"data.{key}: unknown key for dataset {name!r} (known: {known})")
+  kwargs = dict(defaults)
+  for key, value in cfg.items():
+    kwargs[key] = _check_type(name, key, value, defaults[key])
+  return name, kwargs
+
+
+def make_source(data_config: Any, seed: int) -> Source:
+  """Builds the source named by `data_config.name` with the dataset's own keys from the config."""
+  name, kwargs = resolve_config(data_config)
+  return DATASETS.get(name)(seed=seed, **kwargs)
+
+
+# The built-in datasets register themselves on import. Imported last: they import this module.
+from distill.data import digits as _digits  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from distill.data import toy as _toy  # noqa: E402,F401  pylint: disable=g-import-not-at-top

@@ -1,0 +1,603 @@
+"""The engine: builds every network of an objective, the sharded train state, and one jitted,
+sharded, donating step function per phase (and per stage, where stages override the
+objective's keys).
+
+    engine = Engine(config, teacher=teacher)
+    state, frozen = engine.init_state()
+    for step in ...:
+      state, frozen, metrics = engine.train_step(state, frozen, step)
+
+The loop around it (logging, checkpoints, evaluation, signals) is distill/trainer.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.core import meta
+
+from distill import context as ctx_lib
+from distill import optim as optim_lib
+from distill import processes as procs
+from distill import sharding as shd
+from distill.data import sources
+from distill.objective import OBJECTIVES, Network, Objective, Phase, Stage, Time, make_time
+from distill.state import TrainState, new_state
+from models.registry import MODELS, build_model
+
+# Config keys of `model` that the engine reads itself (the rest are constructor arguments).
+ENGINE_MODEL_KEYS = ("name", "prediction", "attention", "jvp_attention")
+
+
+def module_fields(cls) -> dict:
+  """Constructor arguments of a Linen module class with their defaults."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in ("parent", "name") or not f.init:
+      continue
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = _config_value(f.default)
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+      out[f.name] = f.default_factory()  # type: ignore[misc]
+    else:
+      out[f.name] = None
+  return out
+
+
+def _config_value(v):
+  """Module defaults as config values: dtypes become their names."""
+  if isinstance(v, type) or isinstance(v, np.dtype):
+    try:
+      return np.dtype(v).name
+    except TypeError:
+      return v
+  return v
+
+
+def data_derived_kwargs(cls, source) -> dict:
+  """Constructor arguments a model takes from its data (sizes, channels, classes)."""
+  fields = module_fields(cls)
+  shape = tuple(source.shape)
+  derived = {}
+  if "dim" in fields:
+    derived["dim"] = int(np.prod(shape))
+  if "num_classes" in fields:
+    derived["num_classes"] = int(source.num_classes)
+  if len(shape) == 3:
+    if "sample_size" in fields:
+      derived["sample_size"] = shape[0]
+    if "in_channels" in fields:
+      derived["in_channels"] = shape[-1]
+  return derived
+
+
+def resolve_model_config(model_cfg: Mapping[str, Any], source) -> dict:
+  """The student's model config with data-derived arguments filled in where unset."""
+  cfg = dict(model_cfg)
+  cls = MODELS.get(cfg["name"])
+  fields = module_fields(cls)
+  for k, v in data_derived_kwargs(cls, source).items():
+    if cfg.get(k) in (None, 0, ()) or k not in cfg:
+      cfg[k] = v
+  # Attention implementation goes to modules that take it.
+  if "attention" in fields:
+    cfg["attention"] = model_cfg.get("attention", "xla")
+  if "jvp_attention" in fields:
+    cfg["jvp_attention"] = model_cfg.get("jvp_attention", "xla")
+  unknown = [k for k in cfg if k not in fields and k not in ENGINE_MODEL_KEYS]
+  if unknown:
+    raise ValueError(f"unknown config key 'model.{unknown[0]}' for model {cfg['name']!r}")
+  return cfg
+
+
+def module_from_config(cfg: Mapping[str, Any]):
+  kwargs = {k: v for k, v in cfg.items() if k not in ("name", "prediction")}
+  cls = MODELS.get(cfg["name"])
+  fields = module_fields(cls)
+  kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items() if k in fields}
+  for k in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(k), str):
+      kwargs[k] = jnp.dtype(kwargs[k])
+  return build_model(cfg["name"], **kwargs)
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def overlay_params(target: Any, source: Any, what: str) -> Any:
+  """Copies every source parameter into target (same paths and shapes); strict."""
+  src = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+  flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+  out, used = [], set()
+  for p, v in flat:
+    k = path_str(p)
+    if k in src:
+      if tuple(np.shape(src[k])) != tuple(np.shape(v)):
+        raise ValueError(f"{what}: parameter {k} has shape {np.shape(src[k])}, "
+                         f"the network expects {np.shape(v)}")
+      out.append(src[k])
+      used.add(k)
+    else:
+      out.append(v)
+  missing = sorted(set(src) - used)
+  if missing:
+    raise ValueError(f"{what}: parameters {missing[:5]} have no place in the new network")
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@dataclasses.dataclass
+class NetPlan:
+  """How one network is made: module, its process, and where its first weights come from."""
+  info: ctx_lib.NetInfo
+  model_config: dict
+  init_from: str               # random | teacher | checkpoint | <network>
+  frozen: bool
+  trainable_regex: Optional[str]
+  lora: Any = None
+
+
+class Engine:
+  """Builds networks, state and phase steps for one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, teacher=None, mesh=None,
+               source=None):
+    self.config = config
+    self.teacher = teacher
+    self.mesh = mesh if mesh is not None else shd.make_mesh(
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    self.rules = shd.parse_rules(config.sharding.rules)
+    self.source = source if source is not None else sources.make_source(config.data, config.seed)
+    self.entry = OBJECTIVES.get(config.objective.name)
+    self.stage_objectives = self._build_stage_objectives()
+    self.objective: Objective = self.stage_objectives[0]
+    self.stage_bounds = self._stage_bounds()
+    self.total_steps = self.stage_bounds[-1]
+    self.plans = self._plan_networks()
+    self.nets = {n: p.info for n, p in self.plans.items()}
+    self.trained = [n for n in self.objective.trained]
+    self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
+    self._abstract = {}
+    self._steps: dict[tuple[int, int], Callable] = {}
+    self.optimizers = {}
+    self.schedules = {}
+    for n in self.trained:
+      s = optim_lib.network_settings(config.optim, n)
+      self.optimizers[n] = optim_lib.make_optimizer(s)
+    self.state_shardings = None
+    self.frozen_shardings = None
+
+  # ------------------------------------------------------------------ objective and stages
+  def _build_stage_objectives(self) -> list[Objective]:
+    ocfg = self.config.objective
+    first = self.entry.build(ocfg)
+    if not first.stages:
+      return [first]
+    out = []
+    for stage in first.stages:
+      c = ml_collections.ConfigDict(ocfg.to_dict())
+      for k, v in stage.overrides.items():
+        if k not in c:
+          raise ValueError(f"stage override: unknown config key 'objective.{k}'")
+        with c.ignore_type():
+          c[k] = v
+      out.append(self.entry.build(c))
+    return out
+
+  def _stage_bounds(self) -> list[int]:
+    stages = self.stage_objectives[0].stages
+    if not stages:
+      return [0, int(self.config.train.steps)]
+    bounds = [0]
+    for s in stages:
+      bounds.append(bounds[-1] + int(s.steps))
+    return bounds
+
+  def stage_of(self, step: int) -> tuple[int, int]:
+    """(stage index, step within the stage) of a global step."""
+    for i in range(len(self.stage_bounds) - 1):
+      if step < self.stage_bounds[i + 1]:
+        return i, step - self.stage_bounds[i]
+    last = len(self.stage_bounds) - 2
+    return last, step - self.stage_bounds[last]
+
+  def stage_length(self, stage: int) -> int:
+    return self.stage_bounds[stage + 1] - self.stage_bounds[stage]
+
+  @property
+  def boundary_steps(self) -> list[int]:
+    """Steps whose checkpoints end a stage (kept outside keep-N)."""
+    return self.stage_bounds[1:-1]
+
+  # ------------------------------------------------------------------ networks
+  def _student_plan(self, net: Network) -> tuple[Any, dict, Any, str, int]:
+    cfg = self.config
+    if net.model is not None:
+      mcfg = {"name": net.model, "prediction": "raw", **dict(net.kwargs)}
+      mcfg = resolve_model_config(mcfg, self.source)
+      return module_from_config(mcfg), mcfg, None, "raw", 0
+    mcfg = resolve_model_config(cfg.model.to_dict(), self.source)
+    mcfg.update(dict(net.kwargs))
+    process = procs.make_process(**cfg.process.to_dict())
+    return (module_from_config(mcfg), mcfg, process, mcfg["prediction"],
+            int(mcfg.get("num_classes", 0) or 0))
+
+  def _plan_networks(self) -> dict[str, NetPlan]:
+    plans: dict[str, NetPlan] = {}
+    trained = set(self.objective.trained)
+    t = self.teacher
+    for net in self.objective.networks:
+      if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
+        src = plans[net.init]
+        mcfg = dict(src.model_config)
+        mcfg.update(dict(net.kwargs))
+        module = src.info.module if not net.kwargs else module_from_config(mcfg)
+        process, prediction, ncls = (src.info.process, src.info.prediction,
+                                     src.info.num_classes)
+      elif net.init in ("checkpoint", "teacher"):
+        if t is None:
+          raise ValueError(f"config key 'teacher.checkpoint': objective "
+                           f"{self.config.objective.name!r} needs a teacher (network {net.name!r})")
+        mcfg = dict(t.model_config)
+        if net.model is not None:
+          mcfg["name"] = net.model
+        mcfg.update(dict(net.kwargs))
+        module = t.module if (net.model is None and not net.kwargs) else module_from_config(mcfg)
+        process, prediction, ncls = t.process, mcfg.get("prediction", t.prediction), t.num_classes
+      elif net.init == "random":
+        module, mcfg, process, prediction, ncls = self._student_plan(net)
+      else:
+        raise ValueError(f"network {net.name!r}: init {net.init!r} is neither random, teacher, "
+                         "checkpoint nor an earlier network")
+      frozen = net.frozen or net.name not in trained
+      if net.name in trained and net.frozen:
+        raise ValueError(f"network {net.name!r} is trained by a phase but declared frozen")
+      lora_scale = 1.0
+      if net.adapter is not None:
+        if net.base is None:
+          raise ValueError(f"network {net.name!r}: a LoRA adapter needs `base`")
+        r = net.adapter
+        lora_scale = (r.alpha if r.alpha is not None else r.rank) / r.rank
+      wrapper = None
+      if net.wrapper:
+        from distill import wrappers
+        wrapper = wrappers.WRAPPERS.get(net.wrapper)
+      flops = 0.0
+      if hasattr(module, "flops_per_example"):
+        try:
+          flops = float(module.flops_per_example())
+        except Exception:  # a model may need its input shape; leave MFU unknown then
+          flops = 0.0
+      info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
+                             process=process, num_classes=ncls, base=net.base,
+                             lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops)
+      plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,
+                                frozen=frozen, trainable_regex=net.trainable, lora=net.adapter)
+    return plans
+
+  def _dummy_inputs(self, info: ctx_lib.NetInfo):
+    x = jnp.zeros((1,) + tuple(self.source.shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    kw = {}
+    if info.num_classes:
+      kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+    return (x, t), kw
+
+  def _init_fn(self, name: str):
+    info = self.plans[name].info
+    args, kw = self._dummy_inputs(info)
+
+    def init(rng):
+      variables = info.module.init(rng, *args, **kw)
+      return variables
+    return init
+
+  def abstract_variables(self, name: str):
+    """Boxed abstract variables of a network (logical axis metadata kept)."""
+    if name not in self._abstract:
+      self._abstract[name] = jax.eval_shape(self._init_fn(name), jax.random.PRNGKey(0))
+    return self._abstract[name]
+
+  def param_shardings(self, name: str):
+    boxed = self.abstract_variables(name)["params"]
+    sh = shd.logical_shardings(boxed, self.mesh, self.rules)
+    unboxed = meta.unbox(boxed)
+    return shd.tree_shardings(unboxed, sh)
+
+  def _model_state_shardings(self, name: str):
+    v = meta.unbox(self.abstract_variables(name))
+    rest = {k: c for k, c in v.items() if k != "params"}
+    return jax.tree_util.tree_map(lambda _: shd.replicated(self.mesh), rest)
+
+  def _param_dtype(self, name: str):
+    if name in self.trained:
+      return jnp.dtype(optim_lib.network_settings(self.config.optim, name)["param_dtype"])
+    return None
+
+  def _init_params(self, name: str, rng, built: dict) -> tuple[Any, Any]:
+    """Initial (params, model_state) of one network, already sharded."""
+    plan = self.plans[name]
+    shardings = self.param_shardings(name)
+    init = self._init_fn(name)
+    ms_sh = self._model_state_shardings(name)
+
+    def random_init(r):
+      v = meta.unbox(init(r))
+      return v["params"], {k: c for k, c in v.items() if k != "params"}
+
+    if plan.init_from == "random":
+      params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
+    else:
+      if plan.init_from in self.plans:  # an earlier network
+        src_params, src_state = built[plan.init_from]
+        src_cfg = self.plans[plan.init_from].model_config
+      else:  # the teacher checkpoint
+        src_params, src_state = self.teacher.params, self.teacher.model_state or {}
+        src_cfg = self.teacher.model_config
+      if plan.model_config == src_cfg:
+        params = jax.device_put(jax.tree_util.tree_map(jnp.array, src_params), shardings)
+        mstate = jax.device_put(jax.tree_util.tree_map(jnp.array, src_state), ms_sh)
+      else:  # a changed architecture (e.g. an added time input): overlay the source weights
+        params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
+        params = jax.device_put(
+            overlay_params(params, src_params, f"network {name!r} from {plan.init_from!r}"),
+            shardings)
+    dtype = self._param_dtype(name)
+    if dtype is not None:
+      params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+    return params, mstate
+
+  def _init_lora(self, name: str, rng, base_params):
+    from models import lora
+    r = self.plans[name].lora
+    params = lora.lora_init(base_params, r.pattern, r.rank, rng)
+    return jax.device_put(params, shd.replicated(self.mesh))
+
+  def init_state(self, seed: Optional[int] = None) -> tuple[TrainState, dict]:
+    """The sharded train state and the frozen networks."""
+    seed = self.config.seed if seed is None else seed
+    root = jax.random.PRNGKey(seed)
+    init_key, state_key = jax.random.split(root)
+    built: dict[str, tuple[Any, Any]] = {}
+    for i, name in enumerate(self.plans):
+      plan = self.plans[name]
+      key = jax.random.fold_in(init_key, i)
+      if plan.lora is not None:
+        base = built[plan.info.base][0]
+        built[name] = (self._init_lora(name, key, base), {})
+      else:
+        built[name] = self._init_params(name, key, built)
+    params = {n: built[n][0] for n in self.trained}
+    model_state = {n: built[n][1] for n in self.plans if built[n][1]}
+    frozen = {n: built[n][0] for n in self.frozen_names}
+    opt_state = {n: self._opt_init(n, params[n]) for n in self.trained}
+    ema = self._ema_init(params)
+    # Counters and the key live replicated on the mesh (so every step sees the same shardings).
+    rep = shd.replicated(self.mesh)
+    state = new_state(jax.device_put(state_key, rep), params, opt_state, ema, model_state)
+    state = state.replace(**{k: jax.device_put(getattr(state, k), rep)
+                             for k in ("step", "stage", "skipped", "skipped_total")})
+    self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+    return state, frozen
+
+  def _opt_init(self, name: str, params):
+    """Optimizer state created sharded: moments follow their parameters, scalars replicate."""
+    tx = self.optimizers[name]
+    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    out_sh = optax.tree_map_params(tx, lambda _, s: s, abstract, param_sh,
+                                   transform_non_params=lambda _: shd.replicated(self.mesh))
+    return jax.jit(tx.init, out_shardings=out_sh)(params)
+
+  def ema_roles(self, objective: Optional[Objective] = None) -> dict[str, dict[str, Any]]:
+    """{net: {role: decay or callable(Time) -> decay}} with config overrides applied."""
+    objective = objective or self.objective
+    out = {}
+    for net, roles in objective.ema.items():
+      out[net] = {}
+      for role, decay in dict(roles).items():
+        cfg_net = self.config.ema.get(net) if net in self.config.ema else None
+        if cfg_net is not None and role in cfg_net:
+          decay = float(cfg_net[role])
+        out[net][role] = decay
+    return out
+
+  def _ema_init(self, params: dict) -> dict:
+    """Every EMA role starts as a copy of its network (one jitted copy, same shardings)."""
+    roles = self.ema_roles()
+    for net in roles:
+      if net not in params:
+        raise ValueError(f"objective EMA role on {net!r}, which no phase trains")
+    sub = {net: params[net] for net in roles}
+    shardings = {net: {r: jax.tree_util.tree_map(lambda x: x.sharding, sub[net]) for r in rs}
+                 for net, rs in roles.items()}
+    copy = lambda p: {net: {r: jax.tree_util.tree_map(lambda x: x * 1, p[net]) for r in rs}
+                      for net, rs in roles.items()}
+    return jax.jit(copy, out_shardings=shardings)(sub)
+
+  # ------------------------------------------------------------------ steps
+  def _trainable_mask(self, name: str, params):
+    regex = self.plans[name].trainable_regex
+    if regex in (None, ".*"):
+      return None
+    pat = re.compile(regex)
+    return jax.tree_util.tree_map_with_path(lambda p, _: bool(pat.search(path_str(p))), params)
+
+  def _phase_fn(self, stage: int, phase_index: int) -> Callable:
+    objective = self.stage_objectives[stage]
+    phase = objective.phases[phase_index]
+    nets = self.nets
+    mesh = self.mesh
+    accum = int(self.config.train.grad_accum)
+    ema_roles = self.ema_roles(objective)
+    schedules = {n: optim_lib.make_schedule(optim_lib.network_settings(self.config.optim, n),
+                                            self.stage_length(stage)) for n in phase.trains}
+    optimizers = self.optimizers
+    masks = {}
+
+    def loss_fn(trainable, ctx, batch, rng, t):
+      out = phase.loss(trainable, ctx, batch, rng, t)
+      if len(out) == 3:
+        loss, metrics, updates = out
+      else:
+        (loss, metrics), updates = out, {}
+      return loss, (metrics, updates)
+
+    def step(state: TrainState, frozen: dict, batch: dict, t: Time):
+      rng = jax.random.fold_in(jax.random.fold_in(state.rng, t.step), phase_index)
+      trainable = {n: state.params[n] for n in phase.trains}
+      others = {n: v for n, v in state.params.items() if n not in phase.trains}
+      others.update(frozen)
+      ctx = ctx_lib.Context(params=others, ema=state.ema, model_state=state.model_state,
+                            nets=nets, mesh=mesh)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      if accum == 1:
+        (loss, (metrics, updates)), grads = grad_fn(trainable, ctx, batch, rng, t)
+      else:
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+        def body(carry, i_mb):
+          i, mb = i_mb
+          (l, (m, u)), g = grad_fn(trainable, ctx, mb, jax.random.fold_in(rng, i), t)
+          acc = jax.tree_util.tree_map(jnp.add, carry, (l, m, g))
+          return acc, u
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (l0, (m0, u0)), _ = jax.eval_shape(grad_fn, trainable, ctx,
+                                           jax.tree_util.tree_map(lambda x: x[0], micro), rng, t)
+        init = (jnp.zeros((), jnp.float32),
+                jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m0), zeros)
+        (loss, metrics, grads), us = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+        loss, metrics, grads = jax.tree_util.tree_map(lambda v: v / accum, (loss, metrics, grads))
+        updates = jax.tree_util.tree_map(lambda u: u[-1], us)
+
+      finite = jnp.isfinite(loss)
+      for g in jax.tree_util.tree_leaves(grads):
+        finite &= jnp.all(jnp.isfinite(g))
+
+      new_params, new_opt, new_ema = dict(state.params), dict(state.opt_state), dict(state.ema)
+      out_metrics = {f"{phase.name}/{k}": v for k, v in metrics.items()}
+      out_metrics[f"{phase.name}/loss"] = loss
+      for n in phase.trains:
+        g = grads[n]
+        mask = self._trainable_mask(n, g)
+        if mask is not None:
+          g = jax.tree_util.tree_map(lambda gi, m: gi if m else jnp.zeros_like(gi), g, mask)
+        lr = schedules[n](t.stage_step)
+        opt_state = optim_lib.set_lr(state.opt_state[n], lr)
+        upd, opt_state = optimizers[n].update(g, opt_state, state.params[n])
+        p = jax.tree_util.tree_map(lambda a, b: (a + b).astype(a.dtype), state.params[n], upd)
+        out_metrics[f"{phase.name}/grad_norm/{n}"] = optax_global_norm(g)
+        out_metrics[f"{phase.name}/lr/{n}"] = jnp.asarray(lr, jnp.float32)
+        keep = lambda new, old: jax.tree_util.tree_map(
+            lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params[n] = keep(p, state.params[n])
+        new_opt[n] = keep(opt_state, state.opt_state[n])
+        if n in ema_roles:
+          roles = {}
+          for role, decay in ema_roles[n].items():
+            d = decay(t) if callable(decay) else decay
+            old = state.ema[n][role]
+            upd_ema = jax.tree_util.tree_map(lambda e, q: (d * e + (1 - d) * q).astype(e.dtype),
+                                             old, new_params[n])
+            roles[role] = keep(upd_ema, old)
+          new_ema[n] = roles
+      new_model_state = dict(state.model_state)
+      for n, u in updates.items():
+        new_model_state[n] = jax.tree_util.tree_map(
+            lambda a, b: jnp.where(finite, a, b), u, state.model_state[n])
+      skipped = jnp.where(finite, 0, state.skipped + 1)
+      out_metrics[f"{phase.name}/nonfinite"] = (~finite).astype(jnp.float32)
+      new_state = state.replace(step=t.step + 1, params=new_params, opt_state=new_opt,
+                                ema=new_ema, model_state=new_model_state, skipped=skipped,
+                                skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
+                                stage=t.stage)
+      return new_state, out_metrics
+
+    batch_sh = {k: shd.batch_sharding(self.mesh, len(v)) for k, v in self._batch_shapes().items()}
+    return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh,
+                                       None),
+                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+  def _batch_shapes(self) -> dict[str, tuple]:
+    b = self.source.batch(0, self.per_process_batch_probe(), 0, 1)
+    return {k: v.shape for k, v in b.items()}
+
+  def per_process_batch_probe(self) -> int:
+    return max(1, shd.data_parallel_size(self.mesh))
+
+  def phase_step(self, stage: int, phase_index: int) -> Callable:
+    key = (stage, phase_index)
+    if key not in self._steps:
+      self._steps[key] = self._phase_fn(stage, phase_index)
+    return self._steps[key]
+
+  # ------------------------------------------------------------------ data
+  def global_batch(self, step: int, stream: str = "train") -> dict:
+    """This process's slice of the global batch of `step`, assembled into global arrays."""
+    if stream != "train":
+      raise ValueError(f"phase data stream {stream!r}: only 'train' is configured")
+    bs = int(self.config.train.batch_size)
+    local = self.source.batch(step, bs, jax.process_index(), jax.process_count())
+    out = {}
+    for k, v in local.items():
+      sh = shd.batch_sharding(self.mesh, v.ndim)
+      out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v), (bs,) + v.shape[1:])
+    return out
+
+  # ------------------------------------------------------------------ stages
+  def enter_stage(self, state: TrainState, frozen: dict, stage: int) -> tuple[TrainState, dict]:
+    """Applies a stage's promotions and resets (at the first step of `stage`)."""
+    spec: Stage = self.stage_objectives[0].stages[stage]
+    params = dict(state.params)
+    for target, source in spec.promote.items():
+      value = params[source] if source in params else frozen[source]
+      copy = jax.tree_util.tree_map(jnp.copy, value)
+      if target in frozen:
+        frozen = dict(frozen)
+        frozen[target] = jax.device_put(copy, self.frozen_shardings[target])
+      else:
+        params[target] = copy
+    opt_state, ema = dict(state.opt_state), dict(state.ema)
+    if spec.reset_opt:
+      opt_state = {n: self._opt_init(n, params[n]) for n in self.trained}
+    if spec.reset_ema:
+      ema = self._ema_init(params)
+    state = state.replace(params=params, opt_state=opt_state, ema=ema,
+                          stage=jnp.asarray(stage, jnp.int32))
+    state = jax.device_put(state, self.state_shardings)
+    return state, frozen
+
+  # ------------------------------------------------------------------ one training step
+  def train_step(self, state: TrainState, frozen: dict, step: int,
+                 batches: Optional[dict] = None) -> tuple[TrainState, dict, dict]:
+    stage, stage_step = self.stage_of(step)
+    objective = self.stage_objectives[stage]
+    metrics = {}
+    batches = {} if batches is None else batches
+    for i, phase in enumerate(objective.phases):
+      if not phase.active(step):
+        continue
+      if phase.data not in batches:
+        batches[phase.data] = self.global_batch(step, phase.data)
+      t = make_time(step, phase.count_before(step), stage, stage_step)
+      state, m = self.phase_step(stage, i)(state, frozen, batches[phase.data], t)
+      metrics.update(m)
+    return state, frozen, metrics
+
+
+def optax_global_norm(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

@@ -1,0 +1,122 @@
+"""Sampling from a run's networks and the eval.json report of DESIGN.md.
+
+Every entry of one report uses the same metric, sample count, noise seed and (for classes) the
+same labels: the teacher at 1 step (one Euler step of its ODE from pure noise) and at its
+reference step count, and the student at each of `eval.steps` with the objective's sampler.
+`nfe` counts network calls.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill import context as ctx_lib
+from distill import solvers
+from distill.metrics import swd as swd_lib
+from distill.registry import Registry
+
+METRICS: Registry = Registry("metric")
+
+
+@METRICS.register("swd")
+def _swd_metric(samples: np.ndarray, reference: np.ndarray) -> float:
+  return swd_lib.swd(samples, reference)
+
+
+def default_metric(source) -> str:
+  """2-D toy data -> swd; image data -> the dataset's own feature metric (`fd`)."""
+  metric = getattr(source, "metric", None)
+  if metric:
+    return metric
+  return "swd" if len(source.shape) == 1 else "fd"
+
+
+def nfe_of(solver: str, steps: int) -> int:
+  """Network calls of a sampler run (Heun: two per step but the last)."""
+  if solver == "heun":
+    return max(1, 2 * steps - 1)
+  return steps
+
+
+def sample_labels(num_classes: int, n: int, seed: int) -> Optional[np.ndarray]:
+  if not num_classes:
+    return None
+  return np.random.default_rng(seed).integers(0, num_classes, n).astype(np.int32)
+
+
+def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
+                 guidance: float = 1.0, **solver_kwargs) -> Callable:
+  """jit(fn(params, noise, labels, rng) -> samples) for network `net` of `ctx`."""
+  info = ctx.nets[net]
+  process = info.process
+
+  def run(params, noise, labels, rng):
+    def denoiser(x_t, t):
+      cond = {} if labels is None else {"class_labels": labels}
+      x0 = ctx.x0(net, x_t, t, cond, params=params)
+      if guidance != 1.0 and labels is not None:
+        uncond = ctx.x0(net, x_t, t, {"class_labels": jnp.full_like(labels, info.num_classes)},
+                        params=params)
+        x0 = uncond + guidance * (x0 - uncond)
+      return x0
+    return solvers.sample(denoiser, process, noise, solver=solver, steps=steps, rng=rng,
+                          **solver_kwargs)
+  return jax.jit(run)
+
+
+def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, solver: str,
+             steps: int, shape: tuple, batch: int = 4096, guidance: float = 1.0,
+             labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+  """n samples (host numpy) and seconds per sample, from fixed noise of `seed`."""
+  process = ctx.nets[net].process
+  num_classes = ctx.nets[net].num_classes
+  if labels is None:
+    labels = sample_labels(num_classes, n, seed)
+  fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance)
+  key = jax.random.PRNGKey(seed)
+  out = []
+  t0 = None
+  for i in range(0, n, batch):
+    m = min(batch, n - i)
+    k_noise, k_run = jax.random.split(jax.random.fold_in(key, i))
+    noise = process.prior(k_noise, (m,) + tuple(shape))
+    lab = None if labels is None else jnp.asarray(labels[i:i + m])
+    if t0 is None:  # compile outside the timing
+      jax.block_until_ready(fn(params, noise, lab, k_run))
+      t0 = time.perf_counter()
+    out.append(np.asarray(jax.block_until_ready(fn(params, noise, lab, k_run))))
+  dt = time.perf_counter() - t0
+  return np.concatenate(out)[:n], dt / max(n, 1)
+
+
+def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: Optional[str],
+             student_role: str, student_solver: str, student_steps, teacher: Optional[str],
+             teacher_steps: int, num_samples: int, seed: int, metric: str = "") -> dict:
+  """The eval.json dict: teacher (1 step, reference steps) and student rows."""
+  metric = metric or default_metric(source)
+  score = METRICS.get(metric)
+  reference = source.reference(num_samples, seed)
+  a, b = swd_lib.floor_seeds(seed)
+  floor = score(source.reference(num_samples, a), source.reference(num_samples, b))
+  results = {}
+
+  def row(net, p, solver, steps):
+    samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
+                            steps=steps, shape=source.shape)
+    return {metric: float(score(samples, reference)), "nfe": nfe_of(solver, steps),
+            "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
+
+  if teacher is not None:
+    for steps in sorted({1, int(teacher_steps)}):
+      results[f"teacher_steps_{steps}"] = row(teacher, params[teacher], "euler", steps)
+  if student is not None:
+    for steps in student_steps:
+      results[f"{student_role}_steps_{int(steps)}"] = row(student, params[student],
+                                                          student_solver, int(steps))
+  return {"step": int(step), "metric": metric, "teacher_reference_steps": int(teacher_steps),
+          "data_floor": float(floor), "results": results}

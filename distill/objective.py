@@ -1,0 +1,175 @@
+"""The objective API: an objective is data (networks, phases, EMA roles, stages); its losses are
+pure functions. The engine (distill/engine.py) does everything else.
+
+    @register_objective("denoise", defaults={"weighting": "uniform", ...})
+    def denoise(cfg: ObjectiveConfig) -> Objective:
+      return Objective(
+          networks=(Network("model", init="random"),),
+          phases=(Phase("denoise", loss=functools.partial(loss, ...), trains=("model",)),),
+          ema={"model": ("eval",)})
+
+A phase loss is
+
+    loss(trainable, ctx, batch, rng, t) -> (loss, metrics)            # or
+    loss(trainable, ctx, batch, rng, t) -> (loss, metrics, updates)   # mutable collections
+
+with `trainable` the params of the networks the phase trains, `ctx` every other network
+(frozen teachers, EMA roles, networks trained by other phases at their current values), the
+apply functions and the process, `rng` = fold_in(fold_in(seed, step), phase_index) and `t` the
+Time of this call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from distill.registry import Registry
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A LoRA adapter over the kernels whose '/'-joined path matches `pattern`."""
+  pattern: str
+  rank: int = 16
+  alpha: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """One network of an objective.
+
+  init: "random" (fresh init of `model` or the config's model), "teacher" (a copy of the
+    teacher's weights), "checkpoint" (the config's teacher checkpoint: this *is* the teacher),
+    or the name of another network to copy at start.
+  model: the model registry name; None = the config's `model` (students), or the teacher's own
+    architecture for networks initialised from the teacher.
+  trainable: a regex over parameter paths of what a phase may update; None = frozen.
+  base: the name of a frozen network whose weights this one shares (with `adapter`, the
+    network's own params are only the adapter's).
+  wrapper: a registered wrapper applied to the network's output (e.g. "flow_to_trigflow").
+  backbone: for heads: the network whose features they read.
+  kwargs: constructor overrides for `model`.
+  """
+  name: str
+  init: str = "random"
+  model: Optional[str] = None
+  trainable: Optional[str] = ".*"
+  base: Optional[str] = None
+  adapter: Optional[LoRA] = None
+  wrapper: Optional[str] = None
+  backbone: Optional[str] = None
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def frozen(self) -> bool:
+    return self.trainable is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One update of some networks. Runs when start <= step < stop and (step - offset) % every == 0."""
+  name: str
+  loss: Callable
+  trains: tuple[str, ...]
+  every: int = 1
+  offset: int = 0
+  start: int = 0
+  stop: Optional[int] = None
+  data: str = "train"
+
+  def active(self, step: int) -> bool:
+    if step < self.start or (self.stop is not None and step >= self.stop):
+      return False
+    return (step - self.offset) % self.every == 0
+
+  def count_before(self, step: int) -> int:
+    """How many times this phase ran at steps < `step` (its phase_step at `step`)."""
+    lo = self.start
+    hi = step if self.stop is None else min(step, self.stop)
+    if hi <= lo:
+      return 0
+    # Steps s in [lo, hi) with s = offset (mod every).
+    first = lo + ((self.offset - lo) % self.every)
+    return 0 if first >= hi else (hi - 1 - first) // self.every + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A training stage: `steps` long; `overrides` of objective keys; at its start the engine
+  copies networks as `promote` says ({"teacher": "student"}: the student becomes the teacher)
+  and resets optimizer / EMA state when asked."""
+  steps: int
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  promote: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  reset_opt: bool = False
+  reset_ema: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  networks: tuple[Network, ...]
+  phases: tuple[Phase, ...]
+  ema: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  stages: tuple[Stage, ...] = ()
+  # The network evaluated and sampled as "student" and its sampler ("euler", "consistency",
+  # "trigflow", ...). A teacher-training objective names its network here with role "teacher".
+  student: str = "student"
+  sampler: str = "euler"
+  evaluates_as: str = "student"
+
+  def network(self, name: str) -> Network:
+    for n in self.networks:
+      if n.name == name:
+        return n
+    raise KeyError(f"objective has no network {name!r}")
+
+  @property
+  def trained(self) -> tuple[str, ...]:
+    names = []
+    for p in self.phases:
+      for n in p.trains:
+        if n not in names:
+          names.append(n)
+    return tuple(names)
+
+
+@struct.dataclass
+class Time:
+  """Counters of one phase call (traced scalars: no recompiles as they change)."""
+  step: jax.Array
+  phase_step: jax.Array
+  stage: jax.Array
+  stage_step: jax.Array
+
+
+def make_time(step: int, phase_step: int, stage: int, stage_step: int) -> Time:
+  # Host scalars: jit transfers them with its arguments (no eager dispatch per counter).
+  i = np.int32
+  return Time(i(step), i(phase_step), i(stage), i(stage_step))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveEntry:
+  build: Callable[..., Objective]
+  defaults: Mapping[str, Any]
+
+
+OBJECTIVES: Registry = Registry("objective")
+
+
+def register_objective(name: str, defaults: Optional[Mapping[str, Any]] = None):
+  """Registers `build(cfg) -> Objective` with the objective's own config keys and defaults."""
+  def deco(fn):
+    OBJECTIVES.add(name, ObjectiveEntry(fn, dict(defaults or {})))
+    return fn
+  return deco

@@ -1,0 +1,384 @@
+"""The training loop: run directory, resume, phases, logging, checkpoints, evaluation, signals.
+
+    python -m launch.train --config configs/toy/teacher.py --workdir runs/teacher
+
+Running the same command again resumes from the latest checkpoint (`resumed from step K`).
+SIGTERM (preemptible TPU VMs) saves a checkpoint and exits 0. A run whose updates keep coming
+out non-finite stops with a clear message, keeping its last good checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from distill import checkpoint as ckpt_lib
+from distill import config as config_lib
+from distill import context as ctx_lib
+from distill import evaluation
+from distill import runlog
+from distill import sharding as shd
+from distill import teacher as teacher_lib
+from distill.data import sources
+from distill.engine import Engine, module_fields
+from distill.objective import OBJECTIVES
+from models.registry import MODELS
+
+log = logging.getLogger(__name__)
+
+# Importing the packages registers the built-in objectives and models.
+import distill.objectives  # noqa: E402,F401
+import models.all  # noqa: E402,F401
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def schema_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The base schema plus the keys of the chosen objective, dataset and model."""
+  schema = config_lib.base_config()
+  name = config.objective.get("name", "denoise")
+  config_lib.merge_defaults(schema, "objective", OBJECTIVES.get(name).defaults)
+  config_lib.merge_defaults(schema, "data", sources.default_config(config.data.name))
+  model_cls = MODELS.get(config.model.get("name", "mlp"))
+  config_lib.merge_defaults(schema, "model", module_fields(model_cls))
+  return schema
+
+
+def fill_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the objective's and dataset's declared defaults for keys the config leaves out."""
+  obj_defaults = OBJECTIVES.get(config.objective.name).defaults
+  with config.unlocked():
+    for k, v in obj_defaults.items():
+      if k not in config.objective:
+        config.objective[k] = v
+    for k, v in sources.default_config(config.data.name).items():
+      if k not in config.data:
+        config.data[k] = v
+  return config
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates a config before any work; raises ConfigError naming the key."""
+  try:
+    OBJECTIVES.get(config.objective.name)
+  except KeyError as e:
+    raise config_lib.ConfigError(f"config key 'objective.name': {e.args[0]}") from None
+  try:
+    sources.DATASETS.get(config.data.name)
+  except KeyError as e:
+    raise config_lib.ConfigError(f"config key 'data.name': {e.args[0]}") from None
+  try:
+    MODELS.get(config.model.name)
+  except KeyError as e:
+    raise config_lib.ConfigError(f"config key 'model.name': {e.args[0]}") from None
+  config_lib.validate_keys(config, schema_for(config))
+  config = fill_defaults(config)
+  n_dev = jax.device_count()
+  try:
+    mesh = shd.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_dev)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  dp = mesh[0] * mesh[1]
+  if config.train.batch_size % dp:
+    raise config_lib.ConfigError(
+        f"config key 'train.batch_size': {config.train.batch_size} is not divisible by the "
+        f"data-parallel size {dp} (mesh.data x mesh.fsdp)")
+  if config.train.batch_size % (config.train.grad_accum * dp):
+    raise config_lib.ConfigError(
+        f"config key 'train.grad_accum': batch {config.train.batch_size} does not split into "
+        f"{config.train.grad_accum} micro-batches over {dp} data-parallel devices")
+  if config.teacher.checkpoint and not os.path.exists(config.teacher.checkpoint):
+    raise config_lib.ConfigError(
+        f"config key 'teacher.checkpoint': {config.teacher.checkpoint!r} does not exist")
+  if config.teacher.params not in ("ema", "raw"):
+    raise config_lib.ConfigError(
+        f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
+  try:
+    sources.resolve_config(config.data)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  return config
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolved(engine: Engine) -> dict:
+  """What config.json records beyond the config: each network's model and process."""
+  models, processes, frozen_refs = {}, {}, {}
+  for name, plan in engine.plans.items():
+    models[name] = plan.model_config
+    if plan.info.process is not None:
+      processes[name] = process_config(plan.info.process)
+  if engine.teacher is not None:
+    for name, plan in engine.plans.items():
+      if plan.init_from == "checkpoint":
+        frozen_refs[name] = engine.teacher.reference
+  obj = engine.objective
+  return {"models": models, "processes": processes, "frozen": frozen_refs,
+          "evaluated_network": obj.student, "evaluated_as": obj.evaluates_as,
+          "sampler": obj.sampler, "num_classes": int(engine.source.num_classes),
+          "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
+          "stage_bounds": engine.stage_bounds,
+          "networks": {n: {"init": p.init_from, "frozen": p.frozen}
+                       for n, p in engine.plans.items()},
+          "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
+
+
+def process_config(process) -> dict:
+  """A process as config: its registry name and dataclass fields (make_process(**it))."""
+  return {"name": process.name, **dataclasses.asdict(process)}
+
+
+def context_for(engine: Engine, state, frozen) -> ctx_lib.Context:
+  params = dict(frozen)
+  params.update(state.params)
+  return ctx_lib.Context(params=params, ema=state.ema, model_state=state.model_state,
+                         nets=engine.nets, mesh=engine.mesh)
+
+
+def eval_params(engine: Engine, state, frozen) -> dict:
+  """Weights used for sampling: each network's `eval` EMA where it has one."""
+  params = dict(frozen)
+  params.update(state.params)
+  for net, roles in state.ema.items():
+    if "eval" in roles:
+      params[net] = roles["eval"]
+  return params
+
+
+def run_evaluation(engine: Engine, state, frozen, step: int) -> dict:
+  cfg = engine.config
+  obj = engine.objective
+  ctx = context_for(engine, state, frozen)
+  teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
+  student = None if obj.evaluates_as == "teacher" else obj.student
+  return evaluation.evaluate(
+      ctx=ctx, source=engine.source, params=eval_params(engine, state, frozen), step=step,
+      student=student, student_role="student", student_solver=obj.sampler,
+      student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
+      num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric)
+
+
+def _teacher_name(engine: Engine) -> Optional[str]:
+  for name, plan in engine.plans.items():
+    if plan.init_from == "checkpoint":
+      return name
+  return None
+
+
+def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str:
+  from distill import images
+  cfg = engine.config
+  obj = engine.objective
+  ctx = context_for(engine, state, frozen)
+  params = eval_params(engine, state, frozen)
+  panels = []
+  teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
+  if teacher is not None:
+    x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
+                               seed=cfg.sample.seed, solver="euler",
+                               steps=cfg.eval.teacher_steps, shape=engine.source.shape)
+    panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
+  if obj.evaluates_as != "teacher":
+    for steps in cfg.eval.steps:
+      x, _ = evaluation.generate(ctx, obj.student, params[obj.student], n=cfg.sample.num,
+                                 seed=cfg.sample.seed, solver=obj.sampler, steps=int(steps),
+                                 shape=engine.source.shape)
+      panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
+  real = engine.source.reference(cfg.sample.num, cfg.sample.seed)
+  panels.insert(0, ("data", real))
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  images.save_panels(path, panels)
+  return path
+
+
+class _Stop:
+  """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal = None
+
+  def install(self):
+    def handler(signum, frame):  # noqa: ARG001
+      self.requested = True
+      self.signal = signum
+    prev = {}
+    for s in (signal.SIGTERM,):
+      try:
+        prev[s] = signal.signal(s, handler)
+      except ValueError:  # not the main thread
+        pass
+    return prev
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) a run in `workdir`; returns a summary dict."""
+  config = prepare_config(config)
+  if config.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+  is_main = jax.process_index() == 0
+  teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  engine = Engine(config, teacher=teacher)
+  state, frozen = engine.init_state()
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               every_steps=config.checkpoint.every_steps,
+                               keep=config.checkpoint.keep, keep_steps=engine.boundary_steps,
+                               async_save=config.checkpoint.async_save)
+  rlog = runlog.RunLog(workdir, is_main=is_main)
+  start = 0
+  restored = ckpt.restore_latest(ckpt_lib.abstract_of(state)) if ckpt.all_steps() else None
+  if restored is not None:
+    start, state, meta = restored
+    frozen = _restore_promoted(engine, ckpt, state, frozen, start)
+    rlog.truncate_after(start)
+    rlog.message(f"resumed from step {start}")
+  elif os.path.exists(rlog.metrics_path) and is_main:
+    os.remove(rlog.metrics_path)
+
+  if is_main:
+    resolved = _resolved(engine)
+    runlog.write_json(os.path.join(workdir, "config.json"), {
+        **config.to_dict(), "provenance": {"git_commit": runlog.git_commit(),
+                                           "packages": runlog.package_versions(),
+                                           "command": " ".join(sys.argv)},
+        "resolved": resolved})
+
+  stop = _Stop()
+  prev_handlers = stop.install()
+  total = engine.total_steps
+  bs = int(config.train.batch_size)
+  flops = sum(engine.nets[n].flops_per_example for n in engine.trained)
+  rlog.start_progress(start, total)
+  thr = runlog.Throughput()
+  sums: dict[str, Any] = {}
+  count = 0
+  step = start
+  summary = {"start_step": start}
+  try:
+    while step < total:
+      stage, stage_step = engine.stage_of(step)
+      if stage > 0 and stage_step == 0 and int(state.stage) < stage:
+        if not ckpt.all_steps() or ckpt.latest_step() != step:
+          ckpt.save(step, state, _meta(engine, step), force=True)
+        state, frozen = engine.enter_stage(state, frozen, stage)
+        rlog.message(f"stage {stage} begins at step {step}")
+      state, frozen, metrics = engine.train_step(state, frozen, step)
+      for k, v in metrics.items():
+        sums[k] = sums[k] + v if k in sums else v
+      count += 1
+      thr.add(bs)
+      step += 1
+      if step % config.train.log_every == 0 or step == total:
+        scalars = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+        skipped = int(state.skipped)
+        scalars["img_per_s"] = thr.rate()
+        scalars["skipped_total"] = float(state.skipped_total)
+        scalars["stage"] = float(stage)
+        if flops:
+          peak = _peak_flops()
+          if peak:
+            scalars["mfu"] = 3 * flops * scalars["img_per_s"] / (peak * jax.device_count())
+        rlog.write(step, scalars)
+        loss_keys = [k for k in scalars if k.endswith("/loss")]
+        rlog.progress(count, {k: scalars[k] for k in loss_keys[:2]} | {"img/s": scalars["img_per_s"]})
+        sums, count = {}, 0
+        if skipped > config.train.max_skipped_steps:
+          raise TrainingError(
+              f"{skipped} consecutive non-finite updates at step {step} (train.max_skipped_steps="
+              f"{config.train.max_skipped_steps}); the last good checkpoint is step "
+              f"{ckpt.latest_step()} in {ckpt.directory}")
+      if ckpt.should_save(step) and step < total:
+        ckpt.save(step, state, _meta(engine, step))
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+        report = run_evaluation(engine, state, frozen, step)
+        _write_eval(workdir, report, is_main)
+      if config.sample.every_steps and step % config.sample.every_steps == 0 and step < total:
+        write_samples(engine, state, frozen, step, workdir) if is_main else None
+      if stop.requested:
+        ckpt.save(step, state, _meta(engine, step), force=True)
+        ckpt.wait()
+        rlog.message(f"signal {stop.signal}: saved step {step}, exiting")
+        summary.update(step=step, interrupted=True)
+        return summary
+    if count:
+      rlog.progress(count)
+    ckpt.save(total, state, _meta(engine, total), force=True)
+    ckpt.wait()
+    rlog.close()
+    if config.eval.at_end:
+      report = run_evaluation(engine, state, frozen, total)
+      _write_eval(workdir, report, is_main)
+      summary["eval"] = report
+    if is_main:
+      summary["samples"] = write_samples(engine, state, frozen, total, workdir)
+    summary.update(step=total, interrupted=False)
+    return summary
+  finally:
+    rlog.close()
+    ckpt.close()
+    for s, h in prev_handlers.items():
+      signal.signal(s, h)
+
+
+def _meta(engine: Engine, step: int) -> dict:
+  stage, _ = engine.stage_of(min(step, max(engine.total_steps - 1, 0)))
+  return {"step": int(step), "stage": int(stage),
+          "data": {"kind": "stateless", "seed": int(engine.config.seed),
+                   "processes": jax.process_count()}}
+
+
+def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
+  """Frozen networks promoted at stage boundaries are re-read from the boundary checkpoint."""
+  stage = int(state.stage)
+  stages = engine.stage_objectives[0].stages
+  for s in range(1, stage + 1):
+    spec = stages[s]
+    if not spec.promote:
+      continue
+    boundary = engine.stage_bounds[s]
+    b_state, _ = ckpt.restore(boundary, ckpt_lib.abstract_of(state))
+    for target, source in spec.promote.items():
+      if target in frozen:
+        src = b_state.params[source] if source in b_state.params else frozen[source]
+        frozen = dict(frozen)
+        frozen[target] = jax.device_put(src, engine.frozen_shardings[target])
+  return frozen
+
+
+def _write_eval(workdir: str, report: dict, is_main: bool) -> None:
+  if is_main:
+    runlog.write_json(os.path.join(workdir, "eval.json"), report)
+
+
+def _peak_flops() -> float:
+  """Peak dense bf16 FLOP/s of one device, where known (for MFU)."""
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "v5p": 459e12, "v6e": 918e12,
+           "v5e": 197e12, "v5 lite": 197e12, "v4": 275e12}
+  for k, v in table.items():
+    if k in kind:
+      return v
+  return 0.0

@@ -1,0 +1,90 @@
+"""Configs: overrides, validation before any work (one line, exit 2, nothing written)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distill import config as config_lib
+from distill import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER = os.path.join(ROOT, "configs", "toy", "teacher.py")
+
+
+def load(*overrides, arg=""):
+  c = config_lib.load_config_file(TEACHER + (f":{arg}" if arg else ""))
+  return config_lib.apply_overrides(c, overrides)
+
+
+def test_overrides_parse_to_the_existing_type():
+  c = load("train.steps=12", "optim.lr=0.5", "eval.steps=(1,3)", "checkpoint.async_save=false",
+           "data.modes=4")
+  assert c.train.steps == 12 and isinstance(c.train.steps, int)
+  assert c.optim.lr == 0.5
+  assert tuple(c.eval.steps) == (1, 3)
+  assert c.checkpoint.async_save is False
+  assert c.data.modes == 4
+
+
+def test_config_argument_selects_dataset():
+  assert load(arg="spiral").data.name == "spiral"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.stepz=3", "'train.stepz'"),
+    ("nosuch.key=1", "'nosuch'"),
+    ("train.steps=abc", "'train.steps': expected an int"),
+    ("checkpoint.async_save=maybe", "'checkpoint.async_save': expected a bool"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+  with pytest.raises(config_lib.ConfigError, match=fragment.replace("(", r"\(")):
+    load(override)
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda c: c.data.__setitem__("modez", 3), "data.modez"),
+    (lambda c: c.model.__setitem__("hiddn", 3), "model.hiddn"),
+    (lambda c: c.objective.__setitem__("weightng", "snr"), "objective.weightng"),
+    (lambda c: c.train.__setitem__("batch_size", 10), "train.batch_size"),  # ok on 1 device
+    (lambda c: c.mesh.__setitem__("data", 4), "mesh"),
+    (lambda c: c.teacher.__setitem__("checkpoint", "/no/such/run"), "teacher.checkpoint"),
+    (lambda c: c.train.__setitem__("grad_accum", 3), "train.grad_accum"),
+    (lambda c: c.optim.__setitem__("lr", "fast"), "optim.lr"),
+])
+def test_validation_names_the_key(mutate, fragment):
+  c = load()
+  with c.unlocked() if hasattr(c, "unlocked") else _nullctx():
+    with c.ignore_type():
+      mutate(c)
+  if fragment == "train.batch_size":
+    trainer.prepare_config(c)  # 10 is divisible by the 1-device data-parallel size
+    return
+  with pytest.raises((config_lib.ConfigError, ValueError), match=fragment.replace(".", r"\.")):
+    trainer.prepare_config(c)
+
+
+class _nullctx:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config.train.stepz=5"], "train.stepz"),
+    (["--config.model.hidden=wide"], "model.hidden"),
+    (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher.checkpoint"),
+    (["--config.mesh.data=64"], "mesh"),
+])
+def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, fragment):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", TEACHER,
+                         "--workdir", str(workdir), *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert fragment in lines[0]
+  assert not workdir.exists()
