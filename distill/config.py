@@ -150,8 +150,13 @@ def _parse_value(text: str, like: Any, key: str) -> Any:
   raise ConfigError(f"config key {key!r}: cannot override a value of type {type(like).__name__}")
 
 
-def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
-  """Applies `a.b=value` overrides; unknown keys and unparsable values raise ConfigError."""
+def apply_overrides(config: ConfigDict, overrides: Iterable[str],
+                    schema: ConfigDict | None = None) -> ConfigDict:
+  """Applies `a.b=value` overrides; unknown keys and unparsable values raise ConfigError.
+
+  A key the config file left out is accepted when `schema` declares it (the objective's,
+  dataset's or model's own keys), parsed to the schema default's type.
+  """
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
@@ -170,10 +175,35 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
       if _is_open(parts[:-1]):
         node[leaf] = _parse_value(text, None, key)
         continue
-      raise ConfigError(f"unknown config key {key!r}")
+      declared = _lookup(schema, parts) if schema is not None else _MISSING
+      if declared is _MISSING:
+        raise ConfigError(f"unknown config key {key!r}")
+      node[leaf] = _parse_value(text, declared, key)
+      continue
     with node.ignore_type():
       node[leaf] = _parse_value(text, node[leaf], key)
   return config
+
+
+_MISSING = object()
+
+
+def _lookup(schema: ConfigDict, parts: list[str]) -> Any:
+  node = schema
+  for p in parts:
+    if not isinstance(node, ConfigDict) or p not in node:
+      return _MISSING
+    node = node[p]
+  return node
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+  """(component-name overrides like `data.name=...`, the rest): names decide the schema."""
+  names, rest = [], []
+  for item in overrides:
+    key = item.partition("=")[0]
+    (names if key.count(".") == 1 and key.endswith(".name") else rest).append(item)
+  return names, rest
 
 
 _OPEN_DICTS = (("ema",), ("optim", "networks"))

@@ -72,6 +72,19 @@ def fill_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `configs/X.py[:arg]` and applies `a.b=value` overrides (keys the file left out are
+  accepted when the chosen objective, dataset or model declares them)."""
+  config = config_lib.load_config_file(spec)
+  names, rest = config_lib.split_overrides(overrides)
+  config = config_lib.apply_overrides(config, names)
+  try:
+    schema = schema_for(config)
+  except KeyError as e:
+    raise config_lib.ConfigError(e.args[0]) from None
+  return config_lib.apply_overrides(config, rest, schema)
+
+
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a config before any work; raises ConfigError naming the key."""
   try:
@@ -382,3 +395,52 @@ def _peak_flops() -> float:
     if k in kind:
       return v
   return 0.0
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
+  """Rebuilds a run's engine from its config.json and restores its latest checkpoint.
+
+  Returns (engine, state, frozen, step). `overrides` are `a.b=value` strings (e.g. eval keys).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--workdir: {workdir!r} has no config.json (not a run directory)")
+  with open(path) as f:
+    saved = json.load(f)
+  saved.pop("provenance", None)
+  saved.pop("resolved", None)
+  config = config_lib.from_dict(saved)
+  config = config_lib.apply_overrides(config, overrides, schema_for(config))
+  config = prepare_config(config)
+  teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  engine = Engine(config, teacher=teacher)
+  state, frozen = engine.init_state()
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1,
+                               async_save=False)
+  try:
+    restored = ckpt.restore_latest(ckpt_lib.abstract_of(state))
+    if restored is None:
+      raise FileNotFoundError(f"--workdir: no checkpoint in {ckpt.directory}")
+    step, state, _ = restored
+    frozen = _restore_promoted(engine, ckpt, state, frozen, step)
+  finally:
+    ckpt.close()
+  return engine, state, frozen, step
+
+
+def network_for_role(engine: Engine, role: str) -> str:
+  """The network name behind `student` / `teacher` in a run."""
+  obj = engine.objective
+  if role == "teacher":
+    name = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
+  elif role == "student":
+    name = None if obj.evaluates_as == "teacher" else obj.student
+  else:
+    name = role if role in engine.plans else None
+  if name is None:
+    raise ValueError(f"--network: this run has no {role!r} network "
+                     f"(networks: {', '.join(engine.plans)})")
+  return name

@@ -52,9 +52,8 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def load_config(args: argparse.Namespace):
-  from distill import config as config_lib
-  config = config_lib.load_config_file(args.config)
-  config = config_lib.apply_overrides(config, args.overrides)
+  from distill import trainer
+  config = trainer.load_config(args.config, args.overrides)
   _maybe_distributed(config)
   return config
 

@@ -13,8 +13,7 @@ TEACHER = os.path.join(ROOT, "configs", "toy", "teacher.py")
 
 
 def load(*overrides, arg=""):
-  c = config_lib.load_config_file(TEACHER + (f":{arg}" if arg else ""))
-  return config_lib.apply_overrides(c, overrides)
+  return trainer.load_config(TEACHER + (f":{arg}" if arg else ""), overrides)
 
 
 def test_overrides_parse_to_the_existing_type():
