@@ -261,3 +261,52 @@ def test_grad_accumulation_matches_full_batch_for_deterministic_loss():
     results.append(jax.device_get(state.params["student"]))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                          *results)
+
+
+def build_lora(cfg):
+  from distill.objective import LoRA
+
+  def loss(trainable, ctx, batch, rng, t):
+    x = batch["x"]
+    ts = jnp.zeros((x.shape[0],))
+    out = ctx.call("student", x, ts, params=trainable["student"])
+    base = ctx.call("base", x, ts)
+    return jnp.mean(jnp.square(out - 1.0)), {"diff_from_base": jnp.max(jnp.abs(out - base))}
+  return Objective(networks=(Network("base", init="random", trainable=None),
+                             Network("student", init="base", base="base",
+                                     adapter=LoRA(r"block_\d+", rank=2, alpha=4.0))),
+                   phases=(Phase("p", loss, trains=("student",)),))
+
+
+def test_lora_student_shares_frozen_base_and_trains_only_adapters():
+  _register("test_lora_net", build_lora)
+  engine = Engine(tiny_config("test_lora_net", steps=3))
+  state, frozen = engine.init_state()
+  base0 = jax.device_get(frozen["base"])
+  leaves = jax.tree_util.tree_flatten_with_path(state.params["student"])[0]
+  # Only adapter matrices live in the state, and only under the selected blocks.
+  assert leaves and all("block_" in jax.tree_util.keystr(p) for p, _ in leaves)
+  n_lora = sum(np.size(v) for _, v in leaves)
+  n_base = sum(np.size(v) for v in jax.tree_util.tree_leaves(base0))
+  assert n_lora < n_base / 4
+  state, frozen, m = engine.train_step(state, frozen, 0)
+  assert float(m["p/diff_from_base"]) == 0.0  # B starts at zero: the student is the base
+  state, frozen, m = engine.train_step(state, frozen, 1)
+  assert float(m["p/diff_from_base"]) > 0.0  # the adapters moved
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen["base"]), base0)
+
+
+def test_per_network_param_dtype():
+  _register("test_ttur", build_ttur)
+  c = tiny_config("test_ttur", steps=1)
+  c.optim.networks = {"fake": {"param_dtype": "bfloat16", "lr": 1e-3}}
+  engine = Engine(c)
+  state, frozen = engine.init_state()
+  dtypes = lambda n: {x.dtype for x in jax.tree_util.tree_leaves(state.params[n])}
+  assert dtypes("fake") == {jnp.dtype("bfloat16")}
+  assert dtypes("student") == {jnp.dtype("float32")}
+  state, frozen, m = engine.train_step(state, frozen, 0)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params["fake"])} == {
+      jnp.dtype("bfloat16")}
+  assert float(m["critic/lr/fake"]) == pytest.approx(1e-3)
+  assert float(m["critic/lr/head"]) == pytest.approx(1e-2)
