@@ -77,6 +77,9 @@ def base_config() -> ConfigDict:
   c.eval.seed = 1234
   c.eval.metric = ""                # "" = the dataset's default metric
   c.eval.at_end = True
+  # Sample with uniformly drawn class labels (True) or unconditionally, with the null class
+  # (False: the whole distribution, which one-step samplers find hardest).
+  c.eval.class_conditional = False
 
   c.sample = ConfigDict()
   c.sample.every_steps = 0          # 0 = only at the end
@@ -277,4 +280,18 @@ def to_dict(config: ConfigDict) -> dict:
 
 
 def from_dict(d: dict) -> ConfigDict:
-  return ml_collections.ConfigDict(d)
+  """A saved (config.json) config on top of today's base schema: keys added since the run was
+  written take their defaults, so older run directories stay readable."""
+  config = base_config()
+  _merge(config, d)
+  return config
+
+
+def _merge(node: ConfigDict, d: dict) -> None:
+  for k, v in d.items():
+    if isinstance(v, dict) and k in node and isinstance(node[k], ConfigDict):
+      _merge(node[k], v)
+    else:
+      with node.ignore_type():
+        node[k] = ConfigDict(v) if isinstance(v, dict) else (tuple(v) if isinstance(v, list)
+                                                              else v)

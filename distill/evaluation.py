@@ -71,11 +71,16 @@ def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
 
 def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, solver: str,
              steps: int, shape: tuple, batch: int = 4096, guidance: float = 1.0,
-             labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
-  """n samples (host numpy) and seconds per sample, from fixed noise of `seed`."""
+             labels: Optional[np.ndarray] = None,
+             class_conditional: bool = False) -> tuple[np.ndarray, float]:
+  """n samples (host numpy) and seconds per sample, from fixed noise of `seed`.
+
+  Unconditional (the null class) unless `labels` are given or `class_conditional` asks for
+  labels drawn uniformly with `seed`.
+  """
   process = ctx.nets[net].process
   num_classes = ctx.nets[net].num_classes
-  if labels is None:
+  if labels is None and class_conditional:
     labels = sample_labels(num_classes, n, seed)
   fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance)
   key = jax.random.PRNGKey(seed)
@@ -96,7 +101,8 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
 
 def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: Optional[str],
              student_role: str, student_solver: str, student_steps, teacher: Optional[str],
-             teacher_steps: int, num_samples: int, seed: int, metric: str = "") -> dict:
+             teacher_steps: int, num_samples: int, seed: int, metric: str = "",
+             class_conditional: bool = False) -> dict:
   """The eval.json dict: teacher (1 step, reference steps) and student rows."""
   metric = metric or default_metric(source)
   score = METRICS.get(metric)
@@ -107,7 +113,8 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
 
   def row(net, p, solver, steps):
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
-                            steps=steps, shape=source.shape)
+                            steps=steps, shape=source.shape,
+                            class_conditional=class_conditional)
     return {metric: float(score(samples, reference)), "nfe": nfe_of(solver, steps),
             "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
 
@@ -119,4 +126,5 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
       results[f"{student_role}_steps_{int(steps)}"] = row(student, params[student],
                                                           student_solver, int(steps))
   return {"step": int(step), "metric": metric, "teacher_reference_steps": int(teacher_steps),
-          "data_floor": float(floor), "results": results}
+          "data_floor": float(floor), "class_conditional": bool(class_conditional),
+          "results": results}

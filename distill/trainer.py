@@ -185,7 +185,8 @@ def run_evaluation(engine: Engine, state, frozen, step: int) -> dict:
       ctx=ctx, source=engine.source, params=eval_params(engine, state, frozen), step=step,
       student=student, student_role="student", student_solver=obj.sampler,
       student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
-      num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric)
+      num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric,
+      class_conditional=cfg.eval.class_conditional)
 
 
 def _teacher_name(engine: Engine) -> Optional[str]:
@@ -206,13 +207,15 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
   if teacher is not None:
     x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
                                seed=cfg.sample.seed, solver="euler",
-                               steps=cfg.eval.teacher_steps, shape=engine.source.shape)
+                               steps=cfg.eval.teacher_steps, shape=engine.source.shape,
+                               class_conditional=cfg.eval.class_conditional)
     panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
   if obj.evaluates_as != "teacher":
     for steps in cfg.eval.steps:
       x, _ = evaluation.generate(ctx, obj.student, params[obj.student], n=cfg.sample.num,
                                  seed=cfg.sample.seed, solver=obj.sampler, steps=int(steps),
-                                 shape=engine.source.shape)
+                                 shape=engine.source.shape,
+                                 class_conditional=cfg.eval.class_conditional)
       panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
   real = engine.source.reference(cfg.sample.num, cfg.sample.seed)
   panels.insert(0, ("data", real))

@@ -1,0 +1,64 @@
+"""launch.sample and launch.evaluate on a finished (tiny) run directory."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_train_e2e import ROOT, env, run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  w = tmp_path_factory.mktemp("runs") / "teacher"
+  run(w, "--config.train.steps=40", "--config.train.log_every=20", "--config.eval.at_end=false",
+      "--config.checkpoint.every_steps=0")
+  return w
+
+
+def tool(name, *args):
+  return subprocess.run([sys.executable, "-m", f"launch.{name}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env())
+
+
+@pytest.mark.slow
+def test_sample_writes_png_and_raw_samples(tiny_run, tmp_path):
+  out = tmp_path / "s.png"
+  p = tool("sample", "--workdir", str(tiny_run), "--steps", "4", "--num", "32", "--class", "3",
+           "--seed", "5", "--out", str(out))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert out.exists() and out.stat().st_size > 0
+  x = np.load(tmp_path / "s.npy")
+  assert x.shape == (32, 2) and np.isfinite(x).all()
+  again = tool("sample", "--workdir", str(tiny_run), "--steps", "4", "--num", "32", "--class",
+               "3", "--seed", "5", "--out", str(tmp_path / "t.png"))
+  assert again.returncode == 0
+  np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), x)  # fixed seeds
+
+
+@pytest.mark.slow
+def test_evaluate_writes_eval_json(tiny_run):
+  p = tool("evaluate", "--workdir", str(tiny_run), "--num", "128", "--teacher_steps", "4")
+  assert p.returncode == 0, p.stderr[-2000:]
+  report = json.load(open(tiny_run / "eval.json"))
+  assert report["step"] == 40 and report["teacher_reference_steps"] == 4
+  assert set(report["results"]) == {"teacher_steps_1", "teacher_steps_4"}
+  assert all(r["num_samples"] == 128 for r in report["results"].values())
+  assert "| teacher | 4 | 4 |" in p.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--workdir", "/no/such/run"], "config.json"),
+    (["--class", "99"], "--class"),
+    (["--network", "student"], "no 'student' network"),
+])
+@pytest.mark.slow
+def test_sample_bad_input_one_line_exit_2(tiny_run, args, fragment):
+  if "--workdir" not in args:
+    args = ["--workdir", str(tiny_run), *args]
+  p = tool("sample", *args)
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and fragment in lines[0], p.stderr
