@@ -35,7 +35,10 @@ from distill.state import TrainState, new_state
 from models.registry import MODELS, build_model
 
 # Config keys of `model` that the engine reads itself (the rest are constructor arguments).
-ENGINE_MODEL_KEYS = ("name", "prediction", "attention", "jvp_attention")
+ENGINE_MODEL_KEYS = ("name", "prediction", "attention", "jvp_attention", "output_channels")
+
+# Constructor fields some models use for their class count (the null class is one past it).
+CLASS_COUNT_FIELDS = ("num_classes", "num_embeds_ada_norm")
 
 
 def module_fields(cls) -> dict:
@@ -70,8 +73,9 @@ def data_derived_kwargs(cls, source) -> dict:
   derived = {}
   if "dim" in fields:
     derived["dim"] = int(np.prod(shape))
-  if "num_classes" in fields:
-    derived["num_classes"] = int(source.num_classes)
+  for f in CLASS_COUNT_FIELDS:
+    if f in fields:
+      derived[f] = int(source.num_classes)
   if len(shape) == 3:
     if "sample_size" in fields:
       derived["sample_size"] = shape[0]
@@ -97,6 +101,28 @@ def resolve_model_config(model_cfg: Mapping[str, Any], source) -> dict:
   if unknown:
     raise ValueError(f"unknown config key 'model.{unknown[0]}' for model {cfg['name']!r}")
   return cfg
+
+
+def num_classes_of(cfg: Mapping[str, Any]) -> int:
+  """A model config's class count (0: unconditional)."""
+  for f in CLASS_COUNT_FIELDS:
+    if cfg.get(f):
+      return int(cfg[f])
+  return 0
+
+
+def output_apply(module, output_channels: int):
+  """module.apply keeping only the first `output_channels` channels of the output (a DiT with
+  learn_sigma predicts [eps, variance]; denoising uses eps)."""
+  if not output_channels:
+    return None
+
+  def apply(variables, *args, **kwargs):
+    out = module.apply(variables, *args, **kwargs)
+    if isinstance(out, tuple):
+      return (out[0][..., :output_channels],) + tuple(out[1:])
+    return out[..., :output_channels]
+  return apply
 
 
 def module_from_config(cfg: Mapping[str, Any]):
@@ -228,8 +254,7 @@ class Engine:
     mcfg = resolve_model_config(cfg.model.to_dict(), self.source)
     mcfg.update(dict(net.kwargs))
     process = procs.make_process(**cfg.process.to_dict())
-    return (module_from_config(mcfg), mcfg, process, mcfg["prediction"],
-            int(mcfg.get("num_classes", 0) or 0))
+    return (module_from_config(mcfg), mcfg, process, mcfg["prediction"], num_classes_of(mcfg))
 
   def _plan_networks(self) -> dict[str, NetPlan]:
     plans: dict[str, NetPlan] = {}
@@ -278,6 +303,7 @@ class Engine:
         except Exception:  # a model may need its input shape; leave MFU unknown then
           flops = 0.0
       info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
+                             apply_fn=output_apply(module, int(mcfg.get("output_channels") or 0)),
                              process=process, num_classes=ncls, base=net.base,
                              lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops)
       plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,

@@ -52,7 +52,7 @@ def load_teacher(path: str, params_role: str = "ema") -> Teacher:
     raise FileNotFoundError(f"config key 'teacher.checkpoint': {path!r} does not exist")
   if is_run_dir(path):
     return _load_run_dir(path, params_role)
-  cfg_file = os.path.join(path, "config.json")
+  cfg_file = os.path.join(_model_dir(path)[0], "config.json")
   if os.path.isfile(cfg_file):
     with open(cfg_file) as f:
       if "_class_name" in json.load(f):
@@ -63,7 +63,7 @@ def load_teacher(path: str, params_role: str = "ema") -> Teacher:
 
 def _load_run_dir(path: str, params_role: str) -> Teacher:
   from distill import checkpoint as ckpt
-  from models.registry import build_model
+  from distill.engine import num_classes_of
 
   with open(os.path.join(path, "config.json")) as f:
     run = json.load(f)
@@ -73,40 +73,141 @@ def _load_run_dir(path: str, params_role: str) -> Teacher:
   state = tree["state"]
   role = None
   if params_role == "ema":
-    roles = state.get("ema", {}).get(net, {})
+    roles = (state.get("ema") or {}).get(net) or {}
     role = "eval" if "eval" in roles else (sorted(roles)[0] if roles else None)
   params = state["ema"][net][role] if role else state["params"][net]
   model_cfg = dict(resolved["models"][net])
   name = model_cfg.pop("name")
   prediction = model_cfg.pop("prediction")
-  module = build_model(name, **model_cfg)
+  # The recorded model config also holds engine keys (attention, jvp_attention) and JSON lists:
+  # build the module the way the engine does (constructor fields only, lists -> tuples).
+  from distill.engine import module_from_config
+  module = module_from_config({"name": name, **model_cfg})
   process = procs.make_process(**resolved["processes"][net])
-  model_state = state.get("model_state", {}).get(net) or None
+  model_state = (state.get("model_state") or {}).get(net) or None
   params = jax.tree_util.tree_map(np.asarray, params)
   ref = {"path": os.path.abspath(path), "step": int(step), "hash": params_hash(params),
          "params": f"ema/{role}" if role else "raw", "network": net}
   return Teacher(module=module, params=params, model_config={"name": name, "prediction": prediction,
                                                              **model_cfg},
                  process=process, prediction=prediction,
-                 num_classes=int(resolved.get("num_classes", 0)), reference=ref,
+                 num_classes=num_classes_of(model_cfg), reference=ref,
                  model_state=model_state)
 
 
+# Defaults by diffusers class when no scheduler config sits beside the model: (process, kind).
+FAMILY_DEFAULTS = {
+    "DiTTransformer2DModel": ({"name": "vp_discrete", "beta_schedule": "linear"}, "eps"),
+}
+
+# diffusers scheduler config -> our process.
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def process_from_scheduler(cfg: dict) -> tuple[dict, str]:
+  """(process config, prediction kind) from a diffusers scheduler_config.json."""
+  cls = cfg.get("_class_name", "")
+  if "FlowMatch" in cls:
+    return {"name": "rectified_flow", "shift": float(cfg.get("shift", 1.0))}, "flow"
+  schedule = cfg.get("beta_schedule", "linear")
+  if schedule not in _BETA_SCHEDULES:
+    raise ValueError(f"scheduler beta_schedule {schedule!r} is not supported "
+                     f"(known: {', '.join(_BETA_SCHEDULES)})")
+  kind = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[cfg.get("prediction_type",
+                                                                      "epsilon")]
+  proc = {"name": "vp_discrete", "beta_schedule": schedule,
+          "beta_start": float(cfg.get("beta_start", 0.0001)),
+          "beta_end": float(cfg.get("beta_end", 0.02)),
+          "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+  return proc, kind
+
+
+def _model_dir(path: str) -> tuple[str, Optional[str]]:
+  """(model directory, scheduler config path or None) for a model or pipeline directory."""
+  for sub in ("transformer", "unet"):
+    if os.path.isfile(os.path.join(path, sub, "config.json")):
+      sched = os.path.join(path, "scheduler", "scheduler_config.json")
+      return os.path.join(path, sub), sched if os.path.isfile(sched) else None
+  return path, None
+
+
+def module_config(module) -> dict:
+  """A Flax module's constructor fields as a JSON-able model config."""
+  from distill.engine import module_fields
+  from models.registry import MODELS
+  name = next(n for n in MODELS.names() if isinstance(module, MODELS.get(n)))
+  cfg = {"name": name}
+  for f in module_fields(type(module)):
+    v = getattr(module, f)
+    if isinstance(v, type) or isinstance(v, np.dtype):
+      v = np.dtype(v).name
+    cfg[f] = list(v) if isinstance(v, tuple) else v
+  return cfg
+
+
 def _load_diffusers_dir(path: str) -> Teacher:
-  try:
-    from models import convert
-  except ImportError as e:  # pragma: no cover
-    raise ValueError(f"config key 'teacher.checkpoint': cannot load diffusers directory {path!r}: "
-                     f"{e}") from None
-  module, variables = convert.load_diffusers_dir(path)
+  from distill.engine import num_classes_of
+  from models import convert
+  model_path, sched_path = _model_dir(path)
+  with open(os.path.join(model_path, "config.json")) as f:
+    class_name = json.load(f)["_class_name"]
+  module, variables = convert.load_diffusers_dir(model_path)
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
-  teacher_info = convert.teacher_defaults(module)  # process, prediction, num_classes
+  if sched_path is not None:
+    with open(sched_path) as f:
+      proc_cfg, prediction = process_from_scheduler(json.load(f))
+  elif class_name in FAMILY_DEFAULTS:
+    proc_cfg, prediction = FAMILY_DEFAULTS[class_name]
+  else:
+    raise ValueError(f"config key 'teacher.checkpoint': {path!r} holds a {class_name} without a "
+                     "scheduler/scheduler_config.json beside it: its noise process is unknown")
+  model_config = module_config(module)
+  model_config["prediction"] = prediction
+  in_ch = getattr(module, "in_channels", None)
+  out_ch = getattr(module, "out_channels", None) or (
+      2 * in_ch if getattr(module, "learn_sigma", False) else in_ch)
+  if in_ch and out_ch == 2 * in_ch:  # learned variance: [prediction, variance] channels
+    model_config["output_channels"] = int(in_ch)
   ref = {"path": os.path.abspath(path), "step": 0, "hash": params_hash(params), "params": "raw",
-         "network": "teacher"}
-  return Teacher(module=module, params=params, model_config=teacher_info["model_config"],
-                 process=teacher_info["process"], prediction=teacher_info["prediction"],
-                 num_classes=teacher_info["num_classes"], reference=ref)
+         "network": "teacher", "format": "diffusers"}
+  return Teacher(module=module, params=params, model_config=model_config,
+                 process=procs.make_process(**proc_cfg), prediction=prediction,
+                 num_classes=num_classes_of(model_config), reference=ref)
 
 
 def maybe_load(path: Optional[str], params_role: str) -> Optional[Teacher]:
   return load_teacher(path, params_role) if path else None
+
+
+def write_converted(teacher: Teacher, out: str) -> str:
+  """Caches a converted teacher as Orbax in the run-directory layout (config.json +
+  checkpoints/0), so `teacher.checkpoint=out` loads it without converting again.
+
+  Written to `out + ".partial"` and renamed when complete: a failed conversion never replaces
+  an existing converted teacher (an existing `out` is refused).
+  """
+  from distill import checkpoint as ckpt
+  from distill import runlog
+  if os.path.exists(out):
+    raise FileExistsError(f"--out: {out!r} exists; remove it first (converted teachers are "
+                          "never overwritten)")
+  tmp = out + ".partial"
+  if os.path.exists(tmp):
+    import shutil
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  proc = {"name": teacher.process.name, **dataclasses.asdict(teacher.process)}
+  state = {"params": {"teacher": teacher.params}, "ema": {}, "model_state": {}}
+  saver = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), every_steps=0, keep=1,
+                            async_save=False)
+  saver.save(0, jax.tree_util.tree_map(np.asarray, state), {"step": 0, "converted": True},
+             force=True)
+  saver.close()
+  runlog.write_json(os.path.join(tmp, "config.json"), {
+      "provenance": {"converted_from": teacher.reference, "git_commit": runlog.git_commit(),
+                     "packages": runlog.package_versions()},
+      "resolved": {"models": {"teacher": teacher.model_config}, "processes": {"teacher": proc},
+                   "evaluated_network": "teacher", "evaluated_as": "teacher",
+                   "num_classes": teacher.num_classes}})
+  os.replace(tmp, out)
+  return out

@@ -77,7 +77,8 @@ def _die(msg: str) -> None:
 
 def fail(e: BaseException) -> int:
   msg = e.args[0] if getattr(e, "args", None) else str(e)
-  print(f"error: {str(msg).splitlines()[0]}", file=sys.stderr)
+  parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
+  print(f"error: {' '.join(parts)}", file=sys.stderr)  # one line, every detail kept
   return 2
 
 

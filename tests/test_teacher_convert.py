@@ -1,0 +1,109 @@
+"""Teachers from diffusers directories: strict conversion, the Orbax cache of a converted
+teacher, its use by the engine, and clear one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from distill import teacher as teacher_lib
+from tests.test_train_e2e import ROOT, env
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _tiny_dit(learn_sigma=True):
+  torch.manual_seed(0)
+  m = diffusers.DiTTransformer2DModel(
+      num_attention_heads=2, attention_head_dim=8, in_channels=1,
+      out_channels=2 if learn_sigma else 1, num_layers=1, sample_size=16, patch_size=4,
+      num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+  with torch.no_grad():
+    for p in m.parameters():
+      p.normal_(0, 0.05)
+  return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dit_pipe")
+  _tiny_dit().save_pretrained(root / "transformer", safe_serialization=True)
+  diffusers.DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                          beta_start=0.00085, beta_end=0.012).save_config(root / "scheduler")
+  return root
+
+
+def test_pipeline_dir_gives_process_and_parameterisation(pipeline_dir):
+  t = teacher_lib.load_teacher(str(pipeline_dir))
+  assert t.model_config["name"] == "dit" and t.prediction == "v"
+  assert t.process.name == "vp_discrete" and t.process.beta_schedule == "scaled_linear"
+  assert t.num_classes == 10
+  assert t.model_config["output_channels"] == 1  # learn_sigma: denoise with the first half
+  assert len(t.reference["hash"]) == 64
+
+
+def test_model_dir_without_scheduler_uses_family_default(tmp_path):
+  _tiny_dit().save_pretrained(tmp_path / "m", safe_serialization=True)
+  t = teacher_lib.load_teacher(str(tmp_path / "m"))
+  assert t.prediction == "eps" and t.process.beta_schedule == "linear"
+
+
+def convert(*args):
+  return subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env())
+
+
+def test_converted_teacher_cache_roundtrip_and_no_overwrite(pipeline_dir, tmp_path):
+  out = tmp_path / "converted"
+  p = convert("--diffusers", str(pipeline_dir), "--out", str(out))
+  assert p.returncode == 0, p.stderr[-2000:]
+  direct = teacher_lib.load_teacher(str(pipeline_dir))
+  cached = teacher_lib.load_teacher(str(out))
+  assert cached.reference["hash"] == direct.reference["hash"]
+  assert cached.model_config == json.loads(json.dumps(direct.model_config))
+  assert cached.prediction == "v" and cached.process == direct.process
+  again = convert("--diffusers", str(pipeline_dir), "--out", str(out))
+  assert again.returncode == 2 and "exists" in again.stderr
+  assert teacher_lib.load_teacher(str(out)).reference["hash"] == direct.reference["hash"]
+
+
+def test_bad_teacher_one_line_error(tmp_path):
+  m = _tiny_dit()
+  m.save_pretrained(tmp_path / "bad", safe_serialization=True)
+  from safetensors.torch import load_file, save_file
+  f = tmp_path / "bad" / "diffusion_pytorch_model.safetensors"
+  sd = load_file(str(f))
+  sd.pop(next(k for k in sd if k.endswith("proj_out_2.weight")))
+  save_file(sd, str(f))
+  p = convert("--diffusers", str(tmp_path / "bad"), "--out", str(tmp_path / "o"))
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and "proj_out_2.weight" in lines[0], p.stderr
+  assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_engine_fine_tunes_a_converted_teacher(pipeline_dir, tmp_path):
+  """denoise with objective.init=teacher on the digits: the DiT comes from the diffusers dir."""
+  w = tmp_path / "ft"
+  cfg_file = tmp_path / "ft_config.py"
+  cfg_file.write_text("from distill.config import base_config\n"
+                      "def get_config(arg=None):\n"
+                      "  c = base_config()\n  c.objective.name = 'denoise'\n"
+                      "  return c\n")
+  p = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(cfg_file),
+                      "--workdir", str(w), "--config.data.name=digits", "--config.model.name=dit",
+                      f"--config.teacher.checkpoint={pipeline_dir}", "--config.teacher.params=raw",
+                      "--config.objective.init=teacher", "--config.train.steps=3",
+                      "--config.train.batch_size=8", "--config.train.log_every=1",
+                      "--config.eval.at_end=false", "--config.checkpoint.every_steps=0",
+                      "--config.sample.num=4", "--config.eval.teacher_steps=2"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900, env=env())
+  assert p.returncode == 0, p.stderr[-3000:]
+  cfg = json.load(open(w / "config.json"))
+  assert cfg["resolved"]["models"]["model"]["name"] == "dit"
+  assert cfg["resolved"]["processes"]["model"]["beta_schedule"] == "scaled_linear"
+  rows = [json.loads(x) for x in open(w / "metrics.jsonl")]
+  assert len(rows) == 3 and all(np.isfinite(r["denoise/loss"]) for r in rows)
