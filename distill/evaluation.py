@@ -43,6 +43,13 @@ def nfe_of(solver: str, steps: int) -> int:
   return steps
 
 
+def teacher_solver(process) -> str:
+  """The teacher's reference ODE solver: Euler in the process's own time for flow and EDM
+  processes; for VP processes DDIM, which is Euler in the (sigma/alpha, x/alpha) coordinates
+  (Euler in raw VP time is a poor one-step baseline)."""
+  return "ddim" if process.name.startswith("vp_") else "euler"
+
+
 def sample_labels(num_classes: int, n: int, seed: int) -> Optional[np.ndarray]:
   if not num_classes:
     return None
@@ -120,7 +127,8 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
 
   if teacher is not None:
     for steps in sorted({1, int(teacher_steps)}):
-      results[f"teacher_steps_{steps}"] = row(teacher, params[teacher], "euler", steps)
+      results[f"teacher_steps_{steps}"] = row(teacher, params[teacher],
+                                              teacher_solver(ctx.nets[teacher].process), steps)
   if student is not None:
     for steps in student_steps:
       results[f"{student_role}_steps_{int(steps)}"] = row(student, params[student],

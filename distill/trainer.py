@@ -206,7 +206,8 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
   if teacher is not None:
     x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
-                               seed=cfg.sample.seed, solver="euler",
+                               seed=cfg.sample.seed,
+                               solver=evaluation.teacher_solver(engine.nets[teacher].process),
                                steps=cfg.eval.teacher_steps, shape=engine.source.shape,
                                class_conditional=cfg.eval.class_conditional)
     panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
@@ -290,6 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rlog.start_progress(start, total)
   thr = runlog.Throughput()
   sums: dict[str, Any] = {}
+  counts: dict[str, int] = {}   # per key: a phase that runs every k-th step is averaged over its runs
   count = 0
   step = start
   summary = {"start_step": start}
@@ -304,11 +306,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, frozen, metrics = engine.train_step(state, frozen, step)
       for k, v in metrics.items():
         sums[k] = sums[k] + v if k in sums else v
+        counts[k] = counts.get(k, 0) + 1
       count += 1
       thr.add(bs)
       step += 1
       if step % config.train.log_every == 0 or step == total:
-        scalars = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+        scalars = {k: float(v) / counts[k] for k, v in jax.device_get(sums).items()}
         skipped = int(state.skipped)
         scalars["img_per_s"] = thr.rate()
         scalars["skipped_total"] = float(state.skipped_total)
@@ -320,7 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rlog.write(step, scalars)
         loss_keys = [k for k in scalars if k.endswith("/loss")]
         rlog.progress(count, {k: scalars[k] for k in loss_keys[:2]} | {"img/s": scalars["img_per_s"]})
-        sums, count = {}, 0
+        sums, counts, count = {}, {}, 0
         if skipped > config.train.max_skipped_steps:
           raise TrainingError(
               f"{skipped} consecutive non-finite updates at step {step} (train.max_skipped_steps="

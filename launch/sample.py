@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     net = trainer.network_for_role(engine, role)
     info = engine.nets[net]
     is_teacher_role = role == "teacher"
-    sampler = args.sampler or ("euler" if is_teacher_role else obj.sampler)
+    sampler = args.sampler or (evaluation.teacher_solver(info.process) if is_teacher_role
+                               else obj.sampler)
     steps = args.steps or (engine.config.eval.teacher_steps if is_teacher_role
                            else int(engine.config.eval.steps[0]))
     labels = None
