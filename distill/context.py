@@ -46,8 +46,24 @@ class NetInfo:
   base: Optional[str] = None       # frozen network whose weights a LoRA network merges into
   lora_scale: float = 1.0
   apply_fn: Optional[Callable] = None  # apply(variables, *args, **kw); default module.apply
-  wrapper: Optional[Callable] = None   # (info, raw_apply) -> apply with the same signature
+  output_channels: int = 0         # keep only the first channels (DiT learn_sigma: eps of [eps, var])
+  wrapper: Optional[Callable] = None   # (info, raw_apply, t) -> apply with the same signature
   flops_per_example: float = 0.0
+  # A wrapper that presents the network in another parameterisation (distill/wrappers.py, e.g.
+  # a rectified-flow network seen as TrigFlow) declares `present(process, prediction)`; then
+  # `process` / `prediction` are the presented ones and these keep the network's own.
+  inner_process: Any = None
+  inner_prediction: Optional[str] = None
+
+  def __post_init__(self):
+    present = getattr(self.wrapper, "present", None)
+    if present is None or self.inner_process is not None:
+      return
+    process, prediction = present(self.process, self.prediction)
+    object.__setattr__(self, "inner_process", self.process)
+    object.__setattr__(self, "inner_prediction", self.prediction)
+    object.__setattr__(self, "process", process)
+    object.__setattr__(self, "prediction", prediction)
 
 
 def merge_params(info: NetInfo, params: Params, all_params: Mapping[str, Params]) -> Params:
@@ -79,7 +95,11 @@ class Context:
     """module.apply(variables, *args, **kwargs) with this network's (merged) weights."""
     info = self.nets[name]
     apply = info.apply_fn or info.module.apply
-    return apply(self.variables(name, params), *args, **kwargs)
+    out = apply(self.variables(name, params), *args, **kwargs)
+    if info.output_channels:
+      keep = lambda y: y[..., :info.output_channels]
+      out = (keep(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else keep(out)
+    return out
 
   # -- denoiser view (t in process units) ------------------------------------------------
   def process(self, name: str):

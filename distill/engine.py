@@ -111,20 +111,6 @@ def num_classes_of(cfg: Mapping[str, Any]) -> int:
   return 0
 
 
-def output_apply(module, output_channels: int):
-  """module.apply keeping only the first `output_channels` channels of the output (a DiT with
-  learn_sigma predicts [eps, variance]; denoising uses eps)."""
-  if not output_channels:
-    return None
-
-  def apply(variables, *args, **kwargs):
-    out = module.apply(variables, *args, **kwargs)
-    if isinstance(out, tuple):
-      return (out[0][..., :output_channels],) + tuple(out[1:])
-    return out[..., :output_channels]
-  return apply
-
-
 def module_from_config(cfg: Mapping[str, Any]):
   kwargs = {k: v for k, v in cfg.items() if k not in ("name", "prediction")}
   cls = MODELS.get(cfg["name"])
@@ -303,7 +289,7 @@ class Engine:
         except Exception:  # a model may need its input shape; leave MFU unknown then
           flops = 0.0
       info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
-                             apply_fn=output_apply(module, int(mcfg.get("output_channels") or 0)),
+                             output_channels=int(mcfg.get("output_channels") or 0),
                              process=process, num_classes=ncls, base=net.base,
                              lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops)
       plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,
