@@ -1,2 +1,3 @@
 """Built-in objectives; importing this package registers them (one module per family)."""
 from distill.objectives import denoise  # noqa: F401
+from distill.objectives import scm  # noqa: F401
