@@ -2,6 +2,7 @@
 
     out = model.apply(variables, x, timestep, class_labels=None,
                       timestep2=None, guidance=None, train=False)        # (B, D)
+    out, feats = model.apply(variables, x, timestep, return_features=(1,))  # feats[1]: (B, H)
 
 Architecture (hidden width `H = hidden`, inner width `M = hidden * mlp_ratio`):
 - conditioning vector `c` (B, H): `sinusoidal(timestep * time_scale)` -> Dense(H) -> SiLU ->
@@ -20,13 +21,17 @@ Conditioning:
   a sinusoid -> Dense -> SiLU -> Dense whose last layer is zero-initialised, so a fresh model
   computes exactly what the plain model does. A missing `timestep2` / `guidance` counts as 0.
 
+`return_features` (block indices, negative counts from the end) returns `(out, {i: h_i})` with
+`h_i` (B, H) the residual stream after block `i` (for adversarial heads, as DiT's keyword of the
+same name); the default `()` returns `out` alone.
+
 Parameters carry logical axis names (`embed` = the width H, `mlp` = inner widths, `norm`), see
 docs/conventions.md. `train` is accepted for the common calling convention (no dropout here).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -126,7 +131,7 @@ class MLPDenoiser(nn.Module):
 
   @nn.compact
   def __call__(self, x, timestep, class_labels=None, *, timestep2=None, guidance=None,
-               train: bool = False):
+               train: bool = False, return_features: Sequence[int] = ()):
     del train  # no dropout: kept for the common calling convention
     if x.ndim != 2 or x.shape[-1] != self.dim:
       raise ValueError(f"MLPDenoiser(dim={self.dim}) expects (B, {self.dim}) inputs, got {x.shape}")
@@ -155,11 +160,20 @@ class MLPDenoiser(nn.Module):
 
     h = _dense(self.hidden, (None, "embed"), "in_proj", self.dtype, self.param_dtype)(
         x.astype(self.dtype))
+    wanted = {}
+    for i in return_features:
+      j = i + self.depth if i < 0 else i
+      if not 0 <= j < self.depth:
+        raise ValueError(f"return_features index {i} out of range for {self.depth} blocks")
+      wanted[i] = j
+    feats = {}
     for i in range(self.depth):
       h = ResidualBlock(self.hidden, self.inner, self.dtype, self.param_dtype,
                         name=f"block_{i}")(h, c)
+      feats.update({k: h for k, j in wanted.items() if j == i})
     h = nn.silu(_layer_norm("out_norm", self.dtype, self.param_dtype)(h))
-    return _dense(self.dim, ("embed", None), "out_proj", self.dtype, self.param_dtype)(h)
+    out = _dense(self.dim, ("embed", None), "out_proj", self.dtype, self.param_dtype)(h)
+    return (out, feats) if wanted else out
 
   def flops_per_example(self) -> int:
     """Matmul FLOPs of one forward pass per example (2*m*n*k; gathers, norms, biases excluded)."""

@@ -1,0 +1,344 @@
+"""Shared pieces of the distribution-matching family (`dmd2`, `sid`, `vsd`).
+
+Every method here trains a few-step generator ("student", a copy of the teacher) against two
+scores of noised generator samples: the frozen teacher's ("real", optionally guided) and a
+"fake" score network trained online by denoising the generator's own samples. What differs is
+the generator's loss (DMD's normalised score difference under stop-gradient, SiD's
+score-identity loss with gradients through both networks' inputs, VSD's sigma^2-weighted eps
+difference) and the critic (full copy or LoRA; with or without a GAN head).
+
+Pieces (pure functions; randomness is drawn up front by `*_draws(rng, ...)` so that tests can
+hand the very same numbers to a PyTorch reference):
+
+- `generator_times(process, K)`: the student's step times = the first K times of
+  `process.timesteps(K)`, i.e. exactly the grid of the `consistency` sampler used for eval.
+- `step_cond`: the batch's labels with a `null_prob` fraction replaced by the null class, seen
+  by every network of a step: the student learns the null-label (unconditional) distribution,
+  which unconditional sampling (eval's default) draws, besides the class-conditional ones.
+- `generate(ctx, net, params, cond, draws, num_steps=K)`: a generator sample. K = 1: x0_hat of
+  the student at (prior noise, t_max). K > 1 (DMD2's backward simulation = few-step SiD's
+  mixture of step outputs): per sample k ~ U{0..K-1}; k consistency steps are rolled out without
+  gradient (denoise, re-noise to the next grid time with fresh noise), then one differentiable
+  student step at (x_{t_k}, t_k). With k drawn per sample (not per batch as in the reference
+  code) the batch is a mixture over k; the expected loss is the same.
+- `guided(ctx, net, x_t, t, cond, scale, kind)`: classifier-free guidance u + s (c - u) of any
+  prediction kind (x0 / eps / raw); identical in every kind since kinds are affine in each other
+  at fixed (x_t, t). `scale` is a Python float (1: one conditional pass; 0: one null pass) or a
+  per-sample (B,) array (SNOOPI's random scale). Unconditional networks ignore it.
+- `fake_loss`: the fake score's denoising loss on stop-gradient generator samples, in the
+  teacher's own parameterisation and time proposal (the loss the teacher was trained with), with
+  label dropout and optional guided-output training (SiD-LSG's kappa_1; 0 = Zero-CFG's null-only).
+- `gan_logits` / the "gan_head" model: a small head on an intermediate feature of the fake
+  network (`return_features`), DMD2's classifier branch.
+- `window_t`: a time uniform in [lo, hi] as fractions of the process's [t_min, t_max] (DMD's
+  2%-98% window), floored onto discrete lattices.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill import processes as procs
+from distill.context import cond_from_batch, to_kind
+from distill.objective import Phase
+from distill.objectives.denoise import prediction_space_weight
+from models.registry import register_model
+
+Array = jax.Array
+Scale = Union[float, Array]
+
+STUDENT, TEACHER, FAKE, HEAD = "student", "teacher", "fake_score", "gan_head"
+
+
+def per_example_mean(x: Array) -> Array:
+  """Mean over every axis but the batch: (B, ...) -> (B,)."""
+  return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def per_example_sum(x: Array) -> Array:
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def bcast(a: Array, x: Array) -> Array:
+  """(B,) -> (B, 1, ..., 1) against x."""
+  return procs.expand_like(a, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Times
+# --------------------------------------------------------------------------------------------
+
+
+def window_t(process, rng: Array, shape, lo: float, hi: float) -> Array:
+  """t ~ U[t_min + lo (t_max - t_min), t_min + hi (t_max - t_min)] (floored on lattices)."""
+  span = process.t_max - process.t_min
+  u = jax.random.uniform(rng, tuple(shape), jnp.float32, lo, hi)
+  return process.floor_time(process.t_min + span * u)
+
+
+def generator_times(process, num_steps: int) -> np.ndarray:
+  """The K step times of a K-step student: the consistency sampler's grid without its end."""
+  return np.asarray(process.timesteps(num_steps), np.float32)[:num_steps]
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance
+# --------------------------------------------------------------------------------------------
+
+
+def is_static(scale) -> bool:
+  return isinstance(scale, (int, float, np.number))
+
+
+def guided(ctx, net: str, x_t: Array, t, cond: Mapping, scale: Scale, kind: str = "x0", *,
+           params=None) -> Array:
+  """CFG u + scale (c - u) of network `net` in prediction `kind` ("raw": its own output).
+
+  A static scale of 1 makes one conditional pass and 0 one null pass; otherwise the conditional
+  and null passes run as one call on a doubled batch. Networks without classes (or a cond
+  without labels) make one plain pass whatever the scale.
+  """
+  info = ctx.nets[net]
+  b = x_t.shape[0]
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+
+  def out(x, tt, c):
+    raw = ctx.apply(net, x, tt, c, params=params)
+    return raw if kind == "raw" else to_kind(info, raw, kind, x, tt)
+
+  labels = cond.get("class_labels") if cond else None
+  if not info.num_classes or labels is None:
+    return out(x_t, t, cond)
+  null = jnp.full_like(labels, info.num_classes)
+  if is_static(scale) and float(scale) == 1.0:
+    return out(x_t, t, cond)
+  if is_static(scale) and float(scale) == 0.0:
+    return out(x_t, t, {**cond, "class_labels": null})
+  both = out(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+             {**cond, "class_labels": jnp.concatenate([labels, null])})
+  c, u = both[:b], both[b:]
+  s = scale if is_static(scale) else bcast(jnp.asarray(scale, jnp.float32), x_t)
+  return u + s * (c - u)
+
+
+def null_cond(ctx, net: str, cond: Mapping) -> dict:
+  """`cond` with every class label replaced by the null class (unchanged if no labels)."""
+  if not cond or "class_labels" not in cond or not ctx.nets[net].num_classes:
+    return dict(cond or {})
+  return {**cond, "class_labels": jnp.full_like(cond["class_labels"], ctx.nets[net].num_classes)}
+
+
+# --------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------
+
+
+def generator_draws(process, rng: Array, shape: tuple, num_steps: int,
+                    null_prob: float = 0.0) -> dict:
+  """Noise of one generator call: prior z; for K > 1 the per-sample step k and re-noising; with
+  null_prob > 0 the mask of samples whose label becomes the null class (see `step_cond`)."""
+  k_z, k_k, k_n, k_c = jax.random.split(rng, 4)
+  draws = {"z": process.prior(k_z, shape)}
+  if null_prob > 0:
+    draws["null"] = jax.random.bernoulli(k_c, null_prob, (shape[0],))
+  if num_steps > 1:
+    draws["k"] = jax.random.randint(k_k, (shape[0],), 0, num_steps)
+    draws["renoise"] = jax.random.normal(k_n, (num_steps - 1,) + tuple(shape), jnp.float32)
+  return draws
+
+
+def step_cond(ctx, batch: Mapping, gen_draws: Mapping, net: str = STUDENT) -> dict:
+  """The conditioning of one step: the batch's, with the labels of `gen_draws["null"]` samples
+  replaced by the null class. Generator, teacher, fake score and head all see it, so the
+  student learns the unconditional (null-label) distribution too: what unconditional sampling
+  (the default of eval) draws from. Without the mask (null_prob = 0) the batch's cond."""
+  cond = cond_from_batch(batch)
+  if "null" in gen_draws and "class_labels" in cond and ctx.nets[net].num_classes:
+    cond["class_labels"] = jnp.where(gen_draws["null"], ctx.nets[net].num_classes,
+                                     cond["class_labels"])
+  return cond
+
+
+def generator_input(ctx, net: str, params, cond: Mapping, draws: Mapping,
+                    num_steps: int) -> tuple[Array, Array]:
+  """(x_in, t_in) of the differentiable student step (see the module docstring); no gradient."""
+  process = ctx.nets[net].process
+  times = generator_times(process, num_steps)
+  z = draws["z"]
+  b = z.shape[0]
+  t_in = jnp.full((b,), times[0], jnp.float32)
+  if num_steps == 1:
+    return z, t_in
+  frozen = jax.lax.stop_gradient(params)
+  k = draws["k"]
+  x, x_in = z, z
+  for i in range(num_steps - 1):
+    x0 = ctx.x0(net, x, times[i], cond, params=frozen)
+    alpha, sigma = process.alpha_sigma(times[i + 1])
+    x = alpha * x0 + sigma * draws["renoise"][i]
+    pick = k == i + 1
+    x_in = jnp.where(bcast(pick, x), x, x_in)
+    t_in = jnp.where(pick, times[i + 1], t_in)
+  return jax.lax.stop_gradient(x_in), t_in
+
+
+def generate(ctx, net: str, params, cond: Mapping, draws: Mapping, num_steps: int = 1) -> Array:
+  """A generator sample x_g = x0_hat_student(x_in, t_in) (differentiable w.r.t. `params`)."""
+  x_in, t_in = generator_input(ctx, net, params, cond, draws, num_steps)
+  return ctx.x0(net, x_in, t_in, cond, params=params)
+
+
+# --------------------------------------------------------------------------------------------
+# The fake score's denoising loss
+# --------------------------------------------------------------------------------------------
+
+
+def fake_draws(process, rng: Array, shape: tuple, label_dropout: float) -> dict:
+  """t from the process's training proposal, eps, and the label-dropout mask."""
+  k_t, k_e, k_d = jax.random.split(rng, 3)
+  return {"t": process.sample_t(k_t, (shape[0],)),
+          "eps": jax.random.normal(k_e, shape, jnp.float32),
+          "drop": jax.random.bernoulli(k_d, label_dropout, (shape[0],))}
+
+
+def fake_loss(ctx, net: str, params, x0: Array, cond: Mapping, draws: Mapping, *,
+              weighting: str = "none", train_guidance: float = 1.0) -> tuple[Array, Array]:
+  """Denoising loss of the fake score on (stop-gradient) samples x0; returns (loss, mse).
+
+  x_t = alpha x0 + sigma eps; the squared error of the network's prediction (its own kind,
+  guided with `train_guidance` when != 1, labels dropped to null where `draws["drop"]`) against
+  the kind's target, weighted by `weighting` as in the `denoise` objective.
+  """
+  info = ctx.nets[net]
+  process = info.process
+  x0 = jax.lax.stop_gradient(x0)
+  t, eps = draws["t"], draws["eps"]
+  alpha, sigma = process.alpha_sigma(t)
+  alpha, sigma = bcast(alpha, x0), bcast(sigma, x0)
+  x_t = alpha * x0 + sigma * eps
+  cond = dict(cond or {})
+  if "class_labels" in cond and info.num_classes:
+    cond["class_labels"] = jnp.where(draws["drop"], info.num_classes, cond["class_labels"])
+  pred = guided(ctx, net, x_t, t, cond, train_guidance, "raw", params=params)
+  target = procs.encode(x0, eps, info.prediction, alpha, sigma)
+  per = per_example_mean(jnp.square(pred - target))
+  w = prediction_space_weight(process, t, weighting, info.prediction)
+  return jnp.mean(w * per), jnp.mean(per)
+
+
+# --------------------------------------------------------------------------------------------
+# GAN head on the fake network's features (DMD2's classifier branch)
+# --------------------------------------------------------------------------------------------
+
+
+@register_model("gan_head")
+class GanHead(nn.Module):
+  """Logit of "real" from a fake-network feature h (B, feature_dim):
+  LayerNorm -> Dense(hidden) -> SiLU -> Dense(1). Called as (x, timestep, features=h) -> (B,);
+  x and timestep only fix the batch (the feature already carries time and class). Without
+  `features` (the engine's init) it reads zeros of width `feature_dim`."""
+
+  feature_dim: int = 128
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, x, timestep, class_labels=None, *, features=None):
+    del timestep, class_labels
+    h = jnp.zeros((x.shape[0], self.feature_dim), jnp.float32) if features is None else features
+    if h.shape[-1] != self.feature_dim:
+      raise ValueError(f"config key 'objective.gan_feature_dim': the head reads features of "
+                       f"width {self.feature_dim}, the fake network gives {h.shape[-1]}")
+    h = nn.LayerNorm(name="norm", scale_init=nn.with_logical_partitioning(
+        nn.initializers.ones_init(), ("norm",)), bias_init=nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), ("norm",)))(h)
+    dense = lambda n, axes, name: nn.Dense(
+        n, name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+    h = nn.silu(dense(self.hidden, ("embed", "mlp"), "fc1")(h))
+    return dense(1, ("mlp", None), "fc2")(h)[:, 0]
+
+
+def gan_draws(process, rng: Array, shape: tuple, lo: float, hi: float) -> dict:
+  k_t, k_e = jax.random.split(rng)
+  return {"t": window_t(process, k_t, (shape[0],), lo, hi),
+          "eps": jax.random.normal(k_e, shape, jnp.float32)}
+
+
+def gan_logits(ctx, x0: Array, cond: Mapping, draws: Mapping, *, feature_block: int,
+               fake_params=None, head_params=None, fake: str = FAKE, head: str = HEAD) -> Array:
+  """Head logits of x0 noised to draws["t"] (the fake network read at its `feature_block`)."""
+  info = ctx.nets[fake]
+  alpha, sigma = info.process.alpha_sigma(draws["t"])
+  x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * draws["eps"]
+  timestep = info.process.timestep(draws["t"])
+  _, feats = ctx.call(fake, x_t, timestep, **dict(cond or {}), params=fake_params,
+                      return_features=(feature_block,))
+  return ctx.call(head, x_t, timestep, params=head_params, features=feats[feature_block])
+
+
+def gan_generator_term(ctx, x, cond, draws, *, feature_block: int) -> Array:
+  """Non-saturating generator loss mean softplus(-D(x noised)); gradient through the fake
+  network's input only (its and the head's params are ctx's)."""
+  return jnp.mean(jax.nn.softplus(-gan_logits(ctx, x, cond, draws, feature_block=feature_block)))
+
+
+def gan_critic_term(trainable, ctx, x_fake, x_real, cond, draws_fake, draws_real, *,
+                    feature_block: int) -> tuple[Array, dict]:
+  """mean softplus(D(sg x_fake)) + mean softplus(-D(x_real)), each noised independently; the
+  fake network's and head's params are the trainable ones (both get gradients)."""
+  kw = dict(feature_block=feature_block, fake_params=trainable[FAKE],
+            head_params=trainable[HEAD])
+  lf = gan_logits(ctx, jax.lax.stop_gradient(x_fake), cond, draws_fake, **kw)
+  lr = gan_logits(ctx, x_real, cond, draws_real, **kw)
+  l_d = jnp.mean(jax.nn.softplus(lf)) + jnp.mean(jax.nn.softplus(-lr))
+  return l_d, {"d": l_d, "p_real": jnp.mean(jax.nn.sigmoid(lr)),
+               "p_fake": jnp.mean(jax.nn.sigmoid(lf))}
+
+
+# --------------------------------------------------------------------------------------------
+# Builder helpers
+# --------------------------------------------------------------------------------------------
+
+
+def check_window(cfg, lo: str, hi: str):
+  if not 0.0 <= float(cfg[lo]) < float(cfg[hi]) <= 1.0:
+    raise ValueError(f"config key 'objective.{lo}': need 0 <= {lo} < {hi} <= 1, got "
+                     f"{cfg[lo]} and {cfg[hi]}")
+
+
+def check_positive_int(cfg, key: str):
+  if int(cfg[key]) < 1:
+    raise ValueError(f"config key 'objective.{key}': must be >= 1, got {cfg[key]}")
+
+
+def ttur_phases(critic, generator, trains_critic, k: int) -> tuple[Phase, Phase]:
+  """Critic every step; generator every k-th step, after that step's critic update."""
+  return (Phase("critic", loss=critic, trains=trains_critic, every=1),
+          Phase("generator", loss=generator, trains=(STUDENT,), every=k, offset=k - 1))
+
+
+def student_ema(decay: float) -> dict:
+  return {STUDENT: {"eval": float(decay)}} if float(decay) > 0 else {}
+
+
+
+def gan_head_network(cfg):
+  """The "gan_head" Network (model "gan_head" reading the fake network's features)."""
+  from distill.objective import Network
+  return Network(HEAD, model="gan_head", init="random", backbone=FAKE,
+                 kwargs={"feature_dim": int(cfg.gan_feature_dim), "hidden": int(cfg.gan_hidden)})
+
+
+GAN_DEFAULTS = {
+    "gan_d_weight": 1e-2,         # discriminator loss weight in the critic (DMD2: 1e-2)
+    "gan_t_min_frac": 0.0,        # GAN noising window t_D, fractions of [t_min, t_max]
+    "gan_t_max_frac": 1.0,
+    "gan_feature_block": -1,      # fake-network block whose output the head reads
+    "gan_feature_dim": 128,       # that feature's width (the fake network's hidden size)
+    "gan_hidden": 128,            # the head's hidden width
+}

@@ -1,0 +1,267 @@
+"""`sid`: PyTorch parity of the generator loss (gradients through the teacher's and the fake
+network's *inputs*, no stop-gradient on their outputs) and of the fake-score loss (with LSG's
+guided-output training), the few-step mixture generator, the guidance modes, the SiD gradient on
+Gaussian data against its closed form, a toy run and the sharded run (8 fake CPU devices).
+
+Tolerances: float32 at the highest matmul precision on both sides: values to 1e-5 relative,
+gradients (backpropagated through three networks) to 2e-4 relative of the largest entry.
+"""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import context as ctx_lib
+from distill.objectives import matching as m
+from distill.objectives import sid
+from tests import _matching_utils as mu
+from tests.test_dmd2 import assert_close_tree, phase_kwargs, _gauss_expected_abs
+
+torch = pytest.importorskip("torch")
+
+CONFIG = os.path.join(mu.ROOT, "configs", "toy", "sid.py")
+B = 16
+K_REAL, K_FAKE, K_TRAIN = 2.0, -0.5, 1.5
+
+
+@pytest.fixture(scope="module")
+def setup():
+  teacher = mu.make_teacher(num_classes=4, seed=5)
+  engine, state, frozen = mu.make_engine(
+      "sid", teacher, batch=B, null_label_prob=0.3, guidance_mode="custom",
+      real_guidance=K_REAL, fake_guidance=K_FAKE, fake_train_guidance=K_TRAIN,
+      fake_label_dropout=0.3, alpha=1.2, num_steps=2, t_min_frac=0.1, t_max_frac=0.9)
+  params = dict(state.params)
+  params["student"] = mu.perturb(params["student"], 6)
+  params["fake_score"] = mu.perturb(params["fake_score"], 7)
+  state = state.replace(params=params)
+  batch = jax.device_get(engine.global_batch(0))
+  return teacher, engine, state, frozen, batch
+
+
+def test_guidance_modes_and_structure():
+  assert sid.guidance_scales("lsg", 3.0, 0, 0, 0) == (3.0, 3.0, 3.0)
+  assert sid.guidance_scales("zero", 3.0, 0, 0, 0) == (1.0, 0.0, 0.0)
+  assert sid.guidance_scales("anti", 3.0, 0, 0, 0) == (1.0, -2.0, 1.0)
+  assert sid.guidance_scales("custom", 3.0, 1.5, 0.5, 2.0) == (1.5, 0.5, 2.0)
+  with pytest.raises(ValueError, match="guidance_mode"):
+    sid.guidance_scales("nope", 1.0, 1, 1, 1)
+  import ml_collections
+  from distill.objective import OBJECTIVES
+  obj = OBJECTIVES.get("sid").build(ml_collections.ConfigDict(dict(sid.DEFAULTS)))
+  assert [p.name for p in obj.phases] == ["critic", "generator"]
+  assert obj.phases[1].every == 1 and obj.sampler == "consistency"
+
+
+def test_guided_prediction(setup):
+  """guided(): scale 1 = one conditional pass, 0 = one null pass, s = u + s (c - u) in every
+  kind (also per-sample scales)."""
+  _, engine, state, frozen, batch = setup
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  x = jnp.asarray(batch["x"])
+  t = jnp.linspace(0.1, 0.9, B)
+  cond = {"class_labels": jnp.asarray(batch["label"])}
+  null = {"class_labels": jnp.full((B,), 4, jnp.int32)}
+  c = ctx.x0("teacher", x, t, cond)
+  u = ctx.x0("teacher", x, t, null)
+  np.testing.assert_allclose(m.guided(ctx, "teacher", x, t, cond, 1.0), c, rtol=1e-6)
+  np.testing.assert_allclose(m.guided(ctx, "teacher", x, t, cond, 0.0), u, rtol=1e-6)
+  np.testing.assert_allclose(m.guided(ctx, "teacher", x, t, cond, 2.5), u + 2.5 * (c - u),
+                             rtol=1e-5, atol=1e-6)
+  s = jnp.linspace(-1, 3, B)
+  np.testing.assert_allclose(m.guided(ctx, "teacher", x, t, cond, s),
+                             u + s[:, None] * (c - u), rtol=1e-5, atol=1e-6)
+  # eps-space guidance is the same guided prediction seen as eps
+  ge = m.guided(ctx, "teacher", x, t, cond, 2.5, "eps")
+  gx = m.guided(ctx, "teacher", x, t, cond, 2.5, "x0")
+  np.testing.assert_allclose(ge, (x - (1 - t)[:, None] * gx) / t[:, None], rtol=1e-4, atol=1e-5)
+
+
+def _torch_x0(net, p, x_t, t, labels):
+  return mu.rf_x0(net(p, x_t, 1000.0 * t, labels), x_t, t)
+
+
+def _torch_cfg(net, p, x_t, t, labels, scale):
+  null = torch.full_like(labels, 4)
+  if scale == 1.0:
+    return _torch_x0(net, p, x_t, t, labels)
+  if scale == 0.0:
+    return _torch_x0(net, p, x_t, t, null)
+  c, u = _torch_x0(net, p, x_t, t, labels), _torch_x0(net, p, x_t, t, null)
+  return u + scale * (c - u)
+
+
+def _torch_generate(net, p_s, z, labels, gen):
+  """Two-step mixture: k = 0 -> G(z, 1); k = 1 -> G(0.5 sg(G(z, 1)) + 0.5 n, 0.5)."""
+  one = torch.ones(z.shape[0])
+  with torch.no_grad():
+    x0 = _torch_x0(net, {k: v.detach() for k, v in p_s.items()}, z, one, labels)
+    x1 = 0.5 * x0 + 0.5 * mu.n2t(gen["renoise"][0])
+  pick = mu.n2t(gen["k"]) == 1
+  x_in = torch.where(pick[:, None], x1, z)
+  t_in = torch.where(pick, torch.full_like(one, 0.5), one)
+  return _torch_x0(net, p_s, x_in, t_in, labels)
+
+
+def test_generator_loss_matches_torch(setup, monkeypatch):
+  """Value and student gradient; and a DMD-style stop-gradient on the network outputs would
+  give a different gradient (so this really checks the path through the networks' inputs)."""
+  teacher, engine, state, frozen, batch = setup
+  draw, kw = phase_kwargs(engine, "generator")
+  assert (kw["real_guidance"], kw["fake_guidance"]) == (K_REAL, K_FAKE)
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(8), batch["x"].shape)
+  ks = np.asarray(draws["gen"]["k"])
+  assert 0 < ks.sum() < B  # both mixture components present
+  fn = lambda tr: sid.generator_loss_given(tr, ctx, batch, draws, **kw)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
+
+  net = mu.torch_mlp(teacher)
+  p_s = mu.torch_params(state.params["student"], requires_grad=True)
+  p_t = mu.torch_params(frozen["teacher"])
+  p_f = mu.torch_params(state.params["fake_score"])
+  labels = mu.step_labels(batch, draws["gen"])
+  assert 0 < int(np.sum(draws["gen"]["null"])) < B  # some labels are null
+  x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
+  t, eps = mu.n2t(draws["t"]), mu.n2t(draws["eps"])
+  x_t = (1 - t)[:, None] * x + t[:, None] * eps            # no detach: SiD backprops through
+  y_r = _torch_cfg(net, p_t, x_t, t, labels, K_REAL)
+  y_f = _torch_cfg(net, p_f, x_t, t, labels, K_FAKE)
+  w = torch.clamp(torch.mean(torch.abs(x - y_r), dim=1), min=1e-5).detach()
+  per = torch.sum((y_r - y_f) * ((y_r - x) - 1.2 * (y_r - y_f)), dim=1) / w
+  ref = per.mean()
+  ref.backward()
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
+  assert_close_tree(mu.flat_params(grads["student"]), {k: mu.t2n(v.grad) for k, v in p_s.items()},
+                    rtol=2e-4, what="d/dstudent")
+
+  orig = sid.sid_loss
+  monkeypatch.setattr(sid, "sid_loss", lambda x, y_r, y_f, alpha: orig(
+      x, jax.lax.stop_gradient(y_r), jax.lax.stop_gradient(y_f), alpha))
+  g_sg = jax.jit(jax.grad(lambda tr: fn(tr)[0]))(trainable)
+  a = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(grads)])
+  b = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g_sg)])
+  assert np.linalg.norm(a - b) > 0.05 * np.linalg.norm(a)
+
+
+def test_fake_loss_matches_torch(setup):
+  """The fake score's loss with LSG's guided-output training (k_train) and label dropout."""
+  teacher, engine, state, frozen, batch = setup
+  draw, kw = phase_kwargs(engine, "critic")
+  assert kw["train_guidance"] == K_TRAIN
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("fake_score",))
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(9), batch["x"].shape)
+  fn = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, **kw)
+  (loss, _), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
+
+  net = mu.torch_mlp(teacher)
+  p_s = mu.torch_params(state.params["student"])
+  p_f = mu.torch_params(state.params["fake_score"], requires_grad=True)
+  labels = mu.step_labels(batch, draws["gen"])
+  with torch.no_grad():
+    x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
+  f = draws["fake"]
+  t, eps = mu.n2t(f["t"]), mu.n2t(f["eps"])
+  lab = torch.where(mu.n2t(f["drop"]).bool(), torch.full_like(labels, 4), labels)
+  x_t = (1 - t)[:, None] * x + t[:, None] * eps
+  c = net(p_f, x_t, 1000.0 * t, lab)
+  u = net(p_f, x_t, 1000.0 * t, torch.full_like(labels, 4))
+  pred = u + K_TRAIN * (c - u)
+  ref = torch.mean(torch.mean((pred - (eps - x)) ** 2, dim=1))
+  ref.backward()
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
+  assert_close_tree(mu.flat_params(grads["fake_score"]),
+                    {k: mu.t2n(v.grad) for k, v in p_f.items()}, rtol=2e-4, what="d/dfake")
+
+
+@pytest.mark.parametrize("t_value,delta,v", [(0.3, 0.4, 1.0), (0.6, -0.3, 1.6), (0.5, 0.2, 0.6)])
+def test_sid_gradient_gaussian_closed_form(t_value, delta, v):
+  """SiD's generator gradient for Gaussian data (exact teacher and fake scores).
+
+  Data N(mu, s^2 I_D), generator x = m + v z with m = mu + delta, fake exact for N(m, v^2).
+  Rectified flow at t: a = 1 - t, sig = t, x_t = a x + sig eps; y = (1 - a k) mean + k x_t with
+  k_r = a s^2 / (a^2 s^2 + sig^2), k_f = a v^2 / (a^2 v^2 + sig^2). Per element,
+  L = d ((y_r - x) - alpha d) / w with d = y_r - y_f and the gradient through x_t
+  (dx_t/dx = a): with D = a (k_r - k_f), dd/dx = D, dy_r/dx = a k_r,
+
+    w dL/dx = D ((y_r - x) - alpha d) + d (a k_r - 1 - alpha D).
+
+  It is linear in (z, eps); E[y_r - x] = E[d] = (1 - a k_r)(mu - m), so
+
+    dL/dm_d   -> (1 - a k_r) delta (1 - a k_r - D (1 - 2 alpha)) / w_bar,
+    dL/dlog v -> Dim * (-2 D v^2 ((1 - a k_r) + alpha D)) / w_bar     (the z-coefficient of
+                                                                      w dL/dx times v),
+
+  with w_bar = E|N(A, C^2)|, A = (1 - a k_r) delta, C^2 = (1 - a k_r)^2 v^2 + k_r^2 sig^2 (the
+  normaliser concentrates for large Dim). With v = s (D = 0) dL/dm = (1 - a k_r)^2 delta / w:
+  descent moves m to mu; v > s gives dL/dlog v > 0 (descent shrinks v) and vice versa.
+  """
+  dim, b, s, alpha = 1024, 128, 1.0, 1.2
+  mu_vec = np.linspace(-1, 1, dim).astype(np.float32)
+  nets, params = mu.gaussian_context(mu_vec, s, dim=dim, fake=(mu_vec + delta, v))
+  ctx = ctx_lib.Context(params=params, ema={}, model_state={}, nets=nets)
+  trainable = {"student": {"m": jnp.asarray(mu_vec + delta), "log_v": jnp.log(jnp.float32(v))}}
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  draws = {"gen": {"z": jax.random.normal(k1, (b, dim))}, "t": jnp.full((b,), t_value),
+           "eps": jax.random.normal(k2, (b, dim))}
+  fn = lambda tr: sid.generator_loss_given(tr, ctx, {"x": jnp.zeros((b, dim))}, draws,
+                                           num_steps=1, alpha=alpha, real_guidance=1.0,
+                                           fake_guidance=1.0, loss_scale=1.0)[0]
+  g = jax.jit(jax.grad(fn))(trainable)["student"]
+  a, sig = 1 - t_value, t_value
+  k_r = a * s * s / (a * a * s * s + sig * sig)
+  k_f = a * v * v / (a * a * v * v + sig * sig)
+  big_d = a * (k_r - k_f)
+  w_bar = _gauss_expected_abs((1 - a * k_r) * delta,
+                              math.sqrt((1 - a * k_r) ** 2 * v * v + k_r ** 2 * sig ** 2))
+  want_m = (1 - a * k_r) * delta * (1 - a * k_r - big_d * (1 - 2 * alpha)) / w_bar
+  want_v = dim * (-2 * big_d * v * v * ((1 - a * k_r) + alpha * big_d)) / w_bar
+  gm = np.asarray(g["m"])
+  assert np.mean(np.sign(gm) == np.sign(delta)) > 0.9  # per coordinate: B Monte-Carlo draws
+  np.testing.assert_allclose(gm.mean(), want_m, rtol=0.03)
+  if v == s:
+    assert abs(float(g["log_v"])) < 0.05 * abs(gm.mean()) * dim
+  else:
+    assert np.sign(float(g["log_v"])) == np.sign(v - s)
+    np.testing.assert_allclose(float(g["log_v"]), want_v, rtol=0.08)
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocess runs (slow)
+# --------------------------------------------------------------------------------------------
+
+SMALL = ["--config.train.batch_size=64", "--config.eval.num_samples=256",
+         "--config.eval.teacher_steps=8", "--config.sample.num=64",
+         "--config.checkpoint.async_save=false"]
+
+
+def losses(rows):
+  return [{k: v for k, v in r.items() if k == "step" or k.endswith(("/loss", "/sid", "/fake"))}
+          for r in rows]
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_single_device(tmp_path):
+  teacher = mu.train_tiny_teacher(tmp_path / "teacher", "gmm", 20)
+  args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.train.steps=10",
+          "--config.train.log_every=5", "--config.checkpoint.every_steps=0",
+          "--config.eval.at_end=false", "--config.objective.num_steps=2"]
+  mu.run_train(CONFIG, tmp_path / "one", *args)
+  mu.run_train(CONFIG, tmp_path / "eight", *args, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+               devices=8)
+  a, b = mu.metrics(tmp_path / "one"), mu.metrics(tmp_path / "eight")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
+  for ra, rb in zip(losses(a), losses(b)):
+    assert "generator/sid" in ra
+    for k in ra:
+      np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_toy_run_closes_the_one_step_gap(tmp_path):
+  """A small spiral teacher, then 600 SiD steps: >= 60% of the 1-step gap closed; the student's
+  weights moved away from the teacher's."""
+  mu.check_toy_run(CONFIG, tmp_path, 600)
