@@ -156,10 +156,10 @@ def test_generator_loss_matches_torch(setup):
   ref = l_dm + 0.3 * l_gan + 0.5 * l_reg
   ref.backward()
 
-  np.testing.assert_allclose(float(metrics["dm"]), float(l_dm), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["gan"]), float(l_gan), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["regression"]), float(l_reg), rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["dm"]), float(l_dm.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["gan"]), float(l_gan.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["regression"]), float(l_reg.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
   ours = mu.flat_params(grads["student"])
   assert_close_tree(ours, {k: mu.t2n(v.grad) for k, v in p_s.items()}, what="d/dstudent")
 
@@ -197,9 +197,9 @@ def test_critic_loss_matches_torch(setup):
                                                               draws["gan_real"])).mean()
   ref = l_fake + 0.7 * l_d
   ref.backward()
-  np.testing.assert_allclose(float(metrics["fake"]), float(l_fake), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["d"]), float(l_d), rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["fake"]), float(l_fake.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["d"]), float(l_d.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
   assert_close_tree(mu.flat_params(grads["fake_score"]),
                     {k: mu.t2n(v.grad) for k, v in p_f.items()}, what="d/dfake")
   assert_close_tree(mu.flat_params(grads["gan_head"]),

@@ -97,6 +97,8 @@ def surrogate(x, g):
 
 def generator_draws(process, rng, shape, *, num_steps, null_prob, t_min_frac, t_max_frac,
                     gan_window):
+  """Randomness of one generator step: generator noise, DM time and noise, GAN noising and
+  the regression key."""
   k_g, k_t, k_e, k_d, k_r = jax.random.split(rng, 5)
   return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
           "t": m.window_t(process, k_t, (shape[0],), t_min_frac, t_max_frac),
@@ -106,6 +108,8 @@ def generator_draws(process, rng, shape, *, num_steps, null_prob, t_min_frac, t_
 
 
 def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, gan_window):
+  """Randomness of one critic step: generator noise, fake-loss draws, GAN noising of the fake
+  and the real samples."""
   k_g, k_f, k_d1, k_d2 = jax.random.split(rng, 4)
   return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
           "fake": m.fake_draws(process, k_f, shape, label_dropout),
@@ -183,6 +187,7 @@ def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting
 
 
 def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "generator" phase loss: draws from `rng`, then `generator_loss_given`."""
   del t
   shape = batch["x"].shape
   return generator_loss_given(trainable, ctx, batch, draw(ctx.nets[m.STUDENT].process, rng,
@@ -190,6 +195,7 @@ def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
 
 
 def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
   del t
   shape = batch["x"].shape
   return critic_loss_given(trainable, ctx, batch, draw(ctx.nets[m.STUDENT].process, rng, shape),
@@ -203,6 +209,7 @@ def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
 
 @register_objective("dmd2", defaults=DEFAULTS)
 def build(cfg) -> Objective:
+  """The dmd2 Objective from the `objective.*` config (see DEFAULTS)."""
   for key in ("fake_updates", "num_steps", "regression_pairs", "regression_batch",
               "regression_teacher_steps"):
     m.check_positive_int(cfg, key)

@@ -60,6 +60,7 @@ def per_example_mean(x: Array) -> Array:
 
 
 def per_example_sum(x: Array) -> Array:
+  """Sum over every axis but the batch: (B, ...) -> (B,)."""
   return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
@@ -91,6 +92,7 @@ def generator_times(process, num_steps: int) -> np.ndarray:
 
 
 def is_static(scale) -> bool:
+  """A Python / numpy number (decided at trace time), not a traced array."""
   return isinstance(scale, (int, float, np.number))
 
 
@@ -264,6 +266,7 @@ class GanHead(nn.Module):
 
 
 def gan_draws(process, rng: Array, shape: tuple, lo: float, hi: float) -> dict:
+  """GAN noising of one sample set: t_D on the window and its noise."""
   k_t, k_e = jax.random.split(rng)
   return {"t": window_t(process, k_t, (shape[0],), lo, hi),
           "eps": jax.random.normal(k_e, shape, jnp.float32)}
@@ -306,12 +309,14 @@ def gan_critic_term(trainable, ctx, x_fake, x_real, cond, draws_fake, draws_real
 
 
 def check_window(cfg, lo: str, hi: str):
+  """Raises one line naming the key unless 0 <= lo < hi <= 1."""
   if not 0.0 <= float(cfg[lo]) < float(cfg[hi]) <= 1.0:
     raise ValueError(f"config key 'objective.{lo}': need 0 <= {lo} < {hi} <= 1, got "
                      f"{cfg[lo]} and {cfg[hi]}")
 
 
 def check_positive_int(cfg, key: str):
+  """Raises one line naming the key unless it is >= 1."""
   if int(cfg[key]) < 1:
     raise ValueError(f"config key 'objective.{key}': must be >= 1, got {cfg[key]}")
 
@@ -323,6 +328,7 @@ def ttur_phases(critic, generator, trains_critic, k: int) -> tuple[Phase, Phase]
 
 
 def student_ema(decay: float) -> dict:
+  """The student's `eval` EMA role when decay > 0 (else none)."""
   return {STUDENT: {"eval": float(decay)}} if float(decay) > 0 else {}
 
 

@@ -98,6 +98,7 @@ def guidance_scales(mode: str, guidance: float, real: float, fake: float,
 
 
 def sample_time(process, rng, b, *, time_dist, t_min_frac, t_max_frac, logit_mean, logit_std):
+  """L_G's time: uniform on the window, or logit-normal over the process range."""
   if time_dist == "window":
     return m.window_t(process, rng, (b,), t_min_frac, t_max_frac)
   u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (b,), jnp.float32))
@@ -117,6 +118,7 @@ def sid_loss(x, y_real, y_fake, alpha: float):
 
 
 def generator_draws(process, rng, shape, *, num_steps, null_prob, time, gan_window):
+  """Randomness of one generator step: generator noise, time, noise, GAN noising."""
   k_g, k_t, k_e, k_d = jax.random.split(rng, 4)
   return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
           "t": time(process, k_t, shape[0]),
@@ -125,6 +127,7 @@ def generator_draws(process, rng, shape, *, num_steps, null_prob, time, gan_wind
 
 
 def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, gan_window):
+  """Randomness of one critic step: generator noise, fake-loss draws, GAN noising."""
   k_g, k_f, k_d1, k_d2 = jax.random.split(rng, 4)
   return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
           "fake": m.fake_draws(process, k_f, shape, label_dropout),
@@ -134,6 +137,7 @@ def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, ga
 
 def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real_guidance,
                          fake_guidance, loss_scale, gan_weight=0.0, gan_feature_block=-1):
+  """L_G of the module docstring for given draws (no stop-gradient on y_r, y_f)."""
   params = trainable[m.STUDENT]
   cond = m.step_cond(ctx, batch, draws["gen"])
   process = ctx.nets[m.STUDENT].process
@@ -157,6 +161,7 @@ def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real
 
 def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting,
                       train_guidance, gan_d_weight=0.0, gan_feature_block=-1):
+  """The fake score's loss (+ the D loss when "gan_head" trains) for given draws."""
   cond = m.step_cond(ctx, batch, draws["gen"])
   x = jax.lax.stop_gradient(
       m.generate(ctx, m.STUDENT, ctx.params[m.STUDENT], cond, draws["gen"], num_steps))
@@ -172,12 +177,14 @@ def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting
 
 
 def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "generator" phase loss: draws from `rng`, then `generator_loss_given`."""
   del t
   draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
   return generator_loss_given(trainable, ctx, batch, draws, **kw)
 
 
 def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
   del t
   draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
   return critic_loss_given(trainable, ctx, batch, draws, **kw)
@@ -185,6 +192,7 @@ def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
 
 @register_objective("sid", defaults=DEFAULTS)
 def build(cfg) -> Objective:
+  """The sid Objective from the `objective.*` config (see DEFAULTS)."""
   for key in ("fake_updates", "num_steps"):
     m.check_positive_int(cfg, key)
   m.check_window(cfg, "t_min_frac", "t_max_frac")

@@ -77,6 +77,7 @@ def vsd_gradient(e_teacher, e_lora, alpha, sigma, weighting: str):
 
 def generator_draws(process, rng, shape, *, num_steps, null_prob, t_min_frac, t_max_frac,
                     guidance):
+  """Randomness of one generator step: generator noise, time, noise, per-sample scales."""
   k_g, k_t, k_e, k_k = jax.random.split(rng, 4)
   fixed, lo, hi = guidance
   draws = {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
@@ -88,12 +89,14 @@ def generator_draws(process, rng, shape, *, num_steps, null_prob, t_min_frac, t_
 
 
 def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout):
+  """Randomness of one LoRA-teacher step: generator noise and fake-loss draws."""
   k_g, k_f = jax.random.split(rng)
   return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
           "fake": m.fake_draws(process, k_f, shape, label_dropout)}
 
 
 def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, guidance, weighting):
+  """The VSD surrogate loss of the module docstring for given draws."""
   params = trainable[m.STUDENT]
   cond = m.step_cond(ctx, batch, draws["gen"])
   process = ctx.nets[m.STUDENT].process
@@ -111,6 +114,7 @@ def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, guidance, w
 
 
 def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting):
+  """The LoRA teacher's denoising loss on stop-gradient generator samples."""
   cond = m.step_cond(ctx, batch, draws["gen"])
   x = jax.lax.stop_gradient(
       m.generate(ctx, m.STUDENT, ctx.params[m.STUDENT], cond, draws["gen"], num_steps))
@@ -120,12 +124,14 @@ def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting
 
 
 def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "generator" phase loss: draws from `rng`, then `generator_loss_given`."""
   del t
   draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
   return generator_loss_given(trainable, ctx, batch, draws, **kw)
 
 
 def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+  """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
   del t
   draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
   return critic_loss_given(trainable, ctx, batch, draws, **kw)
@@ -133,6 +139,7 @@ def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
 
 @register_objective("vsd", defaults=DEFAULTS)
 def build(cfg) -> Objective:
+  """The vsd Objective from the `objective.*` config (see DEFAULTS)."""
   for key in ("fake_updates", "num_steps", "lora_rank"):
     m.check_positive_int(cfg, key)
   m.check_window(cfg, "t_min_frac", "t_max_frac")
