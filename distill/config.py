@@ -14,7 +14,6 @@ import importlib.util
 import os
 from typing import Any, Iterable
 
-import ml_collections
 from ml_collections import ConfigDict
 
 

@@ -12,8 +12,6 @@ The loop around it (logging, checkpoints, evaluation, signals) is distill/traine
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -22,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import linen as nn
 from flax.core import meta
 
 from distill import context as ctx_lib
@@ -30,7 +27,7 @@ from distill import optim as optim_lib
 from distill import processes as procs
 from distill import sharding as shd
 from distill.data import sources
-from distill.objective import OBJECTIVES, Network, Objective, Phase, Stage, Time, make_time
+from distill.objective import OBJECTIVES, Network, Objective, Stage, Time, make_time
 from distill.state import TrainState, new_state
 from models.registry import MODELS, build_model
 
@@ -455,7 +452,6 @@ class Engine:
     schedules = {n: optim_lib.make_schedule(optim_lib.network_settings(self.config.optim, n),
                                             self.stage_length(stage)) for n in phase.trains}
     optimizers = self.optimizers
-    masks = {}
 
     def loss_fn(trainable, ctx, batch, rng, t):
       out = phase.loss(trainable, ctx, batch, rng, t)

@@ -24,7 +24,6 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 

@@ -61,6 +61,11 @@ def make_process(name: str, **kwargs) -> "Process":
   return PROCESSES.get(name)(**kwargs)
 
 
+def process_config(process: "Process") -> dict:
+  """A process as config: its registry name and dataclass fields (`make_process(**it)`)."""
+  return {"name": process.name, **dataclasses.asdict(process)}
+
+
 def expand_like(a: Array, x: Array) -> Array:
   """Reshapes a scalar or per-sample (B,) array to broadcast against x of shape (B, ...)."""
   a = jnp.asarray(a)

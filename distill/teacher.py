@@ -196,7 +196,7 @@ def write_converted(teacher: Teacher, out: str) -> str:
     import shutil
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  proc = {"name": teacher.process.name, **dataclasses.asdict(teacher.process)}
+  proc = procs.process_config(teacher.process)
   state = {"params": {"teacher": teacher.params}, "ema": {}, "model_state": {}}
   saver = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), every_steps=0, keep=1,
                             async_save=False)

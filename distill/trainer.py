@@ -8,24 +8,21 @@ out non-finite stops with a clear message, keeping its last good checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
-import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from distill import checkpoint as ckpt_lib
 from distill import config as config_lib
 from distill import context as ctx_lib
 from distill import evaluation
+from distill import processes as procs
 from distill import runlog
 from distill import sharding as shd
 from distill import teacher as teacher_lib
@@ -133,17 +130,15 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def _resolved(engine: Engine) -> dict:
   """What config.json records beyond the config: each network's model and process."""
-  models, processes, frozen_refs = {}, {}, {}
+  model_cfgs, processes, frozen_refs = {}, {}, {}
   for name, plan in engine.plans.items():
-    models[name] = plan.model_config
+    model_cfgs[name] = plan.model_config
     if plan.info.process is not None:
-      processes[name] = process_config(plan.info.process)
-  if engine.teacher is not None:
-    for name, plan in engine.plans.items():
-      if plan.init_from == "checkpoint":
-        frozen_refs[name] = engine.teacher.reference
+      processes[name] = procs.process_config(plan.info.process)
+    if plan.init_from == "checkpoint":
+      frozen_refs[name] = engine.teacher.reference
   obj = engine.objective
-  return {"models": models, "processes": processes, "frozen": frozen_refs,
+  return {"models": model_cfgs, "processes": processes, "frozen": frozen_refs,
           "evaluated_network": obj.student, "evaluated_as": obj.evaluates_as,
           "sampler": obj.sampler, "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
@@ -151,11 +146,6 @@ def _resolved(engine: Engine) -> dict:
           "networks": {n: {"init": p.init_from, "frozen": p.frozen}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
-
-
-def process_config(process) -> dict:
-  """A process as config: its registry name and dataclass fields (make_process(**it))."""
-  return {"name": process.name, **dataclasses.asdict(process)}
 
 
 def context_for(engine: Engine, state, frozen) -> ctx_lib.Context:

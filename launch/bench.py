@@ -16,7 +16,6 @@ network per example, from the models' own `flops_per_example`) against the devic
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from typing import Optional
 
 
 def parse(argv: list[str], *, prog: str, need_config: bool, extra=None) -> argparse.Namespace:

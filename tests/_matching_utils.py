@@ -32,8 +32,7 @@ import distill.objectives  # noqa: F401
 import models.all  # noqa: F401
 from models.mlp import MLPDenoiser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER_CONFIG = os.path.join(ROOT, "configs", "toy", "teacher.py")
+from tests.test_train_e2e import ROOT, TEACHER as TEACHER_CONFIG, env, metrics  # noqa: F401
 
 MLP_KW = dict(dim=2, hidden=16, depth=2, mlp_ratio=1, time_embed_dim=16, time_scale=1.0)
 
@@ -281,15 +280,6 @@ def gaussian_context(mu, s, *, dim, fake=None, num_classes=0):
 # --------------------------------------------------------------------------------------------
 
 
-def env(devices: int = 1) -> dict:
-  e = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_NO_PROGRESS": "1"}
-  flags = e.get("XLA_FLAGS", "")
-  if devices > 1:
-    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-  e["XLA_FLAGS"] = flags
-  return e
-
-
 def train_cmd(config: str, workdir, *extra):
   return [sys.executable, "-m", "launch.train", "--config", config, "--workdir", str(workdir),
           *extra]
@@ -302,9 +292,18 @@ def run_train(config: str, workdir, *extra, devices: int = 1, timeout: int = 600
   return proc
 
 
-def metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def check_sharded_losses(config: str, tmp_path, args, losses, required) -> None:
+  """The run on 8 fake CPU devices (data=4, fsdp=2) logs the same `losses(rows)` as on 1 device
+  (rtol 2e-4: the sharded reductions sum in another order), with every `required` key logged."""
+  run_train(config, tmp_path / "one", *args)
+  run_train(config, tmp_path / "eight", *args, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+            devices=8)
+  a, b = metrics(tmp_path / "one"), metrics(tmp_path / "eight")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
+  for ra, rb in zip(losses(a), losses(b)):
+    assert all(k in ra for k in required), ra
+    for k in ra:
+      np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=1e-6, err_msg=k)
 
 
 TINY_TEACHER = ["--config.model.hidden=32", "--config.model.depth=2",

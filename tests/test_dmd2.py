@@ -6,12 +6,8 @@ Tolerances: float32 at the highest matmul precision on both sides; the networks 
 weights run by two frameworks, so values agree to ~1e-6 relative; gradients (sums over the
 batch of products through 2-3 networks) to 1e-4 relative of the largest entry.
 """
-import functools
 import math
 import os
-import signal
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +15,8 @@ import numpy as np
 import pytest
 
 from distill.objectives import dmd2
-from distill.objectives import matching as m
 from tests import _matching_utils as mu
+from tests.test_train_e2e import kill_after_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -315,17 +311,7 @@ def test_sigkill_mid_cycle_resumes_exactly(tiny_teacher, tmp_path):
   ref = tmp_path / "ref"
   mu.run_train(CONFIG, ref, *args)
   w = tmp_path / "killed"
-  proc = subprocess.Popen(mu.train_cmd(CONFIG, w, *args), cwd=mu.ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mu.env())
-  deadline = time.time() + 300
-  ckdir = w / "checkpoints"
-  while time.time() < deadline:
-    done = [int(d) for d in (os.listdir(ckdir) if ckdir.exists() else []) if d.isdigit()]
-    if any(d >= 7 for d in done) and proc.poll() is None:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_after_checkpoint(mu.train_cmd(CONFIG, w, *args), w, 7)
   second = mu.run_train(CONFIG, w, *args)
   assert "resumed from step" in second.stdout + second.stderr
   got, want = losses(mu.metrics(w)), losses(mu.metrics(ref))
@@ -339,15 +325,7 @@ def test_sharded_run_matches_single_device(tiny_teacher, tmp_path):
   args = [*SMALL, f"--config.teacher.checkpoint={tiny_teacher}", "--config.train.steps=10",
           "--config.train.log_every=5", "--config.checkpoint.every_steps=0",
           "--config.eval.at_end=false", "--config.objective.fake_updates=2"]
-  mu.run_train(CONFIG, tmp_path / "one", *args)
-  mu.run_train(CONFIG, tmp_path / "eight", *args, "--config.mesh.data=4", "--config.mesh.fsdp=2",
-               devices=8)
-  a, b = mu.metrics(tmp_path / "one"), mu.metrics(tmp_path / "eight")
-  assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
-  for ra, rb in zip(losses(a), losses(b)):
-    assert "generator/loss" in ra and "critic/d" in ra
-    for k in ra:
-      np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=1e-6, err_msg=k)
+  mu.check_sharded_losses(CONFIG, tmp_path, args, losses, ("generator/loss", "critic/d"))
 
 
 @pytest.mark.slow

@@ -45,6 +45,21 @@ def metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def kill_after_checkpoint(cmd, workdir, min_step: int, timeout: float = 300) -> None:
+  """Starts `cmd`, SIGKILLs it once a checkpoint of step >= `min_step` exists in `workdir`."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=env())
+  deadline = time.time() + timeout
+  ckdir = workdir / "checkpoints"
+  while time.time() < deadline:
+    done = [d for d in (os.listdir(ckdir) if ckdir.exists() else []) if d.isdigit()]
+    if any(int(d) >= min_step for d in done) and proc.poll() is None:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
 def losses(rows):
   return [{k: v for k, v in r.items() if k.startswith("denoise/") or k == "step"} for r in rows]
 
@@ -82,17 +97,7 @@ def test_sigkill_resume_equals_uninterrupted_run(tmp_path):
   ref = tmp_path / "ref"
   run(ref, *steps)
   w = tmp_path / "killed"
-  proc = subprocess.Popen(train_cmd(w, *steps, "--config.train.steps=60"), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
-  deadline = time.time() + 300
-  ckdir = w / "checkpoints"
-  while time.time() < deadline:
-    done = [d for d in (os.listdir(ckdir) if ckdir.exists() else []) if d.isdigit()]
-    if any(int(d) >= 20 for d in done) and proc.poll() is None:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_after_checkpoint(train_cmd(w, *steps), w, 20)
   second = run(w, *steps)
   assert "resumed from step" in second.stdout + second.stderr
   got, want = losses(metrics(w)), losses(metrics(ref))

@@ -14,15 +14,11 @@ About 1.5 minutes of CPU time (2-4 minutes wall on a shared 2-core CPU). Expecte
 teacher's 1 vs 64 Euler-step gap on average (>= 97.7% in every run) on gmm, checkerboard
 and spiral; see docs/results_toy.md ("DMD2, SiD, VSD") for the table over 3 seeds.
 """
-from distill.config import base_config
+from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = base_config()
-  c.seed = 0
-  c.data.name = arg or "gmm"
-
-  c.objective.name = "dmd2"
+  c = toy_distill_config(arg, "dmd2", steps=1000, b1=0.0)
   c.objective.fake_updates = 5
   c.objective.num_steps = 1
   c.objective.null_label_prob = 0.5   # eval samples unconditionally (the null class)
@@ -35,22 +31,4 @@ def get_config(arg: str = "gmm"):
   c.objective.gan_d_weight = 1e-2
   c.objective.gan_feature_dim = 128     # the toy teacher's model.hidden
   c.objective.gan_hidden = 128
-
-  c.teacher.checkpoint = ""   # a toy teacher run directory (configs/toy/teacher.py)
-  c.teacher.params = "ema"
-
-  c.train.steps = 1000
-  c.train.batch_size = 256
-  c.train.log_every = 100
-  c.optim.lr = 1e-4
-  c.optim.b1 = 0.0
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = 0.0
-
-  c.checkpoint.every_steps = 1000
-  c.eval.num_samples = 4096
-  c.eval.steps = (1, 2, 4)
-  c.eval.teacher_steps = 64
-  c.sample.num = 1024
   return c

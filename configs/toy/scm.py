@@ -20,15 +20,11 @@ About 1.5-2 minutes on 2 CPU cores (2000 steps, batch 256). Expected result (eva
 between 1 Euler step and 64 Euler steps and 2 steps are better still (~ the 64-step teacher);
 docs/results_toy.md ("sCM") has the table over 3 seeds on gmm, checkerboard and spiral.
 """
-from distill.config import base_config
+from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = base_config()
-  c.seed = 0
-  c.data.name = arg or "gmm"
-
-  c.objective.name = "scm"
+  c = toy_distill_config(arg, "scm", steps=2000, warmup_steps=100, grad_clip=1.0)
   c.objective.mode = "scd"
   c.objective.init = "teacher"
   c.objective.sigma_data = 1.0
@@ -39,21 +35,4 @@ def get_config(arg: str = "gmm"):
   c.objective.adaptive_weight = True
   c.objective.guidance_scales = (1.0,)
   c.objective.ema_decay = 0.0
-
-  c.teacher.checkpoint = ""   # a toy teacher run directory (configs/toy/teacher.py)
-  c.teacher.params = "ema"
-
-  c.train.steps = 2000
-  c.train.batch_size = 256
-  c.train.log_every = 100
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 100
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = 1.0
-
-  c.checkpoint.every_steps = 1000
-  c.eval.num_samples = 4096
-  c.eval.steps = (1, 2, 4)
-  c.eval.teacher_steps = 64
-  c.sample.num = 1024
   return c

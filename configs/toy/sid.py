@@ -13,15 +13,11 @@ About 1.5 minutes of CPU time (2-4 minutes wall on a shared 2-core CPU). Expecte
 teacher's 1 vs 64 Euler-step gap on average (>= 92% in every run) on gmm, checkerboard
 and spiral; see docs/results_toy.md ("DMD2, SiD, VSD") for the table over 3 seeds.
 """
-from distill.config import base_config
+from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = base_config()
-  c.seed = 0
-  c.data.name = arg or "gmm"
-
-  c.objective.name = "sid"
+  c = toy_distill_config(arg, "sid", steps=1000, b1=0.0)
   c.objective.alpha = 1.2
   c.objective.fake_updates = 1
   c.objective.num_steps = 1
@@ -31,22 +27,4 @@ def get_config(arg: str = "gmm"):
   c.objective.time_dist = "window"
   c.objective.t_min_frac = 0.02
   c.objective.t_max_frac = 0.98
-
-  c.teacher.checkpoint = ""   # a toy teacher run directory (configs/toy/teacher.py)
-  c.teacher.params = "ema"
-
-  c.train.steps = 1000
-  c.train.batch_size = 256
-  c.train.log_every = 100
-  c.optim.lr = 1e-4
-  c.optim.b1 = 0.0
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = 0.0
-
-  c.checkpoint.every_steps = 1000
-  c.eval.num_samples = 4096
-  c.eval.steps = (1, 2, 4)
-  c.eval.teacher_steps = 64
-  c.sample.num = 1024
   return c

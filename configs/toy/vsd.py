@@ -15,15 +15,11 @@ and spiral; see docs/results_toy.md ("DMD2, SiD, VSD") for the table over 3 seed
 """
 import ml_collections
 
-from distill.config import base_config
+from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = base_config()
-  c.seed = 0
-  c.data.name = arg or "gmm"
-
-  c.objective.name = "vsd"
+  c = toy_distill_config(arg, "vsd", steps=1000, b1=0.0)
   c.objective.fake_updates = 1
   c.objective.num_steps = 1
   c.objective.null_label_prob = 0.5   # eval samples unconditionally (the null class)
@@ -33,23 +29,6 @@ def get_config(arg: str = "gmm"):
   c.objective.t_max_frac = 0.98
   c.objective.lora_rank = 32
 
-  c.teacher.checkpoint = ""   # a toy teacher run directory (configs/toy/teacher.py)
-  c.teacher.params = "ema"
-
-  c.train.steps = 1000
-  c.train.batch_size = 256
-  c.train.log_every = 100
-  c.optim.lr = 1e-4
-  c.optim.b1 = 0.0
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = 0.0
   # The LoRA teacher's own learning rate (SwiftBrush: 1e-3 for the LoRA vs 1e-6 for the student).
   c.optim.networks.fake_score = ml_collections.ConfigDict({"lr": 1e-3})
-
-  c.checkpoint.every_steps = 1000
-  c.eval.num_samples = 4096
-  c.eval.steps = (1, 2, 4)
-  c.eval.teacher_steps = 64
-  c.sample.num = 1024
   return c
