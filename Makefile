@@ -1,29 +1,39 @@
-# `make demo` and `make test` create (or refresh) the local virtualenv and install what they need.
+# `make demo` and `make test` create (or refresh) the local virtualenv and install what they need:
+# the demo only the core packages, the tests also the test extras (CPU torch, diffusers, pytest).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+SETUP  := $(shell cat setup.py | cksum | cut -d' ' -f1)
+BASE   := $(VENV)/.installed-base-$(SETUP)
+TESTS  := $(VENV)/.installed-test-$(SETUP)
 WORKERS ?= 2
 
 .PHONY: venv demo test test-fast clean
 
-$(STAMP): setup.py
+$(BASE): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	rm -f $(VENV)/.installed-base-* && touch $(BASE)
+
+$(TESTS): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	rm -f $(VENV)/.installed-* && touch $(TESTS) $(BASE)
 
-venv: $(STAMP)
+venv: $(TESTS)
 
-demo: $(STAMP)
+# The embedded default: distil the shipped digits teacher, evaluate, print the table.
+demo: $(BASE)
 	$(PY) -m launch.demo
 
 # The full suite CI runs (see .ci/run).
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 # The inner loop: everything but the slow end-to-end tests.
-test-fast: $(STAMP)
+test-fast: $(TESTS)
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 clean:

@@ -34,6 +34,9 @@ setup(
                 "sharded and resumable.",
     packages=find_packages(include=["distill", "distill.*", "models", "models.*", "launch",
                                     "launch.*", "configs", "configs.*"]),
+    # The digit classifier of the `fd` metric and the demo's shipped teacher (converted Orbax).
+    package_data={"distill.metrics": ["assets/*.npz"],
+                  "configs.demo": ["teacher_ckpt/*.json", "teacher_ckpt/**/*"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

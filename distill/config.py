@@ -75,6 +75,9 @@ def base_config() -> ConfigDict:
   c.eval.teacher_steps = 64         # the teacher's reference step count
   c.eval.seed = 1234
   c.eval.metric = ""                # "" = the dataset's default metric
+  # The student's sampler: "" = its objective's; else a solver name or spec with options,
+  # e.g. "tcd(gamma=0.0)" (deterministic multistep consistency sampling).
+  c.eval.sampler = ""
   c.eval.at_end = True
   # Sample with uniformly drawn class labels (True) or unconditionally, with the null class
   # (False: the whole distribution, which one-step samplers find hardest).

@@ -39,7 +39,7 @@ CLASS_COUNT_FIELDS = ("num_classes", "num_embeds_ada_norm")
 
 
 def module_fields(cls) -> dict:
-  """Constructor arguments of a Linen module class with their defaults."""
+  """Constructor arguments of a dataclass (a Linen module, a process) with their defaults."""
   out = {}
   for f in dataclasses.fields(cls):
     if f.name in ("parent", "name") or not f.init:

@@ -7,6 +7,7 @@ reference step count, and the student at each of `eval.steps` with the objective
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Optional
 
@@ -15,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill import context as ctx_lib
+from distill import runlog
 from distill import solvers
 from distill.metrics import swd as swd_lib
-from distill.registry import Registry
+from distill.registry import Registry, parse_spec
 
 METRICS: Registry = Registry("metric")
 
@@ -25,6 +27,20 @@ METRICS: Registry = Registry("metric")
 @METRICS.register("swd")
 def _swd_metric(samples: np.ndarray, reference: np.ndarray) -> float:
   return swd_lib.swd(samples, reference)
+
+
+@METRICS.register("fd")
+def _fd_metric(samples: np.ndarray, reference: np.ndarray) -> dict:
+  """Frechet distance in the digit classifier's features, plus class coverage and entropy."""
+  from distill.metrics import digits_classifier  # pylint: disable=import-outside-toplevel
+  return digits_classifier.fd_and_coverage(samples, reference)
+
+
+def scores(metric: str, samples: np.ndarray, reference: np.ndarray) -> dict:
+  """`{metric: value, ...}`: a metric returns its value, or a dict holding it and extras."""
+  out = METRICS.get(metric)(samples, reference)
+  out = dict(out) if isinstance(out, dict) else {metric: out}
+  return {k: float(v) for k, v in out.items()}
 
 
 def default_metric(source) -> str:
@@ -37,7 +53,7 @@ def default_metric(source) -> str:
 
 def nfe_of(solver: str, steps: int) -> int:
   """Network calls of a sampler run (Heun: two per step but the last)."""
-  if solver == "heun":
+  if parse_spec(solver, "sampler")[0] == "heun":
     return max(1, 2 * steps - 1)
   return steps
 
@@ -57,9 +73,14 @@ def sample_labels(num_classes: int, n: int, seed: int) -> Optional[np.ndarray]:
 
 def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
                  guidance: float = 1.0, **solver_kwargs) -> Callable:
-  """jit(fn(params, noise, labels, rng) -> samples) for network `net` of `ctx`."""
+  """jit(fn(params, noise, labels, rng) -> samples) for network `net` of `ctx`.
+
+  `solver` is a solver name or a spec with solver options, e.g. "tcd(gamma=0.0)".
+  """
   info = ctx.nets[net]
   process = info.process
+  solver, spec_kwargs = parse_spec(solver, "sampler")
+  solver_kwargs = {**spec_kwargs, **solver_kwargs}
 
   def run(params, noise, labels, rng):
     def denoiser(x_t, t):
@@ -105,35 +126,64 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
   return np.concatenate(out)[:n], dt / max(n, 1)
 
 
+def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
+                    seed: int, solver: str, steps: int, class_conditional: bool) -> str:
+  """The key of one teacher row in a teacher's row cache (everything the row depends on)."""
+  return json.dumps({"teacher": teacher_hash, "data": data_hash, "metric": metric,
+                     "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
+                     "steps": int(steps), "class_conditional": bool(class_conditional)},
+                    sort_keys=True)
+
+
 def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: Optional[str],
              student_role: str, student_solver: str, student_steps, teacher: Optional[str],
              teacher_steps: int, num_samples: int, seed: int, metric: str = "",
-             class_conditional: bool = False) -> dict:
-  """The eval.json dict: teacher (1 step, reference steps) and student rows."""
+             class_conditional: bool = False, teacher_cache: Optional[dict] = None,
+             teacher_hash: str = "") -> dict:
+  """The eval.json dict: teacher (1 step, reference steps) and student rows.
+
+  `teacher_cache` ({`teacher_row_key(...)`: row}, with `teacher_hash` the teacher weights'
+  hash) supplies teacher rows computed before with identical settings (a frozen teacher's
+  numbers never change); rows computed here are added to it.
+  """
   metric = metric or default_metric(source)
-  score = METRICS.get(metric)
   reference = source.reference(num_samples, seed)
-  # The floor compares two independent real sets; the first is the evaluation reference itself
-  # (floor_seeds(seed)[0] == seed).
-  _, other = swd_lib.floor_seeds(seed)
-  floor = score(reference, source.reference(num_samples, other))
+  # The floor compares the evaluation reference with an independent real set of the same size.
+  floor = scores(metric, reference, source.floor_reference(num_samples, seed))[metric]
+  use_cache = teacher_cache is not None and bool(teacher_hash)
+  data_hash = source.content_hash() if use_cache else ""
   results = {}
 
   def row(net, p, solver, steps):
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
                             steps=steps, shape=source.shape,
                             class_conditional=class_conditional)
-    return {metric: float(score(samples, reference)), "nfe": nfe_of(solver, steps),
+    return {**scores(metric, samples, reference), "nfe": nfe_of(solver, steps),
             "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
 
+  # (key, network, solver, steps, teacher row?) of every row, in eval.json's order.
+  specs = []
   if teacher is not None:
-    for steps in sorted({1, int(teacher_steps)}):
-      results[f"teacher_steps_{steps}"] = row(teacher, params[teacher],
-                                              teacher_solver(ctx.nets[teacher].process), steps)
+    solver = teacher_solver(ctx.nets[teacher].process)
+    specs += [(f"teacher_steps_{n}", teacher, solver, n, True)
+              for n in sorted({1, int(teacher_steps)})]
   if student is not None:
-    for steps in student_steps:
-      results[f"{student_role}_steps_{int(steps)}"] = row(student, params[student],
-                                                          student_solver, int(steps))
+    specs += [(f"{student_role}_steps_{int(n)}", student, student_solver, int(n), False)
+              for n in student_steps]
+  with runlog.progress_bar(len(specs), "eval") as bar:
+    for name, net, solver, steps, is_teacher in specs:
+      key = None
+      if is_teacher and use_cache:
+        key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash, metric=metric,
+                              num_samples=num_samples, seed=seed, solver=solver, steps=steps,
+                              class_conditional=class_conditional)
+      if key is not None and key in teacher_cache:
+        results[name] = dict(teacher_cache[key])
+      else:
+        results[name] = row(net, params[net], solver, steps)
+        if key is not None:
+          teacher_cache[key] = dict(results[name])
+      bar.update(1)
   return {"step": int(step), "metric": metric, "teacher_reference_steps": int(teacher_steps),
           "data_floor": float(floor), "class_conditional": bool(class_conditional),
           "results": results}

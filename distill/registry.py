@@ -5,6 +5,7 @@ config can refer to it by that name.
 """
 from __future__ import annotations
 
+import ast
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +44,25 @@ class Registry(Generic[T]):
 
   def names(self) -> list[str]:
     return sorted(self._items)
+
+
+def parse_spec(spec: str, kind: str = "spec") -> tuple[str, dict]:
+  """'name' or 'name(a=1.0, b="x")' -> (name, kwargs); values must be Python literals.
+
+  Used for components configured by one string: wrappers ("flow_to_trigflow(sigma_data=0.5)"),
+  samplers ("tcd(gamma=0.0)").
+  """
+  try:
+    node = ast.parse(str(spec).strip(), mode="eval").body
+  except SyntaxError:
+    raise ValueError(f"{kind} spec {spec!r}: expected name or name(key=value, ...)") from None
+  if isinstance(node, ast.Name):
+    return node.id, {}
+  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+      and all(k.arg for k in node.keywords)):
+    try:
+      return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except ValueError:
+      pass
+  raise ValueError(f"{kind} spec {spec!r}: expected name or name(key=value, ...) with literal "
+                   "values")

@@ -66,6 +66,15 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def progress_bar(total: int, desc: str, initial: int = 0):
+  """A tqdm bar on stderr (off with DISTILL_NO_PROGRESS=1 and on processes other than 0)."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  off = os.environ.get("DISTILL_NO_PROGRESS") == "1" or jax.process_index() != 0
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=off,
+              file=sys.stderr)
+
+
 class RunLog:
   """Writes metrics to metrics.jsonl and TensorBoard; owns the progress bar."""
 
@@ -110,9 +119,7 @@ class RunLog:
   def start_progress(self, start: int, total: int, desc: str = "train") -> None:
     if not self.is_main:
       return
-    from tqdm.auto import tqdm
-    self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                     disable=os.environ.get("DISTILL_NO_PROGRESS") == "1", file=sys.stderr)
+    self._bar = progress_bar(total, desc, initial=start)
 
   def progress(self, n: int, postfix: Optional[dict] = None) -> None:
     if self._bar is None:

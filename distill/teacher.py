@@ -179,12 +179,16 @@ def maybe_load(path: Optional[str], params_role: str) -> Optional[Teacher]:
   return load_teacher(path, params_role) if path else None
 
 
-def write_converted(teacher: Teacher, out: str) -> str:
+def write_converted(teacher: Teacher, out: str, provenance: Optional[dict] = None,
+                    files: Optional[dict] = None) -> str:
   """Caches a converted teacher as Orbax in the run-directory layout (config.json +
   checkpoints/0), so `teacher.checkpoint=out` loads it without converting again.
 
-  Written to `out + ".partial"` and renamed when complete: a failed conversion never replaces
-  an existing converted teacher (an existing `out` is refused).
+  `provenance` is merged into config.json's provenance (e.g. the training config and data
+  hash of a shipped teacher); `files` ({name: JSON-able}) are written beside config.json (e.g.
+  the teacher's eval cache). Everything is written to `out + ".partial"` and renamed when
+  complete: a failed conversion never replaces an existing converted teacher (an existing
+  `out` is refused).
   """
   from distill import checkpoint as ckpt
   from distill import runlog
@@ -205,9 +209,11 @@ def write_converted(teacher: Teacher, out: str) -> str:
   saver.close()
   runlog.write_json(os.path.join(tmp, "config.json"), {
       "provenance": {"converted_from": teacher.reference, "git_commit": runlog.git_commit(),
-                     "packages": runlog.package_versions()},
+                     "packages": runlog.package_versions(), **(provenance or {})},
       "resolved": {"models": {"teacher": teacher.model_config}, "processes": {"teacher": proc},
                    "evaluated_network": "teacher", "evaluated_as": "teacher",
                    "num_classes": teacher.num_classes}})
+  for name, content in (files or {}).items():
+    runlog.write_json(os.path.join(tmp, name), content)
   os.replace(tmp, out)
   return out

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 
 from distill import checkpoint as ckpt_lib
 from distill import config as config_lib
@@ -46,13 +47,15 @@ class TrainingError(RuntimeError):
 
 
 def schema_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The base schema plus the keys of the chosen objective, dataset and model."""
+  """The base schema plus the keys of the chosen objective, dataset, model and process."""
   schema = config_lib.base_config()
   name = config.objective.get("name", "denoise")
   config_lib.merge_defaults(schema, "objective", OBJECTIVES.get(name).defaults)
   config_lib.merge_defaults(schema, "data", sources.default_config(config.data.name))
   model_cls = MODELS.get(config.model.get("name", "mlp"))
   config_lib.merge_defaults(schema, "model", module_fields(model_cls))
+  process_cls = procs.PROCESSES.get(config.process.get("name", "rectified_flow"))
+  config_lib.merge_defaults(schema, "process", module_fields(process_cls))
   return schema
 
 
@@ -140,7 +143,7 @@ def _resolved(engine: Engine) -> dict:
   obj = engine.objective
   return {"models": model_cfgs, "processes": processes, "frozen": frozen_refs,
           "evaluated_network": obj.student, "evaluated_as": obj.evaluates_as,
-          "sampler": obj.sampler, "num_classes": int(engine.source.num_classes),
+          "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
           "stage_bounds": engine.stage_bounds,
           "networks": {n: {"init": p.init_from, "frozen": p.frozen}
@@ -165,18 +168,49 @@ def eval_params(engine: Engine, state, frozen) -> dict:
   return params
 
 
-def run_evaluation(engine: Engine, state, frozen, step: int) -> dict:
+TEACHER_EVAL_CACHE = "teacher_eval.json"
+
+
+def teacher_cache_file(engine: Engine) -> Optional[str]:
+  """`<teacher dir>/teacher_eval.json`: a frozen teacher's eval rows computed once (written
+  beside a teacher when it is shipped, e.g. by launch.demo; read by every run that uses it)."""
+  if engine.teacher is None or not engine.teacher.reference.get("path"):
+    return None
+  path = os.path.join(engine.teacher.reference["path"], TEACHER_EVAL_CACHE)
+  return path if os.path.isfile(path) else None
+
+
+def run_evaluation(engine: Engine, state, frozen, step: int,
+                   teacher_cache: Optional[dict] = None) -> dict:
+  """The eval.json report. Teacher rows come from `teacher_cache` (else the frozen teacher's
+  cache file, if any) when their settings match; rows computed here are added to
+  `teacher_cache`."""
   cfg = engine.config
   obj = engine.objective
   ctx = context_for(engine, state, frozen)
+  params = eval_params(engine, state, frozen)
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
   student = None if obj.evaluates_as == "teacher" else obj.student
+  teacher_hash = ""
+  if teacher_cache is None and teacher_cache_file(engine):
+    with open(teacher_cache_file(engine)) as f:
+      teacher_cache = json.load(f)
+  if teacher_cache is not None and teacher is not None:
+    frozen_teacher = engine.teacher is not None and obj.evaluates_as != "teacher"
+    teacher_hash = (engine.teacher.reference["hash"] if frozen_teacher
+                    else teacher_lib.params_hash(jax.device_get(params[teacher])))
   return evaluation.evaluate(
-      ctx=ctx, source=engine.source, params=eval_params(engine, state, frozen), step=step,
-      student=student, student_role="student", student_solver=obj.sampler,
+      ctx=ctx, source=engine.source, params=params, step=step,
+      student=student, student_role="student", student_solver=student_sampler(engine),
       student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
       num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric,
-      class_conditional=cfg.eval.class_conditional)
+      class_conditional=cfg.eval.class_conditional, teacher_cache=teacher_cache,
+      teacher_hash=teacher_hash)
+
+
+def student_sampler(engine: Engine) -> str:
+  """The student's sampler spec: `eval.sampler` when set, else its objective's."""
+  return engine.config.eval.get("sampler", "") or engine.objective.sampler
 
 
 def _teacher_name(engine: Engine) -> Optional[str]:
@@ -193,20 +227,25 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
   ctx = context_for(engine, state, frozen)
   params = eval_params(engine, state, frozen)
   panels = []
+  # Class-conditional panels cycle through the classes (one class per grid column when the
+  # grid is num_classes wide); otherwise unconditional.
+  labels = None
+  if cfg.eval.class_conditional and engine.source.num_classes:
+    labels = np.arange(cfg.sample.num, dtype=np.int32) % engine.source.num_classes
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
   if teacher is not None:
     x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
                                seed=cfg.sample.seed,
                                solver=evaluation.teacher_solver(engine.nets[teacher].process),
                                steps=cfg.eval.teacher_steps, shape=engine.source.shape,
-                               class_conditional=cfg.eval.class_conditional)
+                               labels=labels)
     panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
   if obj.evaluates_as != "teacher":
     for steps in cfg.eval.steps:
       x, _ = evaluation.generate(ctx, obj.student, params[obj.student], n=cfg.sample.num,
-                                 seed=cfg.sample.seed, solver=obj.sampler, steps=int(steps),
-                                 shape=engine.source.shape,
-                                 class_conditional=cfg.eval.class_conditional)
+                                 seed=cfg.sample.seed, solver=student_sampler(engine),
+                                 steps=int(steps),
+                                 shape=engine.source.shape, labels=labels)
       panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
   real = engine.source.reference(cfg.sample.num, cfg.sample.seed)
   panels.insert(0, ("data", real))

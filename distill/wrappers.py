@@ -40,7 +40,6 @@ network's own ODE mapped into TrigFlow coordinates (tests/test_scm.py).
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 from typing import Any, Callable
 
@@ -48,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from distill import processes as procs
+from distill import registry
 from distill.registry import Registry
 
 Array = jax.Array
@@ -63,20 +63,7 @@ class WrapperRegistry(Registry):
 
 def parse_spec(spec: str) -> tuple[str, dict]:
   """'name' or 'name(a=1.0, b="x")' -> (name, kwargs); values must be Python literals."""
-  try:
-    node = ast.parse(spec.strip(), mode="eval").body
-  except SyntaxError:
-    raise ValueError(f"wrapper spec {spec!r}: expected name or name(key=value, ...)") from None
-  if isinstance(node, ast.Name):
-    return node.id, {}
-  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
-      and all(k.arg for k in node.keywords)):
-    try:
-      return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    except ValueError:
-      pass
-  raise ValueError(f"wrapper spec {spec!r}: expected name or name(key=value, ...) with literal "
-                   "values")
+  return registry.parse_spec(spec, "wrapper")
 
 
 def wrapper_spec(name: str, **kwargs) -> str:

@@ -80,16 +80,36 @@ def fail(e: BaseException) -> int:
   return 2
 
 
-def print_eval(report: dict, file=None) -> None:
-  """The eval.json results as a markdown table."""
-  file = file or sys.stdout
+ROW_INFO_KEYS = ("nfe", "num_samples", "sec_per_sample", "solver")
+
+
+def eval_table(report: dict) -> str:
+  """The eval.json results as a markdown table: the metric, its ratio to the teacher at its
+  reference step count, any extra scores the metric reports (e.g. coverage), NFE, ms/sample."""
   metric = report["metric"]
-  print(f"\n| network | steps | NFE | {metric} | ms/sample |", file=file)
-  print("|---|---|---|---|---|", file=file)
-  for key, row in report["results"].items():
+  results = report["results"]
+  ref = results.get(f"teacher_steps_{report.get('teacher_reference_steps')}", {}).get(metric)
+  extras = sorted({k for row in results.values() for k in row
+                   if k != metric and k not in ROW_INFO_KEYS})
+  head = ["network", "steps", "NFE", metric] + (["vs teacher"] if ref else []) + extras
+  lines = ["| " + " | ".join(head + ["ms/sample"]) + " |",
+           "|" + "---|" * (len(head) + 1)]
+  for key, row in results.items():
     net, _, steps = key.partition("_steps_")
-    print(f"| {net} | {steps} | {row['nfe']} | {row[metric]:.4f} | "
-          f"{1000 * row.get('sec_per_sample', 0.0):.3f} |", file=file)
-  print(f"| real data (floor) | - | - | {report['data_floor']:.4f} | - |", file=file)
-  print(f"\n{metric} over {next(iter(report['results'].values()))['num_samples']} samples, "
-        f"step {report['step']}", file=file)
+    cells = [net, steps, str(row["nfe"]), f"{row[metric]:.4f}"]
+    if ref:
+      cells.append(f"{row[metric] / ref:.2f}x")
+    cells += [f"{row[k]:.3f}" if k in row else "-" for k in extras]
+    cells.append(f"{1000 * row.get('sec_per_sample', 0.0):.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  floor = ["real data (floor)", "-", "-", f"{report['data_floor']:.4f}"]
+  floor += [f"{report['data_floor'] / ref:.2f}x"] if ref else []
+  lines.append("| " + " | ".join(floor + ["-"] * (len(extras) + 1)) + " |")
+  n = next(iter(results.values()))["num_samples"] if results else 0
+  lines.append(f"\n{metric} over {n} samples, step {report['step']}")
+  return "\n".join(lines)
+
+
+def print_eval(report: dict, file=None) -> None:
+  """Prints `eval_table(report)`."""
+  print("\n" + eval_table(report), file=file or sys.stdout)

@@ -1,13 +1,15 @@
 """Sample from a run: `python -m launch.sample --workdir DIR [--network student|teacher]
 [--sampler NAME] [--steps N] [--guidance W] [--class C] [--seed S] [--num K] [--out FILE.png]`.
 
-Defaults: the run's student with its objective's sampler (a teacher-training run: its teacher
+Defaults: the run's student with its sampler (`eval.sampler`, else its objective's; `--sampler`
+takes a solver name or a spec such as "tcd(gamma=0.0)") (a teacher-training run: its teacher
 with Euler at `eval.teacher_steps`). Writes a PNG grid (image data) or a scatter plot (2-D toy
 data) and a `.npy` of the raw samples beside it.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     info = engine.nets[net]
     is_teacher_role = role == "teacher"
     sampler = args.sampler or (evaluation.teacher_solver(info.process) if is_teacher_role
-                               else obj.sampler)
+                               else trainer.student_sampler(engine))
     steps = args.steps or (engine.config.eval.teacher_steps if is_teacher_role
                            else int(engine.config.eval.steps[0]))
     labels = None
@@ -59,7 +61,8 @@ def main(argv: list[str]) -> int:
                                steps=steps, shape=engine.source.shape, guidance=args.guidance,
                                labels=labels)
   out = args.out or os.path.join(args.workdir, "samples",
-                                 f"{role}_{sampler}_{steps}steps_seed{args.seed}.png")
+                                 f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"
+                                 f"{steps}steps_seed{args.seed}.png")
   title = f"{role} {sampler} {steps} step{'s' if steps > 1 else ''} (step {step})"
   images.save_panels(out, [(title, x)])
   np.save(os.path.splitext(out)[0] + ".npy", x)

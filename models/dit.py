@@ -37,9 +37,10 @@ Extras for newer DiTs and students (all off by default, so the default is diffus
   of every block (and so to the final layer's); `timestep2_embed=True`: the same for a second
   time input (same units as `timestep`). A missing `guidance` / `timestep2` counts as 0, so a
   fresh model computes exactly what the plain model does.
-- `return_features`: block indices whose outputs (B, L, D) are returned in a dict beside the
-  output (for adversarial heads). With `scan_blocks` this stacks every block's output first
-  (memory L x activations) and then picks the requested ones.
+- `return_features`: block indices (negative ones count from the end) whose outputs (B, L, D)
+  are returned beside the output in a dict keyed by the requested indices (for adversarial
+  heads). With `scan_blocks` this stacks every block's output first (memory L x activations)
+  and then picks the requested ones.
 
 Execution fields: `dtype` (compute), `param_dtype`, `attention` (implementation name, see
 `_attend`), `remat` (policy name in `REMAT_POLICIES`, applied per block), `scan_blocks`
@@ -629,7 +630,8 @@ class DiT(nn.Module):
                self.param_dtype, init="zeros")(h)
     out = unpatchify(h, gh, gw, p, out_ch)
     if return_features:
-      return out, feats
+      # Keyed as requested (a negative index counts from the end, as in models/mlp.py).
+      return out, {i: feats[j] for i, j in zip(return_features, features)}
     return out
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from distill import config as config_lib
+from distill import processes as procs
 from distill import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +31,22 @@ def test_config_argument_selects_dataset():
   assert load(arg="spiral").data.name == "spiral"
 
 
+def test_process_fields_are_config_keys():
+  """The chosen process's own fields (e.g. a dense time input) are overridable and reach it."""
+  c = load("process.timestep_scale=1.0")
+  assert c.process.timestep_scale == 1.0
+  process = procs.make_process(**trainer.prepare_config(c).process.to_dict())
+  assert process.timestep(0.25) == pytest.approx(0.25)
+  assert procs.make_process(name="rectified_flow").timestep(0.25) == pytest.approx(250.0)
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("train.stepz=3", "'train.stepz'"),
     ("nosuch.key=1", "'nosuch'"),
     ("train.steps=abc", "'train.steps': expected an int"),
     ("checkpoint.async_save=maybe", "'checkpoint.async_save': expected a bool"),
+    ("process.timestep_scal=1.0", "'process.timestep_scal'"),
+    ("process.timestep_scale=fast", "'process.timestep_scale': expected a float"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
   with pytest.raises(config_lib.ConfigError, match=fragment.replace("(", r"\(")):

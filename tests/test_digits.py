@@ -103,3 +103,17 @@ def test_content_hash(src):
   assert digits.load(16)[0] is src.images  # loaded once, cached, read-only
   with pytest.raises(ValueError):
     src.images[0, 0, 0, 0] = 0.0
+
+
+def test_floor_reference_is_disjoint_from_reference(src):
+  """The fd data floor compares two real halves with no image in common (while 2n <= 1797)."""
+  n = 898
+  ref = src.reference_index(n, seed=3)
+  other = src.reference_index(2 * n, seed=3)[n:]
+  assert not set(ref.tolist()) & set(other.tolist())
+  np.testing.assert_array_equal(src.floor_reference(n, 3), src.images[other])
+  np.testing.assert_array_equal(src.reference(n, 3), src.images[ref])
+  # Beyond half the set no disjoint half exists: an independent second permutation instead.
+  big = src.floor_reference(1000, 3)
+  assert big.shape == (1000, 16, 16, 1)
+  assert not np.array_equal(big, src.reference(1000, 3))

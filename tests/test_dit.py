@@ -64,7 +64,9 @@ def test_shapes_learn_sigma_and_features():
   v = init(model)
   out, feats = apply(model, v, *batch(model), return_features=(0, -1))
   assert out.shape == (2, 8, 8, 8)
-  assert sorted(feats) == [0, 1] and feats[1].shape == (2, 16, 32)
+  assert sorted(feats) == [-1, 0] and feats[-1].shape == (2, 16, 32)   # keyed as requested
+  _, again = apply(model, v, *batch(model), return_features=(1,))
+  np.testing.assert_array_equal(again[1], feats[-1])
   with pytest.raises(ValueError, match="guidance"):
     apply(model, v, *batch(model), guidance=jnp.ones(2))
 

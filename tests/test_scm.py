@@ -522,6 +522,38 @@ def _toy_teacher():
                  reference={"path": "memory", "step": 0, "hash": "", "params": "raw"})
 
 
+def test_deterministic_consistency_sampler_spec():
+  """`eval.sampler = "tcd(gamma=0.0)"`: the student is sampled by consistency steps that
+  re-noise with the *implied* noise instead of fresh noise, x_t' = cos t' x0 + sin t' sigma_d
+  eps_hat with eps_hat = (x_t - cos t x0) / (sigma_d sin t), written out here by hand."""
+  from distill import evaluation, trainer
+  from distill.engine import Engine
+  c = trainer.load_config(os.path.join(ROOT, "configs", "toy", "scm.py") + ":gmm",
+                          ["train.batch_size=16", "objective.sigma_data=0.5",
+                           "eval.sampler=tcd(gamma=0.0)"])
+  e = Engine(trainer.prepare_config(c), teacher=_toy_teacher())
+  assert trainer.student_sampler(e) == "tcd(gamma=0.0)"
+  state, frozen = e.init_state()
+  ctx = trainer.context_for(e, state, frozen)
+  labels = np.arange(16, dtype=np.int32) % 8
+  got, _ = evaluation.generate(ctx, "student", state.params["student"], n=16, seed=3,
+                               solver=trainer.student_sampler(e), steps=2, shape=(2,),
+                               labels=labels)
+  z = e.nets["student"].process.prior(jax.random.split(jax.random.fold_in(
+      jax.random.PRNGKey(3), 0))[0], (16, 2))
+  cond = {"class_labels": jnp.asarray(labels)}
+  f = lambda x, t: ctx.x0("student", x, jnp.full((16,), t), cond)
+  x, sd = z, 0.5
+  for t, tn in ((np.pi / 2, np.pi / 4), (np.pi / 4, 0.0)):
+    x0 = f(x, t)
+    eps_hat = (x - np.cos(t) * x0) / (sd * np.sin(t))
+    x = np.cos(tn) * x0 + sd * np.sin(tn) * eps_hat
+  np.testing.assert_allclose(got, x, rtol=2e-5, atol=2e-5)
+  assert evaluation.nfe_of("tcd(gamma=0.0)", 2) == 2 and evaluation.nfe_of("heun(s=1)", 2) == 3
+  with pytest.raises(ValueError, match="sampler spec"):
+    evaluation.make_sampler(ctx, "student", solver="tcd(gamma=", steps=2)
+
+
 def test_objective_through_the_engine():
   """Networks, presented processes and sampler as built by the engine; three steps run with the
   warm-up ratio r = step / tangent_warmup; the student starts equal to the teacher."""

@@ -12,6 +12,10 @@ Registered as `digits`, keys `size=16` and `method="linear"`:
 gathers only this process's rows. `reference(n, seed)` returns real images without replacement
 while `n <= 1797` (a seeded permutation), continuing with further independent permutations
 beyond that, so every image appears `floor(n / 1797)` or `ceil(n / 1797)` times.
+`floor_reference(n, seed)` is disjoint from `reference(n, seed)` while `2 n <= 1797` (rows
+`n .. 2n` of the same permutation): the data floor of the `fd` metric then compares two real
+sets with no image in common, as two draws from the true distribution would (beyond that it
+falls back to an overlapping second permutation, and the floor is optimistic).
 `content_hash()` is the sha256 of the float32 image bytes followed by the int32 label bytes.
 """
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Digits(Source):
   """The scikit-learn digits, upsampled, in [-1, 1], NHWC, labelled 0..9."""
 
   DEFAULTS = {"size": 16, "method": "linear"}
+  metric = "fd"   # Frechet distance in the digit classifier's features (distill.metrics)
 
   def __init__(self, seed: int, size: int, method: str):
     super().__init__(seed)
@@ -87,6 +92,11 @@ class Digits(Source):
 
   def reference(self, n: int, seed: int) -> np.ndarray:
     return self.images[self.reference_index(n, seed)]
+
+  def floor_reference(self, n: int, seed: int) -> np.ndarray:
+    if 2 * n <= len(self.images):
+      return self.images[self.reference_index(2 * n, seed)[n:]]
+    return super().floor_reference(n, seed)
 
   def content_hash(self) -> str:
     """sha256 (hex) of the image bytes (float32, C order) followed by the label bytes (int32)."""

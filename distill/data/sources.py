@@ -110,6 +110,23 @@ class Source:
       return np.zeros((0,) + tuple(self.shape), np.float32)
     return np.concatenate(chunks)
 
+  def content_hash(self) -> str:
+    """sha256 (hex) identifying the data: by default of the source's type and the bytes of a
+    fixed reference sample (finite data sets hash all their examples instead)."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+    h = hashlib.sha256(type(self).__name__.encode())
+    h.update(np.ascontiguousarray(self.reference(256, 0), np.float32).tobytes())
+    return h.hexdigest()
+
+  def floor_reference(self, n: int, seed: int) -> np.ndarray:
+    """`n` real examples independent of `reference(n, seed)`, for the data floor.
+
+    By default the reference of a second seed derived from `seed`
+    (`distill.metrics.swd.floor_seeds`); finite data sets return a disjoint set instead.
+    """
+    from distill.metrics.swd import floor_seeds  # pylint: disable=import-outside-toplevel
+    return self.reference(n, floor_seeds(seed)[1])
+
   def __repr__(self) -> str:
     return f"{type(self).__name__}(shape={self.shape}, num_classes={self.num_classes})"
 

@@ -240,7 +240,9 @@ def fake_loss(ctx, net: str, params, x0: Array, cond: Mapping, draws: Mapping, *
 @register_model("gan_head")
 class GanHead(nn.Module):
   """Logit of "real" from a fake-network feature h (B, feature_dim):
-  LayerNorm -> Dense(hidden) -> SiLU -> Dense(1). Called as (x, timestep, features=h) -> (B,);
+  LayerNorm -> Dense(hidden) -> SiLU -> Dense(1). Token or spatial features (B, ..., feature_dim),
+  e.g. a DiT block's (B, L, D), get a logit per token, averaged over the tokens (a patch
+  discriminator). Called as (x, timestep, features=h) -> (B,);
   x and timestep only fix the batch (the feature already carries time and class). Without
   `features` (the engine's init) it reads zeros of width `feature_dim`."""
 
@@ -262,7 +264,8 @@ class GanHead(nn.Module):
                                                                axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
     h = nn.silu(dense(self.hidden, ("embed", "mlp"), "fc1")(h))
-    return dense(1, ("mlp", None), "fc2")(h)[:, 0]
+    logits = dense(1, ("mlp", None), "fc2")(h)[..., 0]
+    return logits.reshape(logits.shape[0], -1).mean(axis=1)
 
 
 def gan_draws(process, rng: Array, shape: tuple, lo: float, hi: float) -> dict:
