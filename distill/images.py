@@ -42,7 +42,7 @@ def scatter(points: np.ndarray, size: int = 256, lim: float = 0.0) -> Image.Imag
   return img
 
 
-def save_panels(path: str, panels: list[tuple[str, np.ndarray]], size: int = 256) -> None:
+def save_panels(path: str, panels: list[tuple[str, np.ndarray]], size: int = 320) -> None:
   """Side-by-side titled panels (scatter plots for 2-D data, grids for images)."""
   tiles = []
   lim = 0.0

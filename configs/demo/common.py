@@ -1,5 +1,5 @@
-"""What every demo distillation config shares: the bundled digits at 16x16, the shipped DiT
-teacher (configs/demo/teacher_ckpt, made by configs/demo/teacher.py), the training loop and the
+"""What every demo distillation config shares: the bundled digits at their own 8x8, the shipped
+DiT teacher (configs/demo/teacher_ckpt, made by configs/demo/teacher.py), the training loop and the
 evaluation: FD in the digit classifier's features over 898 class-conditional samples (half the
 digits, so the data floor compares two disjoint real halves), the student at 1, 2 and 4 steps,
 the teacher at 1 and 32 Euler steps."""
