@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from distill import processes as procs
+import models.all  # noqa: F401  (registers every model, so any checkpoint can be rebuilt)
 
 
 @dataclasses.dataclass

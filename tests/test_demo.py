@@ -34,8 +34,10 @@ def test_demo_ships_a_missing_teacher_then_distils_and_reports(tmp_path):
   assert "training the demo teacher (no teacher at" in p.stdout
 
   shipped = json.load(open(teacher / "config.json"))
-  from distill.data import digits
-  assert shipped["provenance"]["data_hash"] == digits.Digits(0, 16, "linear").content_hash()
+  from configs.demo import common
+  from distill.data import sources
+  data = sources.make_source(common.demo_eval(common.base_config()).data, 0)
+  assert shipped["provenance"]["data_hash"] == data.content_hash()
   assert shipped["provenance"]["trained_by"] == "configs/demo/teacher.py"
   assert shipped["provenance"]["config"]["model"]["num_layers"] == 1
   cache = json.load(open(teacher / "teacher_eval.json"))

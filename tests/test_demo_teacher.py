@@ -9,9 +9,14 @@ import pytest
 from configs.demo import common
 from distill import evaluation
 from distill import teacher as teacher_lib
-from distill.data import digits
+from distill.data import sources
 
 CACHE = os.path.join(common.TEACHER, "teacher_eval.json")
+
+
+def demo_source():
+  """The digits exactly as the demo configs read them."""
+  return sources.make_source(common.demo_eval(common.base_config()).data, 0)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ def shipped():
 
 def test_shipped_teacher_loads_and_matches_its_config_and_data(shipped):
   t = teacher_lib.load_teacher(common.TEACHER)
-  src = digits.Digits(0, 16, "linear")
+  src = demo_source()
   assert shipped["provenance"]["data_hash"] == src.content_hash()
   assert shipped["provenance"]["trained_by"] == "configs/demo/teacher.py"
   assert t.model_config["name"] == "dit" and t.num_classes == 10
@@ -38,7 +43,7 @@ def test_cache_rows_belong_to_the_shipped_weights_and_the_demo_settings(shipped)
   with open(CACHE) as f:
     cache = json.load(f)
   c = common.demo_eval(common.base_config())
-  src = digits.Digits(0, 16, "linear")
+  src = demo_source()
   for steps in (1, c.eval.teacher_steps):
     key = evaluation.teacher_row_key(
         teacher_hash=t.reference["hash"], data_hash=src.content_hash(), metric="fd",
