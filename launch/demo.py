@@ -6,7 +6,7 @@
         [--teacher_config.a.b=v ...]               # (with overrides of configs/demo/teacher.py)
 
 1. The teacher: a small class-conditional rectified-flow DiT on the 1,797 bundled scikit-learn
-   digits (16x16), shipped in `configs/demo/teacher_ckpt` (converted Orbax, with the config it
+   digits (8x8), shipped in `configs/demo/teacher_ckpt` (converted Orbax, with the config it
    was trained by, the digits' data hash and its cached eval rows). It is retrained from
    `configs/demo/teacher.py` (about 35 minutes on 2 cores) only when that directory is missing,
    was trained on other data, or `--retrain_teacher` asks; a retrain replaces the shipped
