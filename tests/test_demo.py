@@ -35,8 +35,9 @@ def test_demo_ships_a_missing_teacher_then_distils_and_reports(tmp_path):
 
   shipped = json.load(open(teacher / "config.json"))
   from configs.demo import common
+  from distill.config import base_config
   from distill.data import sources
-  data = sources.make_source(common.demo_eval(common.base_config()).data, 0)
+  data = sources.make_source(common.demo_eval(base_config()).data, 0)
   assert shipped["provenance"]["data_hash"] == data.content_hash()
   assert shipped["provenance"]["trained_by"] == "configs/demo/teacher.py"
   assert shipped["provenance"]["config"]["model"]["num_layers"] == 1

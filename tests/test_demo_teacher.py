@@ -8,6 +8,7 @@ import pytest
 
 from configs.demo import common
 from distill import evaluation
+from distill.config import base_config
 from distill import teacher as teacher_lib
 from distill.data import sources
 
@@ -16,7 +17,7 @@ CACHE = os.path.join(common.TEACHER, "teacher_eval.json")
 
 def demo_source():
   """The digits exactly as the demo configs read them."""
-  return sources.make_source(common.demo_eval(common.base_config()).data, 0)
+  return sources.make_source(common.demo_eval(base_config()).data, 0)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_cache_rows_belong_to_the_shipped_weights_and_the_demo_settings(shipped)
   t = teacher_lib.load_teacher(common.TEACHER)
   with open(CACHE) as f:
     cache = json.load(f)
-  c = common.demo_eval(common.base_config())
+  c = common.demo_eval(base_config())
   src = demo_source()
   for steps in (1, c.eval.teacher_steps):
     key = evaluation.teacher_row_key(

@@ -5,7 +5,7 @@ digits, so the data floor compares two disjoint real halves), the student at 1, 
 the teacher at 1 and 32 Euler steps."""
 import os
 
-from distill.config import base_config
+from configs.common import distill_config
 
 TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "teacher_ckpt")
 
@@ -24,19 +24,7 @@ def demo_eval(c):
 
 def demo_distill_config(objective: str, *, steps: int, lr: float, batch_size: int = 64,
                         b1: float = 0.9, warmup_steps: int = 0, grad_clip: float = 0.0):
-  c = demo_eval(base_config())
-  c.seed = 0
-  c.objective.name = objective
-  c.teacher.checkpoint = TEACHER
-  c.teacher.params = "ema"
-
-  c.train.steps = steps
-  c.train.batch_size = batch_size
-  c.train.log_every = 25
-  c.optim.lr = lr
-  c.optim.b1 = b1
-  c.optim.warmup_steps = warmup_steps
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = grad_clip
-  c.checkpoint.every_steps = 100
-  return c
+  return demo_eval(distill_config(objective, teacher=TEACHER, steps=steps,
+                                  batch_size=batch_size, lr=lr, b1=b1,
+                                  warmup_steps=warmup_steps, grad_clip=grad_clip, log_every=25,
+                                  checkpoint_every=100))
