@@ -12,7 +12,7 @@ Weights: shipped beside this module as `assets/digits_classifier.npz` (about 300
 sha256 of the digits it was trained on and its recipe), so every machine measures the same FD.
 When the file is missing, or its data hash no longer matches the bundled digits, the classifier
 is retrained (`train()`: seconds on a CPU; all 1,797 images, random +-1 pixel shifts; held-out
-accuracy of the same recipe on a 80/20 split is ~98%, tests/test_digits_classifier.py) and
+accuracy of the same recipe on an 80/20 split: 99.4%, tests/test_digits_classifier.py) and
 cached under `~/.cache/distill/` (or `$DISTILL_CACHE`), never over the shipped file.
 
 Coverage: the share of the ten classes that receive at least half their uniform share of the
@@ -22,11 +22,10 @@ of the predicted-label histogram in nats (log 10 = 2.303 for a uniform spread).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,29 +97,12 @@ def train(images: np.ndarray, labels: np.ndarray, *, steps: int = 1500, batch: i
   return jax.tree_util.tree_map(np.asarray, params)
 
 
-def _flatten(params: dict) -> dict[str, np.ndarray]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    flat["/".join(p.key for p in path)] = np.asarray(leaf)
-  return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = np.asarray(value)
-  return tree
-
-
 def save(path: str, params: dict, data_hash: str) -> None:
   """Writes `params` with their provenance to an .npz (via a temporary file, then renamed)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".partial.npz"
-  np.savez(tmp, **{f"params/{k}": v for k, v in _flatten(params).items()},
+  flat = traverse_util.flatten_dict(params, sep="/")
+  np.savez(tmp, **{f"params/{k}": np.asarray(v) for k, v in flat.items()},
            data_hash=np.asarray(data_hash), recipe=np.asarray(RECIPE))
   os.replace(tmp, path)
 
@@ -129,7 +111,8 @@ def load(path: str) -> tuple[dict, str, str]:
   """`(params, data_hash, recipe)` from an .npz written by `save`."""
   with np.load(path) as f:
     flat = {k[len("params/"):]: f[k] for k in f.files if k.startswith("params/")}
-    return _unflatten(flat), str(f["data_hash"]), str(f["recipe"])
+    return (traverse_util.unflatten_dict(flat, sep="/"), str(f["data_hash"]),
+            str(f["recipe"]))
 
 
 def _cache_path() -> str:
@@ -200,12 +183,3 @@ def fd_and_coverage(samples, reference) -> dict[str, float]:
   counts = class_histogram(logits)
   return {"fd": frechet.frechet_distance(*frechet.stats(f_s), *frechet.stats(f_r)),
           "coverage": coverage(counts), "class_entropy": class_entropy(counts)}
-
-
-def checksum(p: dict) -> str:
-  """A short hash of the weights (recorded in eval reports)."""
-  h = hashlib.sha256()
-  for k, v in sorted(_flatten(p).items()):
-    h.update(k.encode())
-    h.update(np.ascontiguousarray(v).tobytes())
-  return h.hexdigest()[:16]
