@@ -192,8 +192,9 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
   student = None if obj.evaluates_as == "teacher" else obj.student
   teacher_hash = ""
-  if teacher_cache is None and teacher_cache_file(engine):
-    with open(teacher_cache_file(engine)) as f:
+  cache_file = teacher_cache_file(engine) if teacher_cache is None else None
+  if cache_file:
+    with open(cache_file) as f:
       teacher_cache = json.load(f)
   if teacher_cache is not None and teacher is not None:
     frozen_teacher = engine.teacher is not None and obj.evaluates_as != "teacher"

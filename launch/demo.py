@@ -62,16 +62,20 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def shipped_teacher_problem(path: str) -> str:
   """Why the teacher at `path` cannot be used ("" when it can)."""
   from distill import teacher as teacher_lib
-  from distill.data import sources
   if not teacher_lib.is_run_dir(path):
     return f"no teacher at {path}"
   with open(os.path.join(path, "config.json")) as f:
     shipped = json.load(f).get("provenance", {}).get("data_hash")
-  config = teacher_config()
-  want = sources.make_source(config.data, config.seed).content_hash()
+  want = data_hash(teacher_config())
   if shipped != want:
     return f"the teacher at {path} was trained on other data ({shipped} != {want})"
   return ""
+
+
+def data_hash(config) -> str:
+  """The content hash of the data a config trains on (recorded with a shipped teacher)."""
+  from distill.data import sources
+  return sources.make_source(config.data, config.seed).content_hash()
 
 
 def teacher_config(overrides=()):
@@ -84,7 +88,6 @@ def train_and_ship_teacher(out: str, run_dir: str, overrides=()) -> None:
   (converted Orbax + provenance + eval cache); `out` is replaced only when all is written."""
   from distill import runlog, trainer
   from distill import teacher as teacher_lib
-  from distill.data import sources
   config = teacher_config([*overrides, "eval.at_end=False"])
   trainer.train(config, run_dir)
   engine, state, frozen, step = trainer.open_run(run_dir)
@@ -94,7 +97,7 @@ def train_and_ship_teacher(out: str, run_dir: str, overrides=()) -> None:
   cli.print_eval(report)
   teacher = teacher_lib.load_teacher(run_dir, "ema")
   provenance = {"trained_by": "configs/demo/teacher.py", "run": os.path.abspath(run_dir),
-                "data_hash": sources.make_source(config.data, config.seed).content_hash(),
+                "data_hash": data_hash(config),
                 "config": config.to_dict(), "eval": report}
   staged = out + ".new"
   if os.path.exists(staged):
