@@ -102,8 +102,11 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
     if peak and model_flops:
       row["mfu"] = model_flops / med / (peak * jax.device_count())
     phases[phase.name] = row
+  model = config.model.to_dict()
   return {"config": config.objective.name, "batch_size": bs, "devices": jax.device_count(),
           "device": jax.devices()[0].device_kind, "peak_memory_bytes": peak_memory_bytes(),
+          "model": {k: model[k] for k in ("name", "dtype", "attention", "jvp_attention", "remat",
+                                          "scan_blocks") if k in model},
           "phases": phases}
 
 

@@ -38,3 +38,49 @@ def test_synthetic_source_shapes():
   flat = sources.make_source({"name": "synthetic", "height": 0, "channels": 7,
                               "num_classes": 0}, seed=0)
   assert flat.batch(0, 2)["x"].shape == (2, 7) and "label" not in flat.batch(0, 2)
+
+
+BENCH_DIT = "configs/bench/dit_xl2.py"
+# DiT-XL/2 shrunk to CPU size (the architecture keys are what the bench configs set).
+TINY_DIT = ["--config.model.num_layers=2", "--config.model.num_attention_heads=2",
+            "--config.model.attention_head_dim=16", "--config.train.batch_size=2",
+            "--config.model.attention=xla", "--config.model.jvp_attention=xla"]
+
+
+@pytest.mark.parametrize("arg,latent,batch", [("denoise", 32, 128), ("scm", 32, 128),
+                                              ("dmd2,512", 64, 32), ("sid,256", 32, 128)])
+def test_bench_dit_xl2_configs_are_dit_xl2(arg, latent, batch):
+  from distill import trainer
+  c = trainer.load_config(f"{BENCH_DIT}:{arg}", [])
+  m = c.model
+  assert c.objective.name == arg.split(",")[0]
+  assert (m.name, m.num_layers, m.num_attention_heads, m.attention_head_dim, m.patch_size) == (
+      "dit", 28, 16, 72, 2)
+  assert (m.sample_size, c.data.height, c.data.width, c.train.batch_size) == (
+      latent, latent, latent, batch)
+  from models.dit import DiT
+  flops = DiT(sample_size=32).flops_per_example()
+  assert 3 * flops / 1e9 == pytest.approx(712, rel=0.01)   # the reference's per-image figure
+
+
+def test_bench_dit_xl2_rejects_unknown_arg():
+  from distill import trainer
+  with pytest.raises(ValueError, match=r"objective in .* got 'scm,384'"):
+    trainer.load_config(f"{BENCH_DIT}:scm,384", [])
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
+  """launch/gpu_bench.sh end to end on CPU with a shrunk network: four bench rows in its table
+  and JSON lines, and the kernel tests (skipped off GPU) reported."""
+  e = env() | {"STEPS": "1", "EXTRA_ARGS": " ".join(TINY_DIT)}
+  p = subprocess.run(["bash", "launch/gpu_bench.sh", str(tmp_path)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=1200, env=e)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+  assert [r["run"] for r in rows] == ["plain256", "scm256", "plain512", "scm512"]
+  assert [r["batch_size"] for r in rows] == [2, 2, 2, 2]
+  assert all(p["img_per_s"] > 0 for r in rows for p in r["phases"].values())
+  table = (tmp_path / "bench.md").read_text()
+  assert table.count("| attn=xla jvp=xla bfloat16 |") == 4 and "failed" not in table
+  assert "skipped" in p.stdout   # the on_gpu kernel tests ran (and skip on CPU)

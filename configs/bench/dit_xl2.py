@@ -1,0 +1,94 @@
+"""Benchmark: DiT-XL/2 (675M parameters) train steps on synthetic ImageNet-shaped latents.
+
+    python -m launch.bench --config configs/bench/dit_xl2.py:scm --random_teacher
+    python -m launch.bench --config configs/bench/dit_xl2.py:denoise,512 --random_teacher \
+        --compare model.attention=xla,cudnn
+
+arg: "<objective>[,<resolution>]". objective: `denoise` (the plain train step a DiT is trained
+with), `scm` (sCD: teacher forward, jax.jvp tangent of the student, student forward+backward),
+`dmd2`, `sid`. resolution: 256 (32x32x4 latents, 256 tokens, per-device batch 128, the batch of
+the PyTorch and plain-JAX anchors in ../shared/reference/README.md) or 512 (64x64x4 latents,
+1024 tokens, per-device batch 32).
+
+The network is DiT-XL/2 (28 blocks, 16 heads of 72, patch 2, 1000 classes + null) as a
+rectified-flow model with a dense time input (process.timestep_scale = 1, as sCM needs), no
+learned variance; parameters are float32 and the matmuls run in bfloat16 (model.dtype), with
+EMA. `--random_teacher` gives the distillation objectives a random teacher of the same
+architecture (speed does not depend on the weights). Blocks are scanned (`model.scan_blocks`)
+so a DiT-XL/2 step compiles in well under a minute; `--config.model.scan_blocks=False`
+unrolls them.
+
+Attention: `model.attention` runs the gradient passes (xla | cudnn | pallas), and
+`model.jvp_attention` the sCM tangent pass (xla | pallas_jvp: cuDNN has no JVP rule). The
+defaults (cudnn, xla) are the fastest measured on an H200 (docs/performance.md); the fused
+`pallas_jvp` tangent keeps no L x L matrices, for long sequences. On CPU the GPU kernels do
+not run: pass `--config.model.attention=xla --config.model.jvp_attention=xla` (launch/gpu_bench.sh
+shows the GPU runs; the CPU bench test shrinks the network).
+
+Expected result: one JSON row per phase with step_ms, img_per_s, mfu (3 x forward FLOPs of the
+trained networks per image against the device's dense bf16 peak) and peak memory; numbers
+measured on GPUs are in docs/performance.md.
+"""
+from configs.common import distill_config
+
+RESOLUTIONS = {256: (32, 128), 512: (64, 32)}   # resolution -> (latent size, per-device batch)
+OBJECTIVES = ("denoise", "scm", "dmd2", "sid")
+
+
+def parse_arg(arg: str) -> tuple[str, int]:
+  name, _, res = (arg or "denoise").partition(",")
+  res = int(res or 256)
+  if name not in OBJECTIVES or res not in RESOLUTIONS:
+    raise ValueError(f"configs/bench/dit_xl2.py: expected '<objective>[,<resolution>]' with "
+                     f"objective in {OBJECTIVES} and resolution in {tuple(RESOLUTIONS)}, "
+                     f"got {arg!r}")
+  return name, res
+
+
+def dit_xl2(c, latent: int):
+  c.model.name = "dit"
+  c.model.prediction = "flow"
+  c.model.in_channels = 4
+  c.model.sample_size = latent
+  c.model.patch_size = 2
+  c.model.num_attention_heads = 16
+  c.model.attention_head_dim = 72
+  c.model.num_layers = 28
+  c.model.num_embeds_ada_norm = 1000
+  c.model.dtype = "bfloat16"
+  c.model.scan_blocks = True
+  c.model.attention = "cudnn"
+  c.model.jvp_attention = "xla"
+  c.process.name = "rectified_flow"
+  c.process.timestep_scale = 1.0
+  return c
+
+
+def get_config(arg: str = ""):
+  name, res = parse_arg(arg)
+  latent, batch = RESOLUTIONS[res]
+  c = distill_config(name, teacher="", steps=1000, batch_size=batch, lr=1e-4, b1=0.9,
+                     grad_clip=1.0)
+  c.teacher.params = "raw"
+  dit_xl2(c, latent)
+  c.data.name = "synthetic"
+  c.data.height = c.data.width = latent
+  c.data.channels = 4
+  c.data.num_classes = 1000
+  if name == "denoise":
+    c.objective.ema_decay = 0.9999
+  elif name == "scm":
+    c.objective.mode = "scd"
+    c.objective.init = "teacher"
+    c.objective.sigma_data = 0.5
+    c.objective.guidance_scales = (1.0,)
+    c.objective.ema_decay = 0.9999
+  elif name == "dmd2":
+    c.objective.fake_updates = 5
+    c.objective.gan_weight = 3e-3
+    c.objective.gan_feature_block = 13
+    c.objective.gan_feature_dim = 1152
+  elif name == "sid":
+    c.objective.alpha = 1.2
+    c.objective.fake_updates = 1
+  return c

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# DiT-XL/2 train-step benchmarks and the GPU attention-kernel checks, on one bare H100/H200
+# machine without network. Run from the repository root:
+#
+#     bash launch/gpu_bench.sh [OUTDIR]          # default OUTDIR: $OUT, else runs/gpu_bench
+#
+# The machine is expected to have jax (CUDA), flax, optax, orbax, chex, scipy, pillow, tqdm,
+# safetensors, scikit-learn and pytest. The project's other pure-Python dependencies
+# (ml-collections, tensorboardX) are installed with --no-deps from wheels in $WHEELS (default
+# .whl/) when missing; fetch them on a machine with network:
+#
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#         ml_collections==1.1.0 tensorboardX==2.6.5
+#
+# What it runs (four compiled DiT-XL/2 steps, each in its own process with a time limit, then
+# the kernel checks; about 6 minutes on an H200):
+#   1. plain train step, 256 px (256 tokens), per-device batch 128, cuDNN attention
+#   2. sCD step (configs/bench/dit_xl2.py:scm), 256 px, batch 128: cuDNN for the gradient pass,
+#      the fused Pallas JVP attention for the tangent (the config's XLA tangent if that fails)
+#   3. plain train step, 512 px (1024 tokens), batch 32, cuDNN attention
+#   4. sCD step, 512 px, batch 32, fused JVP attention
+#   5. pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA attention in
+#      forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
+# Output: OUTDIR/bench.md (the table), OUTDIR/bench.jsonl (launch.bench's JSON per run),
+# OUTDIR/<run>.log, OUTDIR/kernels.log, OUTDIR/device.txt.
+set -u
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-${OUT:-runs/gpu_bench}}
+WHEELS=${WHEELS:-.whl}
+mkdir -p "$OUTDIR"
+
+if ! python3 -c "import ml_collections, tensorboardX" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/distill-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/distill-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+STEPS=${STEPS:-10}
+# Extra launch.bench arguments for every run (a dry run on CPU: JAX_PLATFORMS=cpu
+# EXTRA_ARGS="--config.model.num_layers=1 --config.model.attention=xla ...").
+EXTRA_ARGS=${EXTRA_ARGS:-}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o; \
+print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$OUTDIR/device.txt"
+
+echo "| run | model | phase | step ms | img/s | MFU | peak GiB | compile s |" > "$OUTDIR/bench.md"
+echo "|---|---|---|---|---|---|---|---|" >> "$OUTDIR/bench.md"
+
+# bench NAME LIMIT_S CONFIG_ARG [--config.k=v ...]: one launch.bench process; a failure (OOM, a
+# kernel that does not compile, the time limit) is logged and the script goes on.
+bench() {
+  local name=$1 limit=$2 arg=$3
+  shift 3
+  echo "== $name: $arg $*"
+  timeout "$limit" python3 -m launch.bench --config "configs/bench/dit_xl2.py:$arg" \
+    --random_teacher --steps "$STEPS" --warmup 2 "$@" $EXTRA_ARGS > "$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  local json
+  json=$(tail -n 1 "$OUTDIR/$name.log")
+  if [ $rc -ne 0 ] || [ "${json:0:1}" != "{" ]; then
+    echo "   FAILED (exit $rc): $(grep -m1 -E 'Error|error|RESOURCE_EXHAUSTED' "$OUTDIR/$name.log" | cut -c1-300)"
+    echo "| $name | $* | - | failed (exit $rc) | | | | |" >> "$OUTDIR/bench.md"
+    return 1
+  fi
+  echo "$json" | python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read()); r['run'] = '$name'; r['args'] = sys.argv[1:]
+print(json.dumps(r))" "$@" >> "$OUTDIR/bench.jsonl"
+  echo "$json" | python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+peak = r.get('peak_memory_bytes') or 0
+m = r.get('model', {})
+attn = f\"attn={m.get('attention')} jvp={m.get('jvp_attention')} {m.get('dtype', '')}\"
+for phase, p in r['phases'].items():
+  mfu = f\"{100 * p['mfu']:.1f}%\" if 'mfu' in p else '-'
+  print(f\"| $name | {attn} | {phase} | {p['step_ms']:.1f} | \"
+        f\"{p['img_per_s']:.1f} | {mfu} | {peak / 2**30:.1f} | {p['compile_s']:.0f} |\")
+" "$@" | tee -a "$OUTDIR/bench.md"
+}
+
+bench plain256 150 denoise
+bench scm256 180 scm --config.model.jvp_attention=pallas_jvp || bench scm256_xla_jvp 180 scm
+bench plain512 150 denoise,512
+bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp
+
+echo "== kernels: pytest tests/test_attention.py -k on_gpu"
+timeout 240 python3 -m pytest tests/test_attention.py -k on_gpu -q -s -p no:cacheprovider \
+  > "$OUTDIR/kernels.log" 2>&1
+echo "   exit $?: $(tail -n 1 "$OUTDIR/kernels.log")"
+grep '^{' "$OUTDIR/kernels.log" || true
+
+echo
+cat "$OUTDIR/bench.md"
