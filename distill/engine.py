@@ -189,6 +189,9 @@ class Engine:
   def _build_stage_objectives(self) -> list[Objective]:
     ocfg = self.config.objective
     first = self.entry.build(ocfg)
+    # The stage list is the one the configured objective declares (a stage's own objective is
+    # built from overridden keys and may declare other stages: those are not used).
+    self.stages: tuple[Stage, ...] = tuple(first.stages)
     if not first.stages:
       return [first]
     out = []
@@ -203,7 +206,7 @@ class Engine:
     return out
 
   def _stage_bounds(self) -> list[int]:
-    stages = self.stage_objectives[0].stages
+    stages = self.stages
     if not stages:
       return [0, int(self.config.train.steps)]
     bounds = [0]
@@ -364,6 +367,18 @@ class Engine:
     if dtype is not None:
       params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
     return params, mstate
+
+  def promoted(self, name: str, stage: int) -> bool:
+    """Whether a stage up to `stage` promoted another network into `name`."""
+    last = min(stage, len(self.stages) - 1)
+    return any(name in self.stages[s].promote for s in range(1, last + 1))
+
+  def checkpoint_params(self, name: str):
+    """The loaded teacher checkpoint's weights as network `name` holds them at the start (the
+    reference that teacher rows are computed with after a stage promoted into `name`)."""
+    if self.plans[name].init_from != "checkpoint":
+      raise ValueError(f"network {name!r} is not the teacher checkpoint")
+    return self._init_params(name, jax.random.PRNGKey(0), {})[0]
 
   def _init_lora(self, name: str, rng, base_params):
     from models import lora
@@ -566,7 +581,7 @@ class Engine:
   # ------------------------------------------------------------------ stages
   def enter_stage(self, state: TrainState, frozen: dict, stage: int) -> tuple[TrainState, dict]:
     """Applies a stage's promotions and resets (at the first step of `stage`)."""
-    spec: Stage = self.stage_objectives[0].stages[stage]
+    spec: Stage = self.stages[stage]
     params = dict(state.params)
     for target, source in spec.promote.items():
       value = params[source] if source in params else frozen[source]

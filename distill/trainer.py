@@ -159,12 +159,17 @@ def context_for(engine: Engine, state, frozen) -> ctx_lib.Context:
 
 
 def eval_params(engine: Engine, state, frozen) -> dict:
-  """Weights used for sampling: each network's `eval` EMA where it has one."""
+  """Weights used for sampling: each network's `eval` EMA where it has one; the teacher
+  checkpoint's own weights for the teacher rows after a stage promoted a student into it
+  (progressive and staged distillation compare against the original teacher)."""
   params = dict(frozen)
   params.update(state.params)
   for net, roles in state.ema.items():
     if "eval" in roles:
       params[net] = roles["eval"]
+  teacher = _teacher_name(engine)
+  if teacher is not None and engine.promoted(teacher, int(state.stage)):
+    params[teacher] = engine.checkpoint_params(teacher)
   return params
 
 
@@ -402,7 +407,7 @@ def _meta(engine: Engine, step: int) -> dict:
 def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
   """Frozen networks promoted at stage boundaries are re-read from the boundary checkpoint."""
   stage = int(state.stage)
-  stages = engine.stage_objectives[0].stages
+  stages = engine.stages
   for s in range(1, stage + 1):
     spec = stages[s]
     if not spec.promote:

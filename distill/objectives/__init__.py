@@ -4,3 +4,5 @@ from distill.objectives import scm  # noqa: F401
 from distill.objectives import dmd2  # noqa: F401
 from distill.objectives import sid  # noqa: F401
 from distill.objectives import vsd  # noqa: F401
+from distill.objectives import lcm  # noqa: F401
+from distill.objectives import progressive  # noqa: F401

@@ -1,0 +1,31 @@
+"""Toy 2-D segmented consistency distillation (PCM / MLCM / Hyper-SD TSCD) from a toy flow
+teacher.
+
+    python -m launch.train --config configs/toy/teacher.py:gmm --workdir runs/toy_teacher_gmm
+    python -m launch.train --config configs/toy/segmented_cm.py:gmm --workdir runs/toy_pcm_gmm \
+        --config.teacher.checkpoint=runs/toy_teacher_gmm
+
+The argument picks the dataset (gmm, checkerboard, moons, spiral; default gmm) and must match
+the teacher's. Four segments over a 48-step DDIM grid: the student maps every state to its
+segment's lower edge, and the 4-step `ddim` sampler walks the edges. Hyper-SD's progressive
+8 -> 4 -> 2 -> 1 segments as engine stages (each stage's student becomes the next teacher):
+`--config.objective.segment_stages="(8,4,2,1)" --config.objective.stage_steps=500`. MLCM's
+training states on the teacher's own trajectories: `--config.objective.states=teacher`.
+
+About 2 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 samples): docs/
+results_toy.md ("LCM, segmented CM, progressive"); the 4-step student is close to the 64-step
+teacher.
+"""
+from configs.toy.common import toy_distill_config
+
+
+def get_config(arg: str = "gmm"):
+  c = toy_distill_config(arg, "segmented_cm", steps=2000, lr=1e-4, warmup_steps=100,
+                         grad_clip=1.0)
+  c.objective.num_ddim_steps = 48
+  c.objective.num_segments = 4
+  c.objective.target = "ema"
+  c.objective.target_decay = 0.95
+  c.objective.loss = "l2"
+  c.objective.label_dropout = 0.1
+  return c
