@@ -82,6 +82,10 @@ def base_config() -> ConfigDict:
   # Sample with uniformly drawn class labels (True) or unconditionally, with the null class
   # (False: the whole distribution, which one-step samplers find hardest).
   c.eval.class_conditional = False
+  # Guidance scale w of the evaluation (CFG u + w (c - u); 1 = none): the teacher's rows use CFG
+  # at w (with class-conditional sampling); a student that embeds w (`guidance_embed`) gets w as
+  # its input, any other student samples as it is (its guidance, if any, is distilled in).
+  c.eval.guidance = 1.0
 
   c.sample = ConfigDict()
   c.sample.every_steps = 0          # 0 = only at the end

@@ -355,8 +355,11 @@ class Engine:
       else:  # the teacher checkpoint
         src_params, src_state = self.teacher.params, self.teacher.model_state or {}
         src_cfg = self.teacher.model_config
+      # Copies (jnp.array): a network initialised from another must not share its buffers
+      # (the train state is donated to every step).
+      src_params = jax.tree_util.tree_map(jnp.array, src_params)
       if plan.model_config == src_cfg:
-        params = jax.device_put(jax.tree_util.tree_map(jnp.array, src_params), shardings)
+        params = jax.device_put(src_params, shardings)
         mstate = jax.device_put(jax.tree_util.tree_map(jnp.array, src_state), ms_sh)
       else:  # a changed architecture (e.g. an added time input): overlay the source weights
         params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)

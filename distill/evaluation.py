@@ -71,20 +71,30 @@ def sample_labels(num_classes: int, n: int, seed: int) -> Optional[np.ndarray]:
   return np.random.default_rng(seed).integers(0, num_classes, n).astype(np.int32)
 
 
+def embeds_guidance(ctx: ctx_lib.Context, net: str) -> bool:
+  """Whether network `net` takes the guidance scale as an input (`guidance_embed`)."""
+  return bool(getattr(ctx.nets[net].module, "guidance_embed", False))
+
+
 def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
                  guidance: float = 1.0, **solver_kwargs) -> Callable:
   """jit(fn(params, noise, labels, rng) -> samples) for network `net` of `ctx`.
 
-  `solver` is a solver name or a spec with solver options, e.g. "tcd(gamma=0.0)".
+  `solver` is a solver name or a spec with solver options, e.g. "tcd(gamma=0.0)". `guidance`
+  is the network's input where it embeds the scale, else classifier-free guidance.
   """
   info = ctx.nets[net]
   process = info.process
   solver, spec_kwargs = parse_spec(solver, "sampler")
   solver_kwargs = {**spec_kwargs, **solver_kwargs}
+  embed = embeds_guidance(ctx, net)
 
   def run(params, noise, labels, rng):
     def denoiser(x_t, t):
       cond = {} if labels is None else {"class_labels": labels}
+      if embed:
+        w = jnp.full((x_t.shape[0],), guidance, jnp.float32)
+        return ctx.x0(net, x_t, t, cond, params=params, guidance=w)
       x0 = ctx.x0(net, x_t, t, cond, params=params)
       if guidance != 1.0 and labels is not None:
         uncond = ctx.x0(net, x_t, t, {"class_labels": jnp.full_like(labels, info.num_classes)},
@@ -127,20 +137,27 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
 
 
 def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
-                    seed: int, solver: str, steps: int, class_conditional: bool) -> str:
-  """The key of one teacher row in a teacher's row cache (everything the row depends on)."""
-  return json.dumps({"teacher": teacher_hash, "data": data_hash, "metric": metric,
-                     "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
-                     "steps": int(steps), "class_conditional": bool(class_conditional)},
-                    sort_keys=True)
+                    seed: int, solver: str, steps: int, class_conditional: bool,
+                    guidance: float = 1.0) -> str:
+  """The key of one teacher row in a teacher's row cache (everything the row depends on; the
+  guidance scale only when it is not 1, so caches written before it keep their keys)."""
+  key = {"teacher": teacher_hash, "data": data_hash, "metric": metric,
+         "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
+         "steps": int(steps), "class_conditional": bool(class_conditional)}
+  if float(guidance) != 1.0:
+    key["guidance"] = float(guidance)
+  return json.dumps(key, sort_keys=True)
 
 
 def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: Optional[str],
              student_role: str, student_solver: str, student_steps, teacher: Optional[str],
              teacher_steps: int, num_samples: int, seed: int, metric: str = "",
              class_conditional: bool = False, teacher_cache: Optional[dict] = None,
-             teacher_hash: str = "") -> dict:
+             teacher_hash: str = "", guidance: float = 1.0) -> dict:
   """The eval.json dict: teacher (1 step, reference steps) and student rows.
+
+  `guidance` != 1: the teacher's rows sample with CFG at that scale; a student that embeds the
+  scale gets it as its input, any other student samples as it is.
 
   `teacher_cache` ({`teacher_row_key(...)`: row}, with `teacher_hash` the teacher weights'
   hash) supplies teacher rows computed before with identical settings (a frozen teacher's
@@ -155,8 +172,9 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   results = {}
 
   def row(net, p, solver, steps):
+    w = guidance if (net == teacher or embeds_guidance(ctx, net)) else 1.0
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
-                            steps=steps, shape=source.shape,
+                            steps=steps, shape=source.shape, guidance=w,
                             class_conditional=class_conditional)
     return {**scores(metric, samples, reference), "nfe": nfe_of(solver, steps),
             "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
@@ -176,7 +194,7 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
       if is_teacher and use_cache:
         key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash, metric=metric,
                               num_samples=num_samples, seed=seed, solver=solver, steps=steps,
-                              class_conditional=class_conditional)
+                              class_conditional=class_conditional, guidance=guidance)
       if key is not None and key in teacher_cache:
         results[name] = dict(teacher_cache[key])
       else:
@@ -184,6 +202,9 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
         if key is not None:
           teacher_cache[key] = dict(results[name])
       bar.update(1)
-  return {"step": int(step), "metric": metric, "teacher_reference_steps": int(teacher_steps),
-          "data_floor": float(floor), "class_conditional": bool(class_conditional),
-          "results": results}
+  out = {"step": int(step), "metric": metric, "teacher_reference_steps": int(teacher_steps),
+         "data_floor": float(floor), "class_conditional": bool(class_conditional),
+         "results": results}
+  if float(guidance) != 1.0:
+    out["guidance"] = float(guidance)
+  return out

@@ -211,7 +211,7 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
       student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
       num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric,
       class_conditional=cfg.eval.class_conditional, teacher_cache=teacher_cache,
-      teacher_hash=teacher_hash)
+      teacher_hash=teacher_hash, guidance=float(cfg.eval.get("guidance", 1.0)))
 
 
 def student_sampler(engine: Engine) -> str:

@@ -319,23 +319,25 @@ def train_tiny_teacher(workdir, data: str = "gmm", steps: int = 20, *extra):
   return str(workdir)
 
 
-def check_toy_run(config: str, tmp_path, steps: int, *extra, min_fraction: float = 0.6):
-  """Trains a small spiral teacher (hidden 64, 600 steps), distils it for `steps` steps and
-  checks the 1-step student closes `min_fraction` of the teacher's 1 vs 16-step SWD gap and that
-  its weights differ from the teacher's. Returns the eval results."""
+def check_toy_run(config: str, tmp_path, steps: int, *extra, min_fraction: float = 0.6,
+                  student_steps: int = 1, teacher_steps: int = 600):
+  """Trains a small spiral teacher (hidden 64, `teacher_steps` steps), distils it for `steps`
+  steps and checks the `student_steps`-step student closes `min_fraction` of the teacher's 1 vs
+  16-step SWD gap and that its weights differ from the teacher's. Returns the eval results."""
   from distill import checkpoint as ckpt
-  teacher = train_tiny_teacher(tmp_path / "teacher", "spiral", 600, "--config.model.hidden=64",
+  teacher = train_tiny_teacher(tmp_path / "teacher", "spiral", teacher_steps,
+                               "--config.model.hidden=64",
                                "--config.optim.lr=2e-3")
   w = tmp_path / "student"
   run_train(f"{config}:spiral", w, f"--config.teacher.checkpoint={teacher}",
             f"--config.train.steps={steps}", "--config.train.batch_size=128",
             "--config.eval.num_samples=1024", "--config.eval.teacher_steps=16",
-            "--config.eval.steps=(1,)", "--config.sample.num=64",
+            f"--config.eval.steps=({student_steps},)", "--config.sample.num=64",
             "--config.checkpoint.every_steps=0", *extra)
   with open(os.path.join(w, "eval.json")) as f:
     r = json.load(f)["results"]
   t1, tn, s1 = (r["teacher_steps_1"]["swd"], r["teacher_steps_16"]["swd"],
-                r["student_steps_1"]["swd"])
+                r[f"student_steps_{student_steps}"]["swd"])
   assert (t1 - s1) / (t1 - tn) >= min_fraction, r
   _, tree = ckpt.restore_raw(str(w / "checkpoints"))
   student = tree["state"]["params"]["student"]

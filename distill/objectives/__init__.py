@@ -6,3 +6,4 @@ from distill.objectives import sid  # noqa: F401
 from distill.objectives import vsd  # noqa: F401
 from distill.objectives import lcm  # noqa: F401
 from distill.objectives import progressive  # noqa: F401
+from distill.objectives import guided  # noqa: F401

@@ -129,10 +129,15 @@ def step_cond(ctx, net: str, batch, drop) -> dict:
   return cond
 
 
-def teacher_ddim_step(ctx, teacher: str, x_t, t, t_next, cond, w, guidance: bool):
-  """One DDIM step t -> t_next of the teacher with CFG u + w (c - u) on x0 and eps."""
+def teacher_ddim_step(ctx, teacher: str, x_t, t, t_next, cond, w, guidance: bool,
+                      extras=None):
+  """One DDIM step t -> t_next of the teacher with CFG u + w (c - u) on x0 and eps; with
+  `extras` (a w-conditioned teacher's inputs, e.g. {"guidance": w}) one plain pass instead."""
   info = ctx.nets[teacher]
-  raw = guided(ctx, teacher, x_t, t, cond, w if guidance else 1.0, kind="raw")
+  if extras:
+    raw = ctx.apply(teacher, x_t, t, cond, **extras)
+  else:
+    raw = guided(ctx, teacher, x_t, t, cond, w if guidance else 1.0, kind="raw")
   x0 = to_kind(info, raw, "x0", x_t, t)
   eps = to_kind(info, raw, "eps", x_t, t)
   return ddim_jump(x0, eps, info.process, t_next)

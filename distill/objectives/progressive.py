@@ -62,17 +62,24 @@ def pd_target(z_t, z_end, alpha, sigma, alpha_end, sigma_end):
   return (z_end - r * z_t) / (bcast(alpha_end, z_t) - r * bcast(alpha, z_t))
 
 
-def draw_inputs(rng, x0, *, num_steps: int, label_dropout: float = 0.0) -> dict:
+def draw_inputs(rng, x0, *, num_steps: int, label_dropout: float = 0.0,
+                guidance_range=(1.0, 1.0)) -> dict:
+  """Grid index n (B,), eps (like x0), drop (B,) and the guidance scale w ~ U[lo, hi] (B,)."""
   b = x0.shape[0]
-  k_n, k_e, k_d = jax.random.split(rng, 3)
+  k_n, k_e, k_d, k_w = jax.random.split(rng, 4)
+  lo, hi = (float(v) for v in guidance_range)
   return {"n": jax.random.randint(k_n, (b,), 0, num_steps),
           "eps": jax.random.normal(k_e, x0.shape, jnp.float32),
-          "drop": jax.random.bernoulli(k_d, label_dropout, (b,))}
+          "drop": jax.random.bernoulli(k_d, label_dropout, (b,)),
+          "w": jax.random.uniform(k_w, (b,), jnp.float32, lo, hi)}
 
 
 def progressive_loss_given(trainable, ctx, batch, draws: dict, *, student: str, teacher: str,
-                           num_steps: int, weighting: str, guidance: float):
-  """The loss for given draws; see the module docstring."""
+                           num_steps: int, weighting: str, guidance: float,
+                           embed_w: bool = False):
+  """The loss for given draws; see the module docstring. `embed_w` (guided distillation's
+  stage 2): teacher and student both take the draws' w as their `guidance` input, and the
+  teacher makes plain passes (its guidance is distilled in)."""
   info = ctx.nets[teacher]
   process = info.process
   grid = jnp.asarray(process.timesteps(2 * num_steps), jnp.float32)
@@ -84,31 +91,37 @@ def progressive_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   z_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
   use_cfg = guidance != 1.0
   w = jnp.full((x0.shape[0],), guidance, jnp.float32)
-  z_mid = teacher_ddim_step(ctx, teacher, z_t, t, t_mid, cond, w, use_cfg)
-  z_end = teacher_ddim_step(ctx, teacher, z_mid, t_mid, t_end, cond, w, use_cfg)
+  extras = {"guidance": draws["w"]} if embed_w else {}
+  z_mid = teacher_ddim_step(ctx, teacher, z_t, t, t_mid, cond, w, use_cfg, extras)
+  z_end = teacher_ddim_step(ctx, teacher, z_mid, t_mid, t_end, cond, w, use_cfg, extras)
   alpha_end, sigma_end = process.alpha_sigma(t_end)
   target = jax.lax.stop_gradient(pd_target(z_t, z_end, alpha, sigma, alpha_end, sigma_end))
 
   sinfo = ctx.nets[student]
-  x_hat = to_kind(sinfo, ctx.apply(student, z_t, t, cond, params=trainable[student]), "x0",
-                  z_t, t)
+  x_hat = to_kind(sinfo, ctx.apply(student, z_t, t, cond, params=trainable[student], **extras),
+                  "x0", z_t, t)
   weight = WEIGHTINGS[weighting](jnp.square(alpha) / jnp.square(sigma))
   per = weight * per_example_mean(jnp.square(jnp.asarray(x_hat, jnp.float32) - target))
   return jnp.mean(per), {"x_mse": jnp.mean(per_example_mean(jnp.square(x_hat - target)))}
 
 
 def progressive_loss(trainable, ctx, batch, rng, t, *, num_steps: int,
-                     label_dropout: float = 0.0, **kw):
-  draws = draw_inputs(rng, batch["x"], num_steps=num_steps, label_dropout=label_dropout)
+                     label_dropout: float = 0.0, guidance_range=(1.0, 1.0), **kw):
+  draws = draw_inputs(rng, batch["x"], num_steps=num_steps, label_dropout=label_dropout,
+                      guidance_range=guidance_range)
   return progressive_loss_given(trainable, ctx, batch, draws, num_steps=num_steps, **kw)
+
+
+def check_halvable(n0: int, num_stages: int) -> None:
+  if num_stages < 1 or n0 < 2 ** (num_stages - 1) or n0 % 2 ** (num_stages - 1):
+    raise ValueError(f"config keys 'objective.student_steps' / 'objective.num_stages': "
+                     f"{n0} student steps cannot be halved {num_stages - 1} times")
 
 
 @register_objective("progressive", defaults=DEFAULTS)
 def build(cfg) -> Objective:
   n0, stages_n = int(cfg.student_steps), int(cfg.num_stages)
-  if stages_n < 1 or n0 < 2 ** (stages_n - 1) or n0 % 2 ** (stages_n - 1):
-    raise ValueError(f"config keys 'objective.student_steps' / 'objective.num_stages': "
-                     f"{n0} student steps cannot be halved {stages_n - 1} times")
+  check_halvable(n0, stages_n)
   if str(cfg.weighting) not in WEIGHTINGS:
     raise ValueError(f"config key 'objective.weighting': expected one of {tuple(WEIGHTINGS)}, "
                      f"got {cfg.weighting!r}")

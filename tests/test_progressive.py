@@ -1,0 +1,193 @@
+"""`progressive`: a PyTorch reference of the loss (value and gradient w.r.t. every student
+weight, CFG teacher), the closed form on Gaussian data (the target is the x0 whose one student
+DDIM step lands on the exact teacher's two steps; max(1, SNR) weighting), the stage schedule
+(16 -> 8 -> 4 with promotion), a toy run whose 4-step student closes the teacher's gap, a kill
+between and inside stages resumed exactly, and the sharded run (8 fake CPU devices)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import context as ctx_lib
+from distill import processes as procs
+from distill.objectives import progressive
+from tests import _matching_utils as mu
+from tests.test_dmd2 import assert_close_tree
+from tests.test_lcm import _gauss_step, _torch_flow_cfg, _torch_jump, _torch_x0_eps
+from tests.test_train_e2e import kill_after_checkpoint
+
+torch = pytest.importorskip("torch")
+
+B = 16
+CONFIG = os.path.join(mu.ROOT, "configs", "toy", "progressive.py")
+
+
+@pytest.mark.parametrize("weighting", ["snr_trunc", "snr_plus_one"])
+def test_loss_matches_torch(weighting):
+  teacher = mu.make_teacher(num_classes=4, seed=0)
+  engine, state, frozen = mu.make_engine("progressive", teacher, batch=B, student_steps=4,
+                                         num_stages=2, stage_steps=5, guidance=2.0,
+                                         label_dropout=0.3, weighting=weighting)
+  params = dict(state.params)
+  params["student"] = mu.perturb(params["student"], 1)
+  state = state.replace(params=params)
+  batch = jax.device_get(engine.global_batch(0))
+  kw = dict(engine.objective.phases[0].loss.keywords)
+  kw.pop("label_dropout")
+  draws = progressive.draw_inputs(jax.random.PRNGKey(5), batch["x"], num_steps=4,
+                                  label_dropout=0.3)
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
+  fn = lambda tr: progressive.progressive_loss_given(tr, ctx, batch, draws, **kw)
+  (value, _), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
+
+  net = mu.torch_mlp(teacher)
+  p_s = mu.torch_params(state.params["student"], requires_grad=True)
+  p_t = mu.torch_params(frozen["teacher"])
+  grid = torch.linspace(1.0, 0.0, 9)   # the teacher's 8-step grid
+  n = mu.n2t(draws["n"])
+  t, tm, te = grid[2 * n], grid[2 * n + 1], grid[2 * n + 2]
+  x0, eps = mu.n2t(batch["x"]), mu.n2t(draws["eps"])
+  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
+  null, w = torch.full_like(labels, 4), torch.full((B,), 2.0)
+  z = (1 - t)[:, None] * x0 + t[:, None] * eps
+  with torch.no_grad():
+    zm = _torch_jump(*_torch_x0_eps(_torch_flow_cfg(net, p_t, z, t, labels, null, w), z, t), tm)
+    ze = _torch_jump(*_torch_x0_eps(_torch_flow_cfg(net, p_t, zm, tm, labels, null, w), zm, tm),
+                     te)
+    ratio = (te / t)[:, None]
+    target = (ze - ratio * z) / ((1 - te)[:, None] - ratio * (1 - t)[:, None])
+  x_hat = mu.rf_x0(net(p_s, z, 1000.0 * t, labels), z, t)
+  snr = (1 - t) ** 2 / t ** 2
+  weight = torch.clamp(snr, min=1.0) if weighting == "snr_trunc" else snr + 1
+  ref = (weight * ((x_hat - target) ** 2).mean(dim=1)).mean()
+  ref.backward()
+  np.testing.assert_allclose(float(value), float(ref.detach()), rtol=1e-5)
+  assert_close_tree(mu.flat_params(grads["student"]), {k: mu.t2n(v.grad) for k, v in p_s.items()},
+                    what="d/dstudent")
+
+
+def test_gaussian_closed_form():
+  """Data N(mean, var I), the exact teacher. The exact teacher's two DDIM steps are an affine
+  map of z_t (closed form); the target is the x0 with which one student DDIM step lands there.
+  A student predicting that x0 has loss 0, and one off by delta has loss
+  mean(max(1, SNR(t)) delta^2)."""
+  n_steps, dim, b = 4, 3, 32
+  mean, var = jnp.asarray([0.5, -1.0, 2.0]), 0.09
+  process = procs.make_process("rectified_flow")
+  grid = np.linspace(1.0, 0.0, 2 * n_steps + 1).astype(np.float32)
+
+  def teacher_fn(variables, x, timestep, class_labels=None):
+    t = timestep / 1000.0
+    a = (1.0 - t)[:, None]
+    return mean + a * var / (a * a * var + t[:, None] ** 2) * (x - a * mean)
+
+  def student_fn(variables, z, timestep, class_labels=None):
+    t = timestep / 1000.0
+    i = jnp.round((1.0 - t) * 2 * n_steps).astype(jnp.int32)
+    tm, te = jnp.asarray(grid)[i + 1], jnp.asarray(grid)[i + 2]
+    ze = _gauss_step(_gauss_step(z, t, tm, mean, var), tm, te, mean, var)
+    # one DDIM step with x0 = x: (1 - te) x + te (z - (1 - t) x) / t = ze
+    a, s, ae, se = (1 - t)[:, None], t[:, None], (1 - te)[:, None], te[:, None]
+    return (ze - se / s * z) / (ae - se * a / s) + variables["params"]["delta"]
+
+  def info(name, fn):
+    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
+                           apply_fn=fn)
+  ctx = ctx_lib.Context(params={"teacher": {}}, ema={}, model_state={},
+                        nets={"teacher": info("teacher", teacher_fn),
+                              "student": info("student", student_fn)})
+  draws = {"n": jnp.arange(b) % n_steps,
+           "eps": jax.random.normal(jax.random.PRNGKey(0), (b, dim)),
+           "drop": jnp.zeros((b,), bool)}
+  batch = {"x": mean + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (b, dim))}
+  kw = dict(student="student", teacher="teacher", num_steps=n_steps, weighting="snr_trunc",
+            guidance=1.0)
+  loss_of = lambda delta: float(progressive.progressive_loss_given(
+      {"student": {"delta": jnp.float32(delta)}}, ctx, batch, draws, **kw)[0])
+  assert loss_of(0.0) < 1e-10
+  delta = 0.1
+  loss = loss_of(delta)
+  t = grid[2 * (np.arange(b) % n_steps)]
+  want = np.mean(np.maximum(1.0, (1 - t) ** 2 / t ** 2) * delta ** 2)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_stages_halve_the_steps_and_promote():
+  from distill.engine import Engine
+  teacher = mu.make_teacher(num_classes=4)
+  engine = Engine(mu.tiny_config("progressive", student_steps=16, num_stages=3,
+                                 stage_steps=4), teacher=teacher)
+  assert engine.total_steps == 12 and engine.boundary_steps == [4, 8]
+  assert [o.phases[0].loss.keywords["num_steps"] for o in engine.stage_objectives] == [16, 8, 4]
+  assert [dict(s.promote) for s in engine.stages] == [{}, {"teacher": "student"},
+                                                      {"teacher": "student"}]
+  assert [s.reset_opt for s in engine.stages] == [False, True, True]
+  assert engine.promoted("teacher", 1) and not engine.promoted("teacher", 0)
+  with pytest.raises(ValueError, match="cannot be halved 3 times"):
+    Engine(mu.tiny_config("progressive", student_steps=4, num_stages=4), teacher=teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+SMALL = ["--config.train.batch_size=64", "--config.eval.num_samples=256",
+         "--config.eval.teacher_steps=8", "--config.sample.num=64",
+         "--config.checkpoint.async_save=false", "--config.objective.student_steps=8"]
+
+
+@pytest.mark.slow
+def test_toy_run_four_step_student_closes_the_gap(tmp_path):
+  mu.check_toy_run(CONFIG, tmp_path, 600, "--config.objective.student_steps=16",
+                   "--config.objective.num_stages=3", "--config.objective.stage_steps=200",
+                   student_steps=4, min_fraction=0.8)
+
+
+@pytest.mark.slow
+def test_kill_between_and_inside_stages_resumes_exactly(tmp_path):
+  """Three stages of 6 steps (8 -> 4 -> 2), checkpoints every 4 steps plus the boundaries 6
+  and 12. One run is killed after the boundary checkpoint of step 6 (between stages), resumed,
+  killed again after step 16 (inside stage 2, past a promotion), resumed: it logs exactly the
+  losses of an uninterrupted run, and its eval teacher rows are the original teacher's."""
+  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.objective.num_stages=3",
+          "--config.objective.stage_steps=6", "--config.train.log_every=1",
+          "--config.checkpoint.every_steps=4"]
+  ref = tmp_path / "ref"
+  mu.run_train(CONFIG, ref, *args)
+  w = tmp_path / "killed"
+  kill_after_checkpoint(mu.train_cmd(CONFIG, w, *args), w, 6)
+  kill_after_checkpoint(mu.train_cmd(CONFIG, w, *args), w, 16)
+  last = mu.run_train(CONFIG, w, *args)
+  assert "resumed from step" in last.stdout + last.stderr
+  losses = lambda rows: [(r["step"], r["stage"], r["progressive/loss"]) for r in rows]
+  want = losses(mu.metrics(ref))
+  assert [s for _, s, _ in want] == [0] * 6 + [1] * 6 + [2] * 6
+  assert losses(mu.metrics(w)) == want
+  # Teacher rows after two promotions are the checkpoint's: equal to a run without stages.
+  one = tmp_path / "one_stage"
+  mu.run_train(CONFIG, one, *args, "--config.objective.num_stages=1",
+               "--config.objective.stage_steps=1")
+  import json
+  swd = {}
+  for name in ("ref", "one_stage", "killed"):
+    with open(tmp_path / name / "eval.json") as f:
+      swd[name] = {k: r["swd"] for k, r in json.load(f)["results"].items()}
+  for k in ("teacher_steps_1", "teacher_steps_8"):
+    assert swd["ref"][k] == swd["one_stage"][k]
+  assert swd["killed"] == swd["ref"]
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_single_device(tmp_path):
+  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  args = [f"--config.teacher.checkpoint={teacher}", "--config.train.log_every=5",
+          "--config.train.batch_size=64", "--config.eval.at_end=false",
+          "--config.checkpoint.every_steps=0", "--config.objective.student_steps=4",
+          "--config.objective.num_stages=2", "--config.objective.stage_steps=5",
+          "--config.objective.guidance=2.0"]
+  mu.check_sharded_losses(CONFIG, tmp_path, args,
+                          lambda rows: [{k: v for k, v in r.items() if k.endswith("/loss")}
+                                        for r in rows], ["progressive/loss"])
