@@ -48,13 +48,25 @@ def _torch_jump(x0, eps, s):
   return (1 - s)[:, None] * x0 + s[:, None] * eps
 
 
-@pytest.mark.parametrize("kind,loss,target", [("lcm", "l2", "ema"), ("lcm", "huber", "online"),
-                                              ("segmented_cm", "l2", "ema"),
-                                              ("segmented_cm", "huber", "online")])
-def test_loss_matches_torch(kind, loss, target):
+def _torch_trajectory(net, p, noise, grid, n, labels, null, w):
+  """x at grid index n (per sample) of the CFG teacher's DDIM steps from `noise` at grid[0]."""
+  x = noise.clone()
+  with torch.no_grad():
+    for i in range(len(grid) - 1):
+      t, tn = grid[i].expand(len(x)), grid[i + 1].expand(len(x))
+      step = _torch_jump(*_torch_x0_eps(_torch_flow_cfg(net, p, x, t, labels, null, w), x, t), tn)
+      x = torch.where((i < n)[:, None], step, x)
+  return x
+
+
+@pytest.mark.parametrize("kind,loss,target,states", [
+    ("lcm", "l2", "ema", "data"), ("lcm", "huber", "online", "teacher"),
+    ("segmented_cm", "l2", "ema", "data"), ("segmented_cm", "huber", "online", "teacher")])
+def test_loss_matches_torch(kind, loss, target, states):
   """A PyTorch port (the MLP read from the same weights; rectified flow, x_t = (1 - t) x0 +
-  t eps, grid linspace(1, 0, N + 1); LCM's scalings from diffusers' LCMScheduler)."""
-  keys = dict(num_ddim_steps=12, loss=loss, target=target, huber_c=0.05)
+  t eps, grid linspace(1, 0, N + 1); LCM's scalings from diffusers' LCMScheduler; MLCM's
+  states: the CFG teacher's DDIM trajectory from the noise)."""
+  keys = dict(num_ddim_steps=12, loss=loss, target=target, huber_c=0.05, states=states)
   if kind == "segmented_cm":
     keys["num_segments"] = 3
   teacher, engine, state, frozen, batch = _setup(kind, **keys)
@@ -78,7 +90,10 @@ def test_loss_matches_torch(kind, loss, target):
   labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
   null = torch.full_like(labels, 4)
   assert 0 < int(np.sum(draws["drop"])) < B
-  x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+  if states == "teacher":
+    x_t = _torch_trajectory(net, p_t, eps, grid, n, labels, null, w)
+  else:
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
   with torch.no_grad():
     x_next = _torch_jump(*_torch_x0_eps(_torch_flow_cfg(net, p_t, x_t, t, labels, null, w),
                                         x_t, t), tn)

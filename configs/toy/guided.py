@@ -5,7 +5,7 @@ then progressive 8 -> 4 steps with w kept.
     python -m launch.train --config configs/toy/guided.py:gmm --workdir runs/toy_guided_gmm \
         --config.teacher.checkpoint=runs/toy_teacher_gmm
 
-The argument picks the dataset (a class-conditional one: gmm (default) or checkerboard) and
+The argument picks the dataset (a class-conditional one: gmm (default) or spiral) and
 must match the teacher's. w ~ U[1, 3] (CFG u + w (c - u)); stage 1 runs 600 steps, then two
 progressive stages of 500 steps (8 -> 4 DDIM steps). Evaluation is class-conditional at
 w = 2: the teacher's rows use CFG at 2 (its 64-step row is the reference), the student gets

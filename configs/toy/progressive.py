@@ -19,11 +19,11 @@ from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = toy_distill_config(arg, "progressive", steps=2100, lr=3e-4)
+  c = toy_distill_config(arg, "progressive", steps=900, lr=3e-4)
   c.optim.schedule = "linear"
   c.objective.student_steps = 16
   c.objective.num_stages = 3
-  c.objective.stage_steps = 700
+  c.objective.stage_steps = 300
   c.objective.weighting = "snr_trunc"
   c.objective.label_dropout = 0.1
   return c

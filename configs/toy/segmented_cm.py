@@ -20,7 +20,7 @@ from configs.toy.common import toy_distill_config
 
 
 def get_config(arg: str = "gmm"):
-  c = toy_distill_config(arg, "segmented_cm", steps=2000, lr=1e-4, warmup_steps=100,
+  c = toy_distill_config(arg, "segmented_cm", steps=800, lr=1e-4, warmup_steps=100,
                          grad_clip=1.0)
   c.objective.num_ddim_steps = 48
   c.objective.num_segments = 4

@@ -7,3 +7,4 @@ from distill.objectives import vsd  # noqa: F401
 from distill.objectives import lcm  # noqa: F401
 from distill.objectives import progressive  # noqa: F401
 from distill.objectives import guided  # noqa: F401
+from distill.objectives import agd  # noqa: F401

@@ -201,7 +201,7 @@ def discrete_cm_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   t, t_next = grid[n], grid[n + 1]
   cond = step_cond(ctx, teacher, batch, draws["drop"])
   if states == "teacher":
-    x_t = teacher_trajectory_state(ctx, teacher, process.prior_std() * eps, grid, n, cond, w,
+    x_t = teacher_trajectory_state(ctx, teacher, process.prior_std * eps, grid, n, cond, w,
                                    guidance)
   else:
     alpha, sigma = process.alpha_sigma(t)
