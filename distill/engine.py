@@ -108,6 +108,16 @@ def num_classes_of(cfg: Mapping[str, Any]) -> int:
   return 0
 
 
+def check_network_kwargs(net: Network, model: str) -> None:
+  """An objective's constructor overrides must be options of the network's model (a silently
+  dropped option, e.g. an adapter the model does not have, would train something else)."""
+  fields = module_fields(MODELS.get(model))
+  unknown = sorted(k for k in net.kwargs if k not in fields)
+  if unknown:
+    raise ValueError(f"network {net.name!r}: model {model!r} has no option {unknown}; the "
+                     f"objective needs a model that has it")
+
+
 def module_from_config(cfg: Mapping[str, Any]):
   kwargs = {k: v for k, v in cfg.items() if k not in ("name", "prediction")}
   cls = MODELS.get(cfg["name"])
@@ -238,6 +248,7 @@ class Engine:
       mcfg = resolve_model_config(mcfg, self.source)
       return module_from_config(mcfg), mcfg, None, "raw", 0
     mcfg = resolve_model_config(cfg.model.to_dict(), self.source)
+    check_network_kwargs(net, mcfg["name"])
     mcfg.update(dict(net.kwargs))
     process = procs.make_process(**cfg.process.to_dict())
     return (module_from_config(mcfg), mcfg, process, mcfg["prediction"], num_classes_of(mcfg))
@@ -250,6 +261,7 @@ class Engine:
       if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
         src = plans[net.init]
         mcfg = dict(src.model_config)
+        check_network_kwargs(net, mcfg["name"])
         mcfg.update(dict(net.kwargs))
         module = src.info.module if not net.kwargs else module_from_config(mcfg)
         process, prediction, ncls = (src.info.process, src.info.prediction,
@@ -261,6 +273,7 @@ class Engine:
         mcfg = dict(t.model_config)
         if net.model is not None:
           mcfg["name"] = net.model
+        check_network_kwargs(net, mcfg["name"])
         mcfg.update(dict(net.kwargs))
         module = t.module if (net.model is None and not net.kwargs) else module_from_config(mcfg)
         process, prediction, ncls = t.process, mcfg.get("prediction", t.prediction), t.num_classes

@@ -104,6 +104,21 @@ class ResidualBlock(nn.Module):
     return h + y
 
 
+class GuidanceAdapter(nn.Module):
+  """AGD's additive adapter: an offset Dense(silu(Dense(silu(c)))) of the conditioning c, added
+  to a block's output; the last layer is zero-initialised (the model starts unchanged)."""
+  hidden: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c):
+    y = _dense(self.width, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(nn.silu(c))
+    return _dense(self.hidden, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype,
+                  zero=True)(nn.silu(y))
+
+
 @register_model("mlp")
 class MLPDenoiser(nn.Module):
   """Residual MLP denoiser for `(B, dim)` inputs; output `(B, dim)` (see the module docstring)."""
@@ -118,6 +133,9 @@ class MLPDenoiser(nn.Module):
   extra_time_input: bool = False
   guidance_embed: bool = False
   guidance_scale: float = 1.0
+  # AGD's additive guidance adapter: > 0 adds after every block an MLP (this hidden width) of
+  # the conditioning (time + class + guidance embeddings), zero-initialised output.
+  guidance_adapter: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -170,6 +188,9 @@ class MLPDenoiser(nn.Module):
     for i in range(self.depth):
       h = ResidualBlock(self.hidden, self.inner, self.dtype, self.param_dtype,
                         name=f"block_{i}")(h, c)
+      if self.guidance_adapter:
+        h = h + GuidanceAdapter(self.hidden, self.guidance_adapter, self.dtype, self.param_dtype,
+                                name=f"guidance_adapter_{i}")(c)
       feats.update({k: h for k, j in wanted.items() if j == i})
     h = nn.silu(_layer_norm("out_norm", self.dtype, self.param_dtype)(h))
     out = _dense(self.dim, ("embed", None), "out_proj", self.dtype, self.param_dtype)(h)
@@ -180,6 +201,6 @@ class MLPDenoiser(nn.Module):
     h, m, f = self.hidden, self.inner, self.time_embed_dim
     embed = 2 * (f * h + h * h)
     num_embeddings = 1 + int(self.extra_time_input) + int(self.guidance_embed)
-    block = 2 * (h * m + h * m + m * h)
+    block = 2 * (h * m + h * m + m * h) + 4 * h * self.guidance_adapter
     total = num_embeddings * embed + 2 * self.dim * h + self.depth * block + 2 * h * self.dim
     return int(total)

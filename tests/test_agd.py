@@ -118,15 +118,37 @@ def test_train_step_changes_only_the_adapter():
   state, frozen, _ = engine.train_step(state, frozen, 0)
   after = mu.flat_params(jax.device_get(state.params["student"]))
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
-  assert changed and all(k.startswith("guidance_embed/") for k in changed), sorted(changed)
+  assert any(k.startswith("guidance_adapter_") for k in changed), sorted(changed)
+  assert all(k.startswith(("guidance_embed/", "guidance_adapter_")) for k in changed), changed
   assert engine.objective.sampler == "euler"
+
+
+def test_student_starts_as_the_conditional_teacher():
+  """The adapter's output layers are zero-initialised: at any w the fresh student is the
+  teacher's conditional model; and a model without the adapter option is refused."""
+  from distill.engine import Engine
+  teacher = mu.make_teacher(num_classes=4, seed=0)
+  engine, state, frozen = mu.make_engine("agd", teacher, batch=B, adapter_hidden=8)
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, 2))
+  t = jnp.linspace(0.1, 1.0, B)
+  cond = {"class_labels": jnp.arange(B) % 4}
+  want = ctx.apply("teacher", x, t, cond)
+  got = ctx.apply("student", x, t, cond, guidance=jnp.linspace(1.0, 5.0, B))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  assert any(k.startswith("guidance_adapter_") for k in mu.flat_params(state.params["student"]))
+  from distill.engine import check_network_kwargs
+  from distill.objective import Network
+  with pytest.raises(ValueError, match=r"network 'student': model 'dit' has no option "
+                                       r"\['guidance_adapter'\]"):
+    check_network_kwargs(Network("student", kwargs={"guidance_adapter": 8}), "dit")
 
 
 @pytest.mark.slow
 def test_toy_run_one_pass_student_matches_the_cfg_teacher(tmp_path):
   """gmm at w = 2, 32 Euler steps each: the student (32 calls) is within 10% of the CFG
-  teacher's (64 calls) SWD, and for one class its samples are closer to the CFG teacher's than
-  the unguided teacher's are."""
+  teacher's (64 calls) SWD, and for one class its samples are much closer to the CFG teacher's
+  than the unguided teacher's are (measured: 0.023 against 0.164 with the full toy teacher)."""
   teacher = mu.train_tiny_teacher(tmp_path / "teacher", "gmm", 800)
   w = tmp_path / "student"
   mu.run_train(f"{CONFIG}:gmm", w, f"--config.teacher.checkpoint={teacher}",
@@ -136,3 +158,17 @@ def test_toy_run_one_pass_student_matches_the_cfg_teacher(tmp_path):
     r = json.load(f)["results"]
   s, t = r["student_steps_32"]["swd"], r["teacher_steps_32"]["swd"]
   assert abs(s - t) <= 0.1 * t, r
+  # One class: the student's samples against the CFG teacher's (same noise), next to the
+  # unguided teacher's (how far guidance moves the samples).
+  from distill import evaluation, trainer
+  from distill.metrics.swd import swd
+  engine, state, frozen, _ = trainer.open_run(str(w), [])
+  ctx = trainer.context_for(engine, state, frozen)
+  params = trainer.eval_params(engine, state, frozen)
+  labels = np.zeros(1024, np.int32)
+  gen = lambda net, g: evaluation.generate(ctx, net, params[net], n=1024, seed=3, solver="euler",
+                                           steps=32, shape=engine.source.shape, guidance=g,
+                                           labels=labels)[0]
+  guided_teacher = gen("teacher", 2.0)
+  assert swd(gen("student", 2.0), guided_teacher) < 0.4 * swd(gen("teacher", 1.0),
+                                                               guided_teacher)

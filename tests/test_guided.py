@@ -24,7 +24,8 @@ CONFIG = os.path.join(mu.ROOT, "configs", "toy", "guided.py")
 
 
 def _torch_guided_mlp(teacher, p, x, t, labels, w):
-  """The student MLP with its guidance embedding (models/mlp.py: a TimestepEmbedding of w)."""
+  """The student MLP with its guidance embedding (models/mlp.py: a TimestepEmbedding of w) and,
+  where its weights have them, the per-block guidance adapters."""
   import math
   F = torch.nn.functional
   net = mu.torch_mlp(teacher)
@@ -40,6 +41,9 @@ def _torch_guided_mlp(teacher, p, x, t, labels, w):
     b = f"block_{i}"
     y = dense(b + "/fc1", net._ln(p, b + "/norm", h)) + dense(b + "/cond", F.silu(c))
     h = h + dense(b + "/fc2", F.silu(y))
+    a = f"guidance_adapter_{i}"
+    if a + "/fc1/kernel" in p:   # AGD's per-block additive adapter
+      h = h + dense(a + "/fc2", F.silu(dense(a + "/fc1", F.silu(c))))
   return dense("out_proj", F.silu(net._ln(p, "out_norm", h)))
 
 

@@ -1,5 +1,6 @@
 """Toy 2-D adapter guidance distillation (AGD): the frozen toy teacher plus a trained guidance
-adapter (the zero-initialised w embedding), so that one pass reproduces CFG's two.
+adapter (a w embedding and per-block additive offsets, width 64), so that one pass reproduces
+CFG's two.
 
     python -m launch.train --config configs/toy/teacher.py:gmm --workdir runs/toy_teacher_gmm
     python -m launch.train --config configs/toy/agd.py:gmm --workdir runs/toy_agd_gmm \
@@ -22,7 +23,8 @@ def get_config(arg: str = "gmm"):
   c.objective.guidance_range = (1.0, 3.0)
   c.objective.states = "teacher"
   c.objective.trajectory_steps = 16
-  c.objective.adapter_params = "guidance_embed"
+  c.objective.adapter_hidden = 64
+  c.objective.adapter_params = "guidance_embed|guidance_adapter"
   c.objective.label_dropout = 0.1
   c.eval.class_conditional = True
   c.eval.guidance = 2.0

@@ -5,11 +5,12 @@ two, trained on the CFG sampler's own trajectories.
     python -m launch.train --config configs/toy/agd.py:gmm --workdir runs/toy_agd \
         --config.teacher.checkpoint=runs/toy_teacher_gmm
 
-The student is the teacher with a zero-initialised guidance embedding (`guidance_embed`, the
-adapter: an MLP of the sinusoidal embedding of w added to the conditioning that every block
-reads) and only the parameters matching `adapter_params` (a regex; default the guidance
-embedding) are trained: the base weights stay the teacher's, and at w = 1 the student starts
-as the conditional teacher. Per sample:
+The student is the teacher plus the adapter: a zero-initialised guidance embedding
+(`guidance_embed`: an MLP of the sinusoidal embedding of w added to the conditioning) and,
+with `adapter_hidden` > 0, AGD's additive per-block adapters (`guidance_adapter`: after every
+block, an offset MLP of the conditioning, time + class + w, zero-initialised output). Only
+parameters matching `adapter_params` (a regex) are trained: the base weights stay the
+teacher's, and the student starts as the conditional teacher. Per sample:
 
     w ~ U[w_min, w_max]  (CFG u + w (c - u))
     x_t: `states="teacher"` (AGD): n ~ U{0..N-1} DDIM steps of the CFG teacher at w from noise
@@ -38,7 +39,10 @@ DEFAULTS = {
     "guidance_range": (1.0, 4.0),       # w ~ U[lo, hi]
     "states": "teacher",                # teacher (CFG trajectories) | data (noised data)
     "trajectory_steps": 16,             # N: the guided sampler's DDIM grid of the states
-    "adapter_params": "guidance_embed",  # regex of the trained parameter paths
+    # The adapter: per-block additive offsets of this hidden width (models with a
+    # `guidance_adapter` option, e.g. the toy MLP; 0: the guidance embedding alone).
+    "adapter_hidden": 64,
+    "adapter_params": "guidance_embed|guidance_adapter",  # regex of the trained parameters
     "label_dropout": 0.1,               # null-class probability per sample
 }
 
@@ -84,12 +88,15 @@ def build(cfg) -> Objective:
                      f"got {tuple(cfg.guidance_range)}")
   if int(cfg.trajectory_steps) < 1:
     raise ValueError("config key 'objective.trajectory_steps': expected >= 1")
+  kwargs = {"guidance_embed": True}
+  if int(cfg.adapter_hidden) > 0:
+    kwargs["guidance_adapter"] = int(cfg.adapter_hidden)
   loss = functools.partial(agd_loss, student="student", teacher="teacher",
                            num_steps=int(cfg.trajectory_steps), states=states,
                            guidance_range=(lo, hi), label_dropout=float(cfg.label_dropout))
   return Objective(
       networks=(Network("teacher", init="checkpoint", trainable=None),
-                Network("student", init="teacher", kwargs={"guidance_embed": True},
+                Network("student", init="teacher", kwargs=kwargs,
                         trainable=str(cfg.adapter_params))),
       phases=(Phase("agd", loss=loss, trains=("student",)),),
       student="student", sampler="euler", evaluates_as="student")
