@@ -306,6 +306,11 @@ def check_sharded_losses(config: str, tmp_path, args, losses, required) -> None:
       np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=1e-6, err_msg=k)
 
 
+def phase_losses(rows):
+  """The `<phase>/loss` values of metrics rows (what sharded runs compare)."""
+  return [{k: v for k, v in r.items() if k.endswith("/loss")} for r in rows]
+
+
 TINY_TEACHER = ["--config.model.hidden=32", "--config.model.depth=2",
                 "--config.train.batch_size=128", "--config.eval.num_samples=512",
                 "--config.eval.teacher_steps=16", "--config.sample.num=64",

@@ -126,7 +126,6 @@ def test_train_step_changes_only_the_adapter():
 def test_student_starts_as_the_conditional_teacher():
   """The adapter's output layers are zero-initialised: at any w the fresh student is the
   teacher's conditional model; and a model without the adapter option is refused."""
-  from distill.engine import Engine
   teacher = mu.make_teacher(num_classes=4, seed=0)
   engine, state, frozen = mu.make_engine("agd", teacher, batch=B, adapter_hidden=8)
   _, ctx = mu.phase_context(engine, state, frozen, ())

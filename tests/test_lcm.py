@@ -285,6 +285,4 @@ def test_sharded_run_matches_single_device(tmp_path):
           "--config.eval.at_end=false", "--config.checkpoint.every_steps=0",
           "--config.objective.guidance_range=(1.0,2.0)",
           "--config.objective.segment_stages=(4,2)", "--config.objective.stage_steps=5"]
-  mu.check_sharded_losses(SEG_CONFIG, tmp_path, args,
-                          lambda rows: [{k: v for k, v in r.items() if k.endswith("/loss")}
-                                        for r in rows], ["segmented_cm/loss"])
+  mu.check_sharded_losses(SEG_CONFIG, tmp_path, args, mu.phase_losses, ["segmented_cm/loss"])

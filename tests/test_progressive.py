@@ -188,6 +188,4 @@ def test_sharded_run_matches_single_device(tmp_path):
           "--config.checkpoint.every_steps=0", "--config.objective.student_steps=4",
           "--config.objective.num_stages=2", "--config.objective.stage_steps=5",
           "--config.objective.guidance=2.0"]
-  mu.check_sharded_losses(CONFIG, tmp_path, args,
-                          lambda rows: [{k: v for k, v in r.items() if k.endswith("/loss")}
-                                        for r in rows], ["progressive/loss"])
+  mu.check_sharded_losses(CONFIG, tmp_path, args, mu.phase_losses, ["progressive/loss"])

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, register_objective
-from distill.objectives.lcm import draw_inputs, step_cond, teacher_trajectory_state
+from distill.objectives.lcm import (choice, draw_inputs, guidance_range, step_cond,
+                                    teacher_trajectory_state)
 from distill.objectives.matching import bcast, guided, per_example_mean
 
 DEFAULTS = {
@@ -78,14 +79,8 @@ def agd_loss(trainable, ctx, batch, rng, t, *, num_steps: int, guidance_range,
 
 @register_objective("agd", defaults=DEFAULTS)
 def build(cfg) -> Objective:
-  states = str(cfg.states)
-  if states not in ("teacher", "data"):
-    raise ValueError(f"config key 'objective.states': expected 'teacher' or 'data', "
-                     f"got {states!r}")
-  lo, hi = (float(v) for v in cfg.guidance_range)
-  if lo > hi:
-    raise ValueError(f"config key 'objective.guidance_range': expected (lo, hi) with lo <= hi, "
-                     f"got {tuple(cfg.guidance_range)}")
+  states = choice(cfg, "states", ("teacher", "data"))
+  lo, hi = guidance_range(cfg)
   if int(cfg.trajectory_steps) < 1:
     raise ValueError("config key 'objective.trajectory_steps': expected >= 1")
   kwargs = {"guidance_embed": True}

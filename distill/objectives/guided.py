@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, Stage, register_objective
 from distill.objectives import progressive
-from distill.objectives.lcm import step_cond
+from distill.objectives.lcm import choice, guidance_range, step_cond
 from distill.objectives.matching import bcast, guided, per_example_mean
 
 DEFAULTS = {
@@ -93,18 +93,10 @@ def guidance_loss(trainable, ctx, batch, rng, t, *, teacher: str, guidance_range
 
 
 def _check(cfg):
-  part = str(cfg.part)
-  if part not in PARTS:
-    raise ValueError(f"config key 'objective.part': expected one of {PARTS}, got {part!r}")
+  part = choice(cfg, "part", PARTS)
   for key in ("guidance_weighting", "weighting"):
-    if str(cfg[key]) not in progressive.WEIGHTINGS:
-      raise ValueError(f"config key 'objective.{key}': expected one of "
-                       f"{tuple(progressive.WEIGHTINGS)}, got {cfg[key]!r}")
-  lo, hi = (float(v) for v in cfg.guidance_range)
-  if lo > hi:
-    raise ValueError(f"config key 'objective.guidance_range': expected (lo, hi) with lo <= hi, "
-                     f"got {tuple(cfg.guidance_range)}")
-  return part, (lo, hi)
+    choice(cfg, key, tuple(progressive.WEIGHTINGS))
+  return part, guidance_range(cfg)
 
 
 @register_objective("guided", defaults=DEFAULTS)

@@ -238,20 +238,27 @@ def discrete_cm_loss(trainable, ctx, batch, rng, t, *, num_steps: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _choice(cfg, key: str, options: tuple) -> str:
+def choice(cfg, key: str, options: tuple) -> str:
+  """cfg[key] as a string, one of `options` (else one line naming the key)."""
   v = str(cfg[key])
   if v not in options:
     raise ValueError(f"config key 'objective.{key}': expected one of {options}, got {v!r}")
   return v
 
 
-def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
-           scalings: Optional[dict] = None, stages: tuple = ()) -> Objective:
-  target = _choice(cfg, "target", ("ema", "online"))
+def guidance_range(cfg) -> tuple[float, float]:
+  """cfg.guidance_range as (lo, hi) with lo <= hi (else one line naming the key)."""
   lo, hi = (float(v) for v in cfg.guidance_range)
   if lo > hi:
     raise ValueError(f"config key 'objective.guidance_range': expected (lo, hi) with lo <= hi, "
                      f"got {tuple(cfg.guidance_range)}")
+  return lo, hi
+
+
+def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
+           scalings: Optional[dict] = None, stages: tuple = ()) -> Objective:
+  target = choice(cfg, "target", ("ema", "online"))
+  lo, hi = guidance_range(cfg)
   num_steps = int(cfg.num_ddim_steps)
   if kind == "segmented_cm":
     segment_edges(num_steps, num_segments)   # validates the split
@@ -259,8 +266,8 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
       discrete_cm_loss, student="student", teacher="teacher", kind=kind, num_steps=num_steps,
       num_segments=num_segments, guidance=(lo, hi) != (1.0, 1.0),
       guidance_embed=bool(cfg.guidance_embed), guidance_range=(lo, hi), target=target,
-      loss=_choice(cfg, "loss", ("l2", "huber")), huber_c=float(cfg.huber_c),
-      states=_choice(cfg, "states", ("data", "teacher")),
+      loss=choice(cfg, "loss", ("l2", "huber")), huber_c=float(cfg.huber_c),
+      states=choice(cfg, "states", ("data", "teacher")),
       label_dropout=float(cfg.label_dropout), **(scalings or {}))
   kwargs = {"guidance_embed": True} if cfg.guidance_embed else {}
   ema = {"student": {"eval": float(cfg.target_decay)}} if target == "ema" else {}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, Stage, register_objective
-from distill.objectives.lcm import ddim_jump, step_cond, teacher_ddim_step
+from distill.objectives.lcm import choice, step_cond, teacher_ddim_step
 from distill.objectives.matching import bcast, per_example_mean
 
 DEFAULTS = {
@@ -122,9 +122,7 @@ def check_halvable(n0: int, num_stages: int) -> None:
 def build(cfg) -> Objective:
   n0, stages_n = int(cfg.student_steps), int(cfg.num_stages)
   check_halvable(n0, stages_n)
-  if str(cfg.weighting) not in WEIGHTINGS:
-    raise ValueError(f"config key 'objective.weighting': expected one of {tuple(WEIGHTINGS)}, "
-                     f"got {cfg.weighting!r}")
+  choice(cfg, "weighting", tuple(WEIGHTINGS))
   if int(cfg.stage_steps) <= 0:
     raise ValueError("config key 'objective.stage_steps': expected > 0")
   stages = tuple(Stage(steps=int(cfg.stage_steps),
