@@ -260,6 +260,43 @@ def test_structure_and_stages():
     Engine(mu.tiny_config("segmented_cm", segment_stages=(4, 2)), teacher=teacher)
   lcm_engine = Engine(mu.tiny_config("lcm", target="online"), teacher=teacher)
   assert lcm_engine.objective.sampler == "lcm" and not lcm_engine.objective.ema
+  with pytest.raises(ValueError, match="target='online'"):
+    Engine(mu.tiny_config("lcm", lora_rank=4), teacher=teacher)
+
+
+def test_lora_student_trains_only_the_adapter_against_the_online_target():
+  """LCM-LoRA: the student is a LoRA over the frozen teacher's shared weights; its loss equals
+  the full-copy loss of the merged weights (online target), and a step changes only the
+  adapter."""
+  teacher = mu.make_teacher(num_classes=4, seed=0)
+  engine, state, frozen = mu.make_engine("lcm", teacher, batch=B, lora_rank=4, target="online",
+                                         num_ddim_steps=8, lora_pattern=r"block_\d+")
+  assert engine.nets["student"].base == "teacher"
+  lp = mu.perturb(state.params["student"], 3)
+  assert any("lora" in k for k in mu.flat_params(lp))
+  state = state.replace(params={**state.params, "student": lp})
+  batch = jax.device_get(engine.global_batch(0))
+  kw = dict(engine.objective.phases[0].loss.keywords)
+  kw.pop("guidance_range"), kw.pop("label_dropout")
+  draws = lcm.draw_inputs(jax.random.PRNGKey(1), batch["x"], num_steps=8)
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
+  got = float(lcm.discrete_cm_loss_given(trainable, ctx, batch, draws, **kw)[0])
+  # The same loss with a full student holding the merged weights.
+  full, fstate, ffrozen = mu.make_engine("lcm", teacher, batch=B, target="online",
+                                         num_ddim_steps=8)
+  merged = ctx_lib.merge_params(engine.nets["student"], lp, frozen)
+  ftrain, fctx = mu.phase_context(full, fstate.replace(params={"student": merged}), ffrozen,
+                                  ("student",))
+  fkw = dict(full.objective.phases[0].loss.keywords)
+  fkw.pop("guidance_range"), fkw.pop("label_dropout")
+  want = float(lcm.discrete_cm_loss_given(ftrain, fctx, batch, draws, **fkw)[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  before, lp_before = jax.device_get(frozen["teacher"]), mu.flat_params(jax.device_get(lp))
+  state, frozen, _ = engine.train_step(state, frozen, 0)   # (donates the state)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen["teacher"]), before)
+  changed = [k for k, v in mu.flat_params(jax.device_get(state.params["student"])).items()
+             if not np.array_equal(v, lp_before[k])]
+  assert changed and all("lora" in k for k in changed)
 
 
 # --------------------------------------------------------------------------------------------

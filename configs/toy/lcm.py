@@ -10,7 +10,9 @@ the teacher's. LCM's recipe: a 50-step DDIM grid (skipping step k = 1 / 50 of th
 an EMA target with decay 0.95 (also the evaluated weights), squared error, the student sampled
 with the `lcm` solver (diffusers' LCMScheduler: LCM's c_skip / c_out boundary, fresh noise
 between steps). No guidance (`objective.guidance_range=(1.0, 1.0)`; a range > 1 distils the
-CFG teacher, and `objective.guidance_embed=True` lets the student see w).
+CFG teacher, and `objective.guidance_embed=True` lets the student see w). LCM-LoRA (a LoRA over
+the frozen teacher, online target): `--config.objective.lora_rank=16
+--config.objective.target=online --config.optim.lr=1e-3`.
 
 About 2 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 samples): docs/
 results_toy.md ("LCM, segmented CM, progressive") has the table; the 4-step student closes

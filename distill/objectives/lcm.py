@@ -35,7 +35,8 @@ stop-gradient (`target="online"`, LCM-LoRA). The consistency function f:
   becomes the next stage's teacher (promotion, optimizer reset).
 
 Networks: "teacher" (frozen), "student" (init from the teacher; `guidance_embed` adds LCM's
-w-embedding, zero-initialised so the student starts as the teacher).
+w-embedding, zero-initialised so the student starts as the teacher; `lora_rank` > 0: a LoRA
+adapter over the shared teacher weights, LCM-LoRA, with the online target).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import numpy as np
 
 from distill import processes as procs
 from distill.context import cond_from_batch, to_kind
-from distill.objective import Network, Objective, Phase, Stage, register_objective
+from distill.objective import LoRA, Network, Objective, Phase, Stage, register_objective
 from distill.objectives.matching import bcast, guided, per_example_mean
 
 COMMON = {
@@ -72,6 +73,12 @@ COMMON = {
     # Training states: "data" (noised data) or "teacher" (MLCM: the guided teacher's own DDIM
     # trajectory from noise; costs up to N teacher calls per step).
     "states": "data",
+    # LCM-LoRA / PCM-LoRA: rank > 0 trains a LoRA adapter (kernels matching lora_pattern,
+    # multiplier lora_alpha / rank, 0: alpha = rank) over the frozen teacher's shared weights
+    # instead of a full copy; the target is then the online student (no EMA), as LCM-LoRA.
+    "lora_rank": 0,
+    "lora_pattern": r"block_\d+",
+    "lora_alpha": 0.0,
 }
 LCM_DEFAULTS = {**COMMON, "sigma_data": 0.5, "timestep_scaling": 10.0}
 SEGMENTED_DEFAULTS = {**COMMON, "num_segments": 4, "segment_stages": (), "stage_steps": 0}
@@ -258,6 +265,13 @@ def guidance_range(cfg) -> tuple[float, float]:
 def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
            scalings: Optional[dict] = None, stages: tuple = ()) -> Objective:
   target = choice(cfg, "target", ("ema", "online"))
+  lora = int(cfg.lora_rank) > 0
+  if lora and target != "online":
+    raise ValueError("config key 'objective.target': a LoRA student (lora_rank > 0) uses the "
+                     "online target (LCM-LoRA), set target='online'")
+  if lora and cfg.guidance_embed:
+    raise ValueError("config key 'objective.guidance_embed': a LoRA student cannot add a w "
+                     "embedding to the shared teacher (LCM-LoRA does not embed w)")
   lo, hi = guidance_range(cfg)
   num_steps = int(cfg.num_ddim_steps)
   if kind == "segmented_cm":
@@ -269,11 +283,16 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
       loss=choice(cfg, "loss", ("l2", "huber")), huber_c=float(cfg.huber_c),
       states=choice(cfg, "states", ("data", "teacher")),
       label_dropout=float(cfg.label_dropout), **(scalings or {}))
-  kwargs = {"guidance_embed": True} if cfg.guidance_embed else {}
+  if lora:
+    student = Network("student", init="teacher", base="teacher",
+                      adapter=LoRA(str(cfg.lora_pattern), rank=int(cfg.lora_rank),
+                                   alpha=float(cfg.lora_alpha) or None))
+  else:
+    kwargs = {"guidance_embed": True} if cfg.guidance_embed else {}
+    student = Network("student", init="teacher", kwargs=kwargs)
   ema = {"student": {"eval": float(cfg.target_decay)}} if target == "ema" else {}
   return Objective(
-      networks=(Network("teacher", init="checkpoint", trainable=None),
-                Network("student", init="teacher", kwargs=kwargs)),
+      networks=(Network("teacher", init="checkpoint", trainable=None), student),
       phases=(Phase(kind, loss=loss, trains=("student",)),), ema=ema, stages=stages,
       student="student", sampler=sampler, evaluates_as="student")
 
