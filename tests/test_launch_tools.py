@@ -1,6 +1,7 @@
 """launch.sample and launch.evaluate on a finished (tiny) run directory."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -62,3 +63,37 @@ def test_sample_bad_input_one_line_exit_2(tiny_run, args, fragment):
   assert p.returncode == 2, p.stderr[-2000:]
   lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and fragment in lines[0], p.stderr
+
+
+def _dry(script, env, *args):
+  e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  e.update(env, DRY_RUN="1")
+  p = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], env=e,
+                     capture_output=True, text=True, timeout=60)
+  assert p.returncode == 0, p.stderr
+  return p.stdout
+
+
+def test_tpu_pod_launcher_runs_the_command_on_every_worker():
+  out = _dry("tpu_pod.sh", {"TPU": "pod", "ZONE": "us-east5-a", "REPO": "/src/distill",
+                            "SETUP": "pip install -e ."},
+             "launch.train", "--config", "configs/toy/scm.py:gmm", "--workdir", "gs://b/run 1")
+  assert out.startswith("gcloud compute tpus tpu-vm ssh pod --zone us-east5-a --worker=all ")
+  remote = shlex.split(out.split("--command ", 1)[1])[0]
+  assert remote.startswith("cd /src/distill && pip install -e . && python3 -m launch.train ")
+  assert shlex.split(remote.split("&& ")[-1])[-3:] == [
+      "--workdir", "gs://b/run 1", "--config.distributed.initialize=true"]
+
+
+def test_slurm_launcher_sets_the_coordinator_from_the_environment():
+  out = _dry("slurm_gpu.sh", {"COORDINATOR": "node0:4000", "NUM_PROCESSES": "4",
+                              "PROCESS_ID": "3"},
+             "launch.train", "--config", "configs/toy/scm.py", "--workdir", "/shared/r")
+  assert shlex.split(out) == [
+      "python3", "-m", "launch.train", "--config", "configs/toy/scm.py", "--workdir",
+      "/shared/r", "--config.distributed.initialize=true",
+      "--config.distributed.coordinator_address=node0:4000",
+      "--config.distributed.num_processes=4", "--config.distributed.process_id=3"]
+  p = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sh")], capture_output=True,
+                     text=True, timeout=60)
+  assert p.returncode == 2 and "usage" in p.stderr
