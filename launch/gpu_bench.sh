@@ -21,16 +21,19 @@
 #   4. sCD step, 512 px, batch 32, fused JVP attention
 #   5. pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA attention in
 #      forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
+# Environment: PYTHON (the interpreter, default python3), WHEELS, STEPS (timed steps, 10), SCAN,
+# EXTRA_ARGS (below).
 # Output: OUTDIR/bench.md (the table), OUTDIR/bench.jsonl (launch.bench's JSON per run),
 # OUTDIR/<run>.log, OUTDIR/kernels.log, OUTDIR/device.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-runs/gpu_bench}}
 WHEELS=${WHEELS:-.whl}
+PYTHON=${PYTHON:-python3}     # the interpreter with jax (on the GPU machines: python3)
 mkdir -p "$OUTDIR"
 
-if ! python3 -c "import ml_collections, tensorboardX" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+if ! "$PYTHON" -c "import ml_collections, tensorboardX" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/distill-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/distill-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -45,7 +48,7 @@ SCAN=${SCAN:-True}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o; \
+  "$PYTHON" -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o; \
 print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$OUTDIR/device.txt"
 
@@ -58,7 +61,7 @@ bench() {
   local name=$1 limit=$2 arg=$3
   shift 3
   echo "== $name: $arg $*"
-  timeout "$limit" python3 -m launch.bench --config "configs/bench/dit_xl2.py:$arg" \
+  timeout "$limit" "$PYTHON" -m launch.bench --config "configs/bench/dit_xl2.py:$arg" \
     --random_teacher --steps "$STEPS" --warmup 2 --config.model.scan_blocks="$SCAN" "$@" $EXTRA_ARGS > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   local json
@@ -68,11 +71,11 @@ bench() {
     echo "| $name | $* | - | failed (exit $rc) | | | | |" >> "$OUTDIR/bench.md"
     return 1
   fi
-  echo "$json" | python3 -c "
+  echo "$json" | "$PYTHON" -c "
 import json, sys
 r = json.loads(sys.stdin.read()); r['run'] = '$name'; r['args'] = sys.argv[1:]
 print(json.dumps(r))" "$@" >> "$OUTDIR/bench.jsonl"
-  echo "$json" | python3 -c "
+  echo "$json" | "$PYTHON" -c "
 import json, sys
 r = json.loads(sys.stdin.read())
 peak = r.get('peak_memory_bytes') or 0
@@ -91,7 +94,7 @@ bench plain512 150 denoise,512
 bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp
 
 echo "== kernels: pytest tests/test_attention.py -k on_gpu"
-timeout 240 python3 -m pytest tests/test_attention.py -k on_gpu -q -s -p no:cacheprovider \
+timeout 240 "$PYTHON" -m pytest tests/test_attention.py -k on_gpu -q -s -p no:cacheprovider \
   > "$OUTDIR/kernels.log" 2>&1
 echo "   exit $?: $(tail -n 1 "$OUTDIR/kernels.log")"
 grep '^{' "$OUTDIR/kernels.log" || true

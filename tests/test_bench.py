@@ -73,10 +73,12 @@ def test_bench_dit_xl2_rejects_unknown_arg():
 def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   """launch/gpu_bench.sh end to end on CPU with a shrunk network: four bench rows in its table
   and JSON lines, and the kernel tests (skipped off GPU) reported."""
-  e = env() | {"STEPS": "1", "EXTRA_ARGS": " ".join(TINY_DIT)}
+  e = env() | {"STEPS": "1", "EXTRA_ARGS": " ".join(TINY_DIT), "PYTHON": sys.executable,
+               "WHEELS": str(tmp_path / "no_wheels")}   # this interpreter has every package
   p = subprocess.run(["bash", "launch/gpu_bench.sh", str(tmp_path)], cwd=ROOT,
                      capture_output=True, text=True, timeout=1200, env=e)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  assert (tmp_path / "bench.jsonl").exists(), p.stdout[-3000:]
   rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
   assert [r["run"] for r in rows] == ["plain256", "scm256", "plain512", "scm512"]
   assert [r["batch_size"] for r in rows] == [2, 2, 2, 2]
