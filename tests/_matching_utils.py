@@ -275,6 +275,20 @@ def gaussian_context(mu, s, *, dim, fake=None, num_classes=0):
   return nets, params
 
 
+def closed_form_context(teacher_fn, student_fn, *, num_classes: int = 0, ema: bool = False):
+  """A Context of two closed-form x0-predicting networks under rectified flow (timestep =
+  1000 t): "teacher" (no params) and "student" (its params are the loss's trainable tree);
+  `ema` gives the student an (empty) `eval` EMA role, the target of EMA-target losses."""
+  process = procs.make_process("rectified_flow")
+
+  def info(name, fn):
+    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
+                           num_classes=num_classes, apply_fn=fn)
+  return ctx_lib.Context(params={"teacher": {}}, ema={"student": {"eval": {}}} if ema else {},
+                         model_state={}, nets={"teacher": info("teacher", teacher_fn),
+                                               "student": info("student", student_fn)})
+
+
 # --------------------------------------------------------------------------------------------
 # Subprocess runs
 # --------------------------------------------------------------------------------------------

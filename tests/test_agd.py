@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import context as ctx_lib
-from distill import processes as procs
 from distill.objectives import agd, lcm
 from tests import _matching_utils as mu
 from tests.test_dmd2 import assert_close_tree
@@ -77,7 +75,6 @@ def test_gaussian_closed_form():
   var = 0.09
   means = jnp.asarray([[1.0, 0.5], [-1.0, -0.5], [0.0, 0.0]])
   vars_ = jnp.asarray([var, var, var + 1.25])
-  process = procs.make_process("rectified_flow")
 
   def post(x, t, mean, v):
     a = (1.0 - t)[:, None]
@@ -92,12 +89,7 @@ def test_gaussian_closed_form():
     u = post(x, t, means[2], vars_[2])
     return u + guidance[:, None] * (c - u) + variables["params"]["delta"]
 
-  def info(name, fn):
-    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
-                           num_classes=2, apply_fn=fn)
-  ctx = ctx_lib.Context(params={"teacher": {}}, ema={}, model_state={},
-                        nets={"teacher": info("teacher", teacher_fn),
-                              "student": info("student", student_fn)})
+  ctx = mu.closed_form_context(teacher_fn, student_fn, num_classes=2)
   b = 48
   k = jax.random.split(jax.random.PRNGKey(0), 2)
   draws = {"n": jnp.arange(b) % 6, "eps": jax.random.normal(k[0], (b, 2)),

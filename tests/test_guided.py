@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import context as ctx_lib
-from distill import processes as procs
 from distill.objectives import guided, progressive
 from tests import _matching_utils as mu
 from tests.test_dmd2 import assert_close_tree
@@ -142,7 +140,6 @@ def test_guidance_stage_gaussian_closed_form():
   dim, b, var = 2, 64, 0.09
   means = jnp.asarray([[1.0, 0.5], [-1.0, -0.5], [0.0, 0.0]])   # class 0, 1, null
   vars_ = jnp.asarray([var, var, var + 1.25])
-  process = procs.make_process("rectified_flow")
 
   def post(x, t, mean, v):
     a = (1.0 - t)[:, None]
@@ -157,12 +154,7 @@ def test_guidance_stage_gaussian_closed_form():
     u = post(x, t, means[2], jnp.full_like(t, vars_[2]))
     return u + guidance[:, None] * (c - u) + variables["params"]["delta"]
 
-  def info(name, fn):
-    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
-                           num_classes=2, apply_fn=fn)
-  ctx = ctx_lib.Context(params={"teacher": {}}, ema={}, model_state={},
-                        nets={"teacher": info("teacher", teacher_fn),
-                              "student": info("student", student_fn)})
+  ctx = mu.closed_form_context(teacher_fn, student_fn, num_classes=2)
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   draws = {"t": jax.random.uniform(k[0], (b,), minval=0.05, maxval=1.0),
            "eps": jax.random.normal(k[1], (b, dim)), "w": jnp.linspace(1.0, 4.0, b),

@@ -155,7 +155,6 @@ def _gauss_ctx(kind, n_steps, segments, mean, var, exact: bool):
   """Teacher: the exact posterior mean (x0 kind). Student (x0 kind): with `exact`, the x0 that
   makes the method's consistency function equal the teacher's DDIM chain to the segment edge
   (to t_end for lcm, through LCM's c_skip / c_out); else the teacher itself."""
-  process = procs.make_process("rectified_flow")
   grid = np.linspace(1.0, 0.0, n_steps + 1).astype(np.float32)
   k = n_steps // segments
 
@@ -181,12 +180,7 @@ def _gauss_ctx(kind, n_steps, segments, mean, var, exact: bool):
     a_s, s_s = (1.0 - s)[:, None], s[:, None]
     return (chain - s_s / sg * x) / (a_s - s_s * a / sg)
 
-  def info(name, fn):
-    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
-                           apply_fn=fn)
-  nets = {"teacher": info("teacher", teacher_fn), "student": info("student", student_fn)}
-  return ctx_lib.Context(params={"teacher": {}}, ema={"student": {"eval": {}}}, model_state={},
-                         nets=nets)
+  return mu.closed_form_context(teacher_fn, student_fn, ema=True)
 
 
 @pytest.mark.parametrize("kind,segments", [("lcm", 1), ("segmented_cm", 1),

@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import context as ctx_lib
-from distill import processes as procs
 from distill.objectives import progressive
 from tests import _matching_utils as mu
 from tests.test_dmd2 import assert_close_tree
@@ -75,7 +73,6 @@ def test_gaussian_closed_form():
   mean(max(1, SNR(t)) delta^2)."""
   n_steps, dim, b = 4, 3, 32
   mean, var = jnp.asarray([0.5, -1.0, 2.0]), 0.09
-  process = procs.make_process("rectified_flow")
   grid = np.linspace(1.0, 0.0, 2 * n_steps + 1).astype(np.float32)
 
   def teacher_fn(variables, x, timestep, class_labels=None):
@@ -92,12 +89,7 @@ def test_gaussian_closed_form():
     a, s, ae, se = (1 - t)[:, None], t[:, None], (1 - te)[:, None], te[:, None]
     return (ze - se / s * z) / (ae - se * a / s) + variables["params"]["delta"]
 
-  def info(name, fn):
-    return ctx_lib.NetInfo(name=name, module=None, prediction="x0", process=process,
-                           apply_fn=fn)
-  ctx = ctx_lib.Context(params={"teacher": {}}, ema={}, model_state={},
-                        nets={"teacher": info("teacher", teacher_fn),
-                              "student": info("student", student_fn)})
+  ctx = mu.closed_form_context(teacher_fn, student_fn)
   draws = {"n": jnp.arange(b) % n_steps,
            "eps": jax.random.normal(jax.random.PRNGKey(0), (b, dim)),
            "drop": jnp.zeros((b,), bool)}
