@@ -70,6 +70,11 @@ def _load_run_dir(path: str, params_role: str) -> Teacher:
     run = json.load(f)
   resolved = run["resolved"]
   net = resolved["evaluated_network"]
+  wrapper = ((resolved.get("networks") or {}).get(net) or {}).get("wrapper")
+  if wrapper:
+    raise ValueError(f"config key 'teacher.checkpoint': {path!r}: its network {net!r} is "
+                     f"trained behind the wrapper {wrapper!r}; loading a wrapped network as a "
+                     "teacher is not supported yet")
   step, tree = ckpt.restore_raw(os.path.join(path, "checkpoints"))
   state = tree["state"]
   role = None

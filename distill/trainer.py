@@ -132,12 +132,14 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _resolved(engine: Engine) -> dict:
-  """What config.json records beyond the config: each network's model and process."""
+  """What config.json records beyond the config: each network's model, its own process (the
+  one its raw output and `prediction` refer to) and how the objective presents it (wrapper)."""
   model_cfgs, processes, frozen_refs = {}, {}, {}
   for name, plan in engine.plans.items():
     model_cfgs[name] = plan.model_config
-    if plan.info.process is not None:
-      processes[name] = procs.process_config(plan.info.process)
+    own = plan.info.inner_process or plan.info.process
+    if own is not None:
+      processes[name] = procs.process_config(own)
     if plan.init_from == "checkpoint":
       frozen_refs[name] = engine.teacher.reference
   obj = engine.objective
@@ -146,7 +148,9 @@ def _resolved(engine: Engine) -> dict:
           "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
           "stage_bounds": engine.stage_bounds,
-          "networks": {n: {"init": p.init_from, "frozen": p.frozen}
+          "networks": {n: {"init": p.init_from, "frozen": p.frozen,
+                           "wrapper": engine.objective.network(n).wrapper,
+                           "base": engine.objective.network(n).base}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
 

@@ -740,3 +740,21 @@ def test_sharded_scm_matches_single_device(toy_teacher, tmp_path):
       np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=1e-6, err_msg=k)
   assert json.load(open(eight / "config.json"))["resolved"]["mesh"] == {"data": 4, "fsdp": 2,
                                                                         "tensor": 1}
+
+
+def test_config_json_records_the_wrapper_and_the_networks_own_process(tmp_path):
+  """A wrapped student (flow_to_trigflow) is recorded with its own process (rectified flow, the
+  one its raw `flow` output refers to) and its wrapper; loading it as a teacher says why not."""
+  from distill import teacher as teacher_lib
+  from distill import trainer
+  from tests import _matching_utils as mu
+  engine, _, _ = mu.make_engine("scm", mu.make_teacher(num_classes=4), batch=8)
+  resolved = trainer._resolved(engine)  # pylint: disable=protected-access
+  assert resolved["processes"]["student"]["name"] == "rectified_flow"
+  assert resolved["models"]["student"]["prediction"] == "flow"
+  assert resolved["networks"]["student"]["wrapper"].startswith("flow_to_trigflow")
+  assert resolved["networks"]["teacher"]["wrapper"] is None
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps({"resolved": resolved}))
+  with pytest.raises(ValueError, match="behind the wrapper 'flow_to_trigflow"):
+    teacher_lib.load_teacher(str(tmp_path), "ema")
