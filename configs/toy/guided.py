@@ -12,7 +12,8 @@ w = 2: the teacher's rows use CFG at 2 (its 64-step row is the reference), the s
 w = 2 as its input.
 
 About 2-3 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 class-conditional
-samples): docs/results_toy.md ("Guided distillation").
+samples; 3 seeds in docs/results_toy.md): the 4-step student closes 99.4% (gmm) and 99.7%
+(spiral) of the guided teacher's 1 vs 64-step gap (0.166 against the teacher's 0.158 on gmm).
 """
 from configs.toy.common import toy_distill_config
 

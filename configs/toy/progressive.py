@@ -11,9 +11,9 @@ then the previous stage's student) for `objective.stage_steps` steps; the optimi
 the learning rate decays linearly to 0 within each stage (the paper's schedule); no EMA; the
 max(1, SNR) ("snr_trunc") weighting. The student is sampled with deterministic `ddim` steps.
 
-About 2-3 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 samples): docs/
-results_toy.md ("LCM, segmented CM, progressive"); the 4-step student is close to the 64-step
-teacher.
+About 1-1.5 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 samples; 3 seeds
+in docs/results_toy.md): the 4-step student closes 99.9% of the teacher's 1 vs 64-step gap
+(gmm 0.123, checkerboard 0.055, spiral 0.086).
 """
 from configs.toy.common import toy_distill_config
 
