@@ -44,8 +44,8 @@ smooth. A time embedding of 1000 s (diffusers / SD3 convention) makes dF/dt osci
 period of ~0.006 in s and the run diverges (g_norm grows); use a teacher with a dense time
 input (s in [0, 1]: SANA-Sprint fine-tunes its teacher so; the toy MLP: model.time_scale =
 0.001). Label dropout trains the student's null class too (eval samples unconditionally by
-default). A guidance-embedded student (`guidance_embed`) is sampled by the generic evaluator
-without a guidance value (the embedding sees 0).
+default). A guidance-embedded student (`guidance_embed`) is evaluated at w = `eval.guidance`
+(default 1: no guidance), the teacher's rows with CFG at the same w.
 """
 from __future__ import annotations
 
