@@ -707,7 +707,9 @@ def test_toy_distillation_closes_the_gap(toy_teacher, tmp_path):
   assert res["student_steps_2"] < t1
   cfg = json.load(open(w / "config.json"))
   assert cfg["resolved"]["sampler"] == "trigflow"
-  assert cfg["resolved"]["processes"]["student"]["name"] == "trigflow"
+  # The student's own process (its raw output is the teacher's `flow`), presented as TrigFlow.
+  assert cfg["resolved"]["processes"]["student"]["name"] == "rectified_flow"
+  assert cfg["resolved"]["networks"]["student"]["wrapper"].startswith("flow_to_trigflow")
   rows = _metrics(w)
   assert all(np.isfinite(r["scm/loss"]) and r["scm/nonfinite"] == 0 for r in rows)
   # The student moved away from the teacher.
