@@ -51,7 +51,7 @@ def test_loss_matches_torch(states):
   n = mu.n2t(draws["n"])
   t = grid[n]
   eps, w = mu.n2t(draws["eps"]), mu.n2t(draws["w"])
-  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
+  labels = torch.where(mu.n2t(draws["null"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
   null = torch.full_like(labels, 4)
   if states == "teacher":
     x = _torch_trajectory(net, p_t, eps, grid, n, labels, null, w)
@@ -93,7 +93,7 @@ def test_gaussian_closed_form():
   b = 48
   k = jax.random.split(jax.random.PRNGKey(0), 2)
   draws = {"n": jnp.arange(b) % 6, "eps": jax.random.normal(k[0], (b, 2)),
-           "w": jnp.linspace(1.0, 4.0, b), "drop": jnp.zeros((b,), bool)}
+           "w": jnp.linspace(1.0, 4.0, b), "null": jnp.zeros((b,), bool)}
   batch = {"x": jax.random.normal(k[1], (b, 2)), "label": jnp.arange(b) % 2}
   t = np.linspace(1.0, 0.0, 7)[np.arange(b) % 6]
   for states in ("teacher", "data"):

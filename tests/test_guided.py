@@ -76,7 +76,7 @@ def test_guidance_stage_loss_matches_torch():
   p_t = mu.torch_params(frozen["teacher"])
   t, w = mu.n2t(draws["t"]), mu.n2t(draws["w"])
   x0, eps = mu.n2t(batch["x"]), mu.n2t(draws["eps"])
-  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full((B,), 4, dtype=torch.long),
+  labels = torch.where(mu.n2t(draws["null"]).bool(), torch.full((B,), 4, dtype=torch.long),
                        mu.n2t(batch["label"]))
   z = (1 - t)[:, None] * x0 + t[:, None] * eps
   with torch.no_grad():
@@ -116,7 +116,7 @@ def test_progressive_stage_with_w_matches_torch():
   n = mu.n2t(draws["n"])
   t, tm, te = grid[2 * n], grid[2 * n + 1], grid[2 * n + 2]
   x0, eps, w = mu.n2t(batch["x"]), mu.n2t(draws["eps"]), mu.n2t(draws["w"])
-  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
+  labels = torch.where(mu.n2t(draws["null"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
   z = (1 - t)[:, None] * x0 + t[:, None] * eps
   g = lambda p, x, tt: _torch_guided_mlp(teacher, p, x, tt, labels, w)
   with torch.no_grad():
@@ -158,7 +158,7 @@ def test_guidance_stage_gaussian_closed_form():
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   draws = {"t": jax.random.uniform(k[0], (b,), minval=0.05, maxval=1.0),
            "eps": jax.random.normal(k[1], (b, dim)), "w": jnp.linspace(1.0, 4.0, b),
-           "drop": jnp.zeros((b,), bool)}
+           "null": jnp.zeros((b,), bool)}
   batch = {"x": jax.random.normal(k[2], (b, dim)), "label": jnp.arange(b) % 2}
   loss_of = lambda d: float(guided.guidance_loss_given(
       {"student": {"delta": jnp.float32(d)}}, ctx, batch, draws, student="student",

@@ -87,9 +87,9 @@ def test_loss_matches_torch(kind, loss, target, states):
   n = mu.n2t(draws["n"])
   t, tn = grid[n], grid[n + 1]
   x0, eps, w = mu.n2t(batch["x"]), mu.n2t(draws["eps"]), mu.n2t(draws["w"])
-  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
+  labels = torch.where(mu.n2t(draws["null"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
   null = torch.full_like(labels, 4)
-  assert 0 < int(np.sum(draws["drop"])) < B
+  assert 0 < int(np.sum(draws["null"])) < B
   if states == "teacher":
     x_t = _torch_trajectory(net, p_t, eps, grid, n, labels, null, w)
   else:
@@ -195,7 +195,7 @@ def test_teacher_solver_consistency_function_is_the_fixed_point_on_gaussian_data
   b = 4 * n_steps
   draws = {"n": jnp.tile(jnp.arange(n_steps), 4),
            "eps": jax.random.normal(jax.random.PRNGKey(0), (b, dim)),
-           "w": jnp.ones((b,)), "drop": jnp.zeros((b,), bool)}
+           "w": jnp.ones((b,)), "null": jnp.zeros((b,), bool)}
   batch = {"x": mean + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (b, dim))}
   kw = dict(student="student", teacher="teacher", kind=kind, num_steps=n_steps,
             num_segments=segments, guidance=False, guidance_embed=False, target="ema",

@@ -47,7 +47,7 @@ def test_loss_matches_torch(weighting):
   n = mu.n2t(draws["n"])
   t, tm, te = grid[2 * n], grid[2 * n + 1], grid[2 * n + 2]
   x0, eps = mu.n2t(batch["x"]), mu.n2t(draws["eps"])
-  labels = torch.where(mu.n2t(draws["drop"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
+  labels = torch.where(mu.n2t(draws["null"]).bool(), torch.full_like(n, 4), mu.n2t(batch["label"]))
   null, w = torch.full_like(labels, 4), torch.full((B,), 2.0)
   z = (1 - t)[:, None] * x0 + t[:, None] * eps
   with torch.no_grad():
@@ -92,7 +92,7 @@ def test_gaussian_closed_form():
   ctx = mu.closed_form_context(teacher_fn, student_fn)
   draws = {"n": jnp.arange(b) % n_steps,
            "eps": jax.random.normal(jax.random.PRNGKey(0), (b, dim)),
-           "drop": jnp.zeros((b,), bool)}
+           "null": jnp.zeros((b,), bool)}
   batch = {"x": mean + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (b, dim))}
   kw = dict(student="student", teacher="teacher", num_steps=n_steps, weighting="snr_trunc",
             guidance=1.0)

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, register_objective
-from distill.objectives.lcm import (choice, draw_inputs, guidance_range, step_cond,
+from distill.objectives.lcm import (choice, draw_inputs, guidance_range,
                                     teacher_trajectory_state)
-from distill.objectives.matching import bcast, guided, per_example_mean
+from distill.objectives.matching import bcast, guided, per_example_mean, step_cond
 
 DEFAULTS = {
     "guidance_range": (1.0, 4.0),       # w ~ U[lo, hi]
@@ -50,13 +50,13 @@ DEFAULTS = {
 
 def agd_loss_given(trainable, ctx, batch, draws: dict, *, student: str, teacher: str,
                    num_steps: int, states: str):
-  """The loss for given draws (n, eps, w, drop; lcm.draw_inputs); see the module docstring."""
+  """The loss for given draws (n, eps, w, null; lcm.draw_inputs); see the module docstring."""
   process = ctx.nets[teacher].process
   grid = jnp.asarray(process.timesteps(num_steps), jnp.float32)
   x0 = jnp.asarray(batch["x"], jnp.float32)
   n, w = draws["n"], draws["w"]
   t = grid[n]
-  cond = step_cond(ctx, teacher, batch, draws["drop"])
+  cond = step_cond(ctx, batch, draws, teacher)
   if states == "teacher":
     x_t = teacher_trajectory_state(ctx, teacher, process.prior_std * draws["eps"], grid, n,
                                    cond, w, True)

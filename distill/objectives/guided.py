@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, Stage, register_objective
 from distill.objectives import progressive
-from distill.objectives.lcm import choice, guidance_range, step_cond
-from distill.objectives.matching import bcast, guided, per_example_mean
+from distill.objectives.lcm import choice, guidance_range
+from distill.objectives.matching import bcast, guided, per_example_mean, step_cond
 
 DEFAULTS = {
     "guidance_range": (1.0, 4.0),   # w ~ U[lo, hi] (CFG u + w (c - u))
@@ -65,7 +65,7 @@ def draw_inputs(process, rng, x0, *, guidance_range, label_dropout: float) -> di
   return {"t": process.sample_t(k_t, (b,)),
           "eps": jax.random.normal(k_e, x0.shape, jnp.float32),
           "w": jax.random.uniform(k_w, (b,), jnp.float32, lo, hi),
-          "drop": jax.random.bernoulli(k_d, label_dropout, (b,))}
+          "null": jax.random.bernoulli(k_d, label_dropout, (b,))}
 
 
 def guidance_loss_given(trainable, ctx, batch, draws: dict, *, student: str, teacher: str,
@@ -76,7 +76,7 @@ def guidance_loss_given(trainable, ctx, batch, draws: dict, *, student: str, tea
   t, w = draws["t"], draws["w"]
   alpha, sigma = process.alpha_sigma(t)
   z_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * draws["eps"]
-  cond = step_cond(ctx, teacher, batch, draws["drop"])
+  cond = step_cond(ctx, batch, draws, teacher)
   target = jax.lax.stop_gradient(guided(ctx, teacher, z_t, t, cond, w, kind="x0"))
   out = ctx.apply(student, z_t, t, cond, params=trainable[student], guidance=w)
   x_hat = to_kind(ctx.nets[student], out, "x0", z_t, t)

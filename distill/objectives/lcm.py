@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill import processes as procs
-from distill.context import cond_from_batch, to_kind
+from distill.context import to_kind
 from distill.objective import LoRA, Network, Objective, Phase, Stage, register_objective
-from distill.objectives.matching import bcast, guided, per_example_mean
+from distill.objectives.matching import bcast, guided, per_example_mean, step_cond
 
 COMMON = {
     # N: the teacher solver's grid, process.timesteps(N) (LCM: 50 DDIM steps, k = 1000 / N).
@@ -117,23 +117,15 @@ def distance(a, b, kind: str, huber_c: float):
 
 def draw_inputs(rng, x0, *, num_steps: int, guidance_range=(1.0, 1.0),
                 label_dropout: float = 0.0) -> dict:
-  """The random draws of one loss call: grid index n (B,), eps (like x0), w (B,), drop (B,)."""
+  """The random draws of one loss call: grid index n (B,), eps (like x0), w (B,) and `null`
+  (B,), True where a sample's label becomes the null class (matching.step_cond)."""
   b = x0.shape[0]
   k_n, k_e, k_w, k_d = jax.random.split(rng, 4)
   lo, hi = (float(v) for v in guidance_range)
   return {"n": jax.random.randint(k_n, (b,), 0, num_steps),
           "eps": jax.random.normal(k_e, x0.shape, jnp.float32),
           "w": jax.random.uniform(k_w, (b,), jnp.float32, lo, hi),
-          "drop": jax.random.bernoulli(k_d, label_dropout, (b,))}
-
-
-def step_cond(ctx, net: str, batch, drop) -> dict:
-  """The batch's conditioning with the null class where `drop`."""
-  cond = cond_from_batch(batch)
-  if "class_labels" in cond and ctx.nets[net].num_classes:
-    null = jnp.full_like(cond["class_labels"], ctx.nets[net].num_classes)
-    cond["class_labels"] = jnp.where(drop, null, cond["class_labels"])
-  return cond
+          "null": jax.random.bernoulli(k_d, label_dropout, (b,))}
 
 
 def teacher_ddim_step(ctx, teacher: str, x_t, t, t_next, cond, w, guidance: bool,
@@ -206,7 +198,7 @@ def discrete_cm_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   x0 = jnp.asarray(batch["x"], jnp.float32)
   n, eps, w = draws["n"], draws["eps"], draws["w"]
   t, t_next = grid[n], grid[n + 1]
-  cond = step_cond(ctx, teacher, batch, draws["drop"])
+  cond = step_cond(ctx, batch, draws, teacher)
   if states == "teacher":
     x_t = teacher_trajectory_state(ctx, teacher, process.prior_std * eps, grid, n, cond, w,
                                    guidance)

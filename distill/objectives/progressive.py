@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, Stage, register_objective
-from distill.objectives.lcm import choice, step_cond, teacher_ddim_step
-from distill.objectives.matching import bcast, per_example_mean
+from distill.objectives.lcm import choice, teacher_ddim_step
+from distill.objectives.matching import bcast, per_example_mean, step_cond
 
 DEFAULTS = {
     "student_steps": 8,       # N_0: the first stage's student steps (its teacher takes 2 N_0)
@@ -64,13 +64,14 @@ def pd_target(z_t, z_end, alpha, sigma, alpha_end, sigma_end):
 
 def draw_inputs(rng, x0, *, num_steps: int, label_dropout: float = 0.0,
                 guidance_range=(1.0, 1.0)) -> dict:
-  """Grid index n (B,), eps (like x0), drop (B,) and the guidance scale w ~ U[lo, hi] (B,)."""
+  """Grid index n (B,), eps (like x0), null (B,; matching.step_cond) and the guidance scale
+  w ~ U[lo, hi] (B,)."""
   b = x0.shape[0]
   k_n, k_e, k_d, k_w = jax.random.split(rng, 4)
   lo, hi = (float(v) for v in guidance_range)
   return {"n": jax.random.randint(k_n, (b,), 0, num_steps),
           "eps": jax.random.normal(k_e, x0.shape, jnp.float32),
-          "drop": jax.random.bernoulli(k_d, label_dropout, (b,)),
+          "null": jax.random.bernoulli(k_d, label_dropout, (b,)),
           "w": jax.random.uniform(k_w, (b,), jnp.float32, lo, hi)}
 
 
@@ -86,7 +87,7 @@ def progressive_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   x0 = jnp.asarray(batch["x"], jnp.float32)
   n, eps = draws["n"], draws["eps"]
   t, t_mid, t_end = grid[2 * n], grid[2 * n + 1], grid[2 * n + 2]
-  cond = step_cond(ctx, teacher, batch, draws["drop"])
+  cond = step_cond(ctx, batch, draws, teacher)
   alpha, sigma = process.alpha_sigma(t)
   z_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
   use_cfg = guidance != 1.0
