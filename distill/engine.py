@@ -118,6 +118,12 @@ def check_network_kwargs(net: Network, model: str) -> None:
                      f"objective needs a model that has it")
 
 
+def with_network_kwargs(net: Network, mcfg: dict) -> dict:
+  """The model config `mcfg` with the network's constructor overrides applied (checked)."""
+  check_network_kwargs(net, mcfg["name"])
+  return {**mcfg, **dict(net.kwargs)}
+
+
 def module_from_config(cfg: Mapping[str, Any]):
   kwargs = {k: v for k, v in cfg.items() if k not in ("name", "prediction")}
   cls = MODELS.get(cfg["name"])
@@ -247,9 +253,7 @@ class Engine:
       mcfg = {"name": net.model, "prediction": "raw", **dict(net.kwargs)}
       mcfg = resolve_model_config(mcfg, self.source)
       return module_from_config(mcfg), mcfg, None, "raw", 0
-    mcfg = resolve_model_config(cfg.model.to_dict(), self.source)
-    check_network_kwargs(net, mcfg["name"])
-    mcfg.update(dict(net.kwargs))
+    mcfg = with_network_kwargs(net, resolve_model_config(cfg.model.to_dict(), self.source))
     process = procs.make_process(**cfg.process.to_dict())
     return (module_from_config(mcfg), mcfg, process, mcfg["prediction"], num_classes_of(mcfg))
 
@@ -260,9 +264,7 @@ class Engine:
     for net in self.objective.networks:
       if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
         src = plans[net.init]
-        mcfg = dict(src.model_config)
-        check_network_kwargs(net, mcfg["name"])
-        mcfg.update(dict(net.kwargs))
+        mcfg = with_network_kwargs(net, src.model_config)
         module = src.info.module if not net.kwargs else module_from_config(mcfg)
         process, prediction, ncls = (src.info.process, src.info.prediction,
                                      src.info.num_classes)
@@ -270,11 +272,8 @@ class Engine:
         if t is None:
           raise ValueError(f"config key 'teacher.checkpoint': objective "
                            f"{self.config.objective.name!r} needs a teacher (network {net.name!r})")
-        mcfg = dict(t.model_config)
-        if net.model is not None:
-          mcfg["name"] = net.model
-        check_network_kwargs(net, mcfg["name"])
-        mcfg.update(dict(net.kwargs))
+        mcfg = with_network_kwargs(net, {**t.model_config,
+                                         **({"name": net.model} if net.model is not None else {})})
         module = t.module if (net.model is None and not net.kwargs) else module_from_config(mcfg)
         process, prediction, ncls = t.process, mcfg.get("prediction", t.prediction), t.num_classes
       elif net.init == "random":
