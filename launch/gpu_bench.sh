@@ -71,13 +71,12 @@ bench() {
     echo "| $name | $* | - | failed (exit $rc) | | | | |" >> "$OUTDIR/bench.md"
     return 1
   fi
+  # One JSON line (with the run's name and arguments) to bench.jsonl, one table row per phase.
   echo "$json" | "$PYTHON" -c "
 import json, sys
 r = json.loads(sys.stdin.read()); r['run'] = '$name'; r['args'] = sys.argv[1:]
-print(json.dumps(r))" "$@" >> "$OUTDIR/bench.jsonl"
-  echo "$json" | "$PYTHON" -c "
-import json, sys
-r = json.loads(sys.stdin.read())
+with open('$OUTDIR/bench.jsonl', 'a') as f:
+  f.write(json.dumps(r) + '\\n')
 peak = r.get('peak_memory_bytes') or 0
 m = r.get('model', {})
 attn = f\"attn={m.get('attention')} jvp={m.get('jvp_attention')} {m.get('dtype', '')}\"
