@@ -26,6 +26,7 @@ Every solver is a `lax.scan` over the grid (one trace of the denoiser), pure and
 | `lcm`         | consistency with LCM's c_skip/c_out boundary (diffusers LCM)   | n        |
 | `tcd`         | TCD strategic stochastic sampling with `gamma` (diffusers TCD) | n        |
 | `trigflow`    | sCM step-adaptive sampler; grid [pi/2, mids..., 0]             | n        |
+| `cm`          | consistency on the CM multistep grid (Karras times, then 0)    | n        |
 
 Notes on matching diffusers: EulerDiscreteScheduler is Euler in the VE variable x / alpha and
 time sigma / alpha, i.e. our `ddim` (eta = 0) on `vp_discrete`, or our `euler` on `edm`.
@@ -310,6 +311,20 @@ def trigflow_grid(process, steps: int, intermediate: Optional[Sequence[float]] =
   return np.asarray(grid, np.float32)
 
 
+def cm_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None) -> np.ndarray:
+  """Consistency-model multistep grid [t_max, intermediate..., t_end]: by default the first
+  `steps` times of the rho-spaced (Karras) grid of steps + 1 times from t_max to t_min (1 step:
+  [t_max, t_end]; 2 steps on EDM(0.002, 80): [80, 2.51, 0]), or the given intermediate times
+  (ECT's 2-step mid time 0.821)."""
+  if intermediate is None:
+    rho = float(getattr(process, "rho", 7.0))
+    intermediate = procs.karras_sigmas(steps + 1, process.t_min, process.t_max, rho)[1:-1]
+  if len(intermediate) != steps - 1:
+    raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {intermediate}")
+  grid = [process.t_max, *[float(u) for u in intermediate], process.t_end]
+  return np.asarray(grid, np.float32)
+
+
 SOLVERS.add("euler", Solver(_euler))
 SOLVERS.add("heun", Solver(_heun, nfe=lambda steps: 2 * steps - 1))
 SOLVERS.add("ddim", Solver(_ddim))
@@ -318,3 +333,4 @@ SOLVERS.add("consistency", Solver(_consistency))
 SOLVERS.add("lcm", Solver(_lcm))
 SOLVERS.add("tcd", Solver(_tcd))
 SOLVERS.add("trigflow", Solver(_consistency, grid=trigflow_grid))
+SOLVERS.add("cm", Solver(_consistency, grid=cm_grid))

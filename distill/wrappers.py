@@ -160,3 +160,93 @@ class FlowToTrigFlow:
 
 
 WRAPPERS.add("flow_to_trigflow", FlowToTrigFlow)
+
+
+# --------------------------------------------------------------------------------------------
+# any (alpha, sigma) process -> EDM, optionally as a consistency function
+# --------------------------------------------------------------------------------------------
+#
+# EDM coordinates of a process x_t = alpha_t x0 + sigma_t eps: x_e = x_t / alpha_t at
+# sigma_e = sigma_t / alpha_t (the same x0, eps and signal-to-noise ratio). The inverse maps,
+# sigma_e -> (the process's own t, alpha_t), by process name:
+
+EDM_TIMES: dict[str, Callable] = {
+    # EDM itself: t = sigma, alpha = 1.
+    "edm": lambda process, sigma: (sigma, jnp.ones_like(sigma)),
+    # Rectified flow: sigma_e = s / (1 - s)  =>  s = sigma_e / (1 + sigma_e), alpha = 1 - s.
+    "rectified_flow": lambda process, sigma: (sigma / (1.0 + sigma), 1.0 / (1.0 + sigma)),
+    # TrigFlow: sigma_e = sigma_d tan t  =>  t = arctan(sigma_e / sigma_d), alpha = cos t.
+    "trigflow": lambda process, sigma: (jnp.arctan(sigma / process.sigma_data),
+                                        jnp.cos(jnp.arctan(sigma / process.sigma_data))),
+}
+
+
+def as_edm_x0(apply_inner: Callable[[Array, Array], Array], process, prediction: str,
+              x_e: Array, sigma: Array) -> Array:
+  """The denoiser D(x_e, sigma) = x0_hat of a network given as apply_inner(x, t) -> raw output
+  at its own time t (`process` / `prediction` its own). sigma is per sample (B,) and > 0;
+  differentiable in x_e and sigma."""
+  name = getattr(process, "name", "")
+  if name not in EDM_TIMES:
+    raise ValueError(f"edm_consistency: cannot present a network of process {name!r} in EDM "
+                     f"coordinates; supported: {', '.join(sorted(EDM_TIMES))}")
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x_e.shape[0],))
+  t, alpha = EDM_TIMES[name](process, sigma)
+  x_t = procs.expand_like(alpha, x_e) * x_e
+  out = apply_inner(x_t, t)
+  a, s = process.alpha_sigma(t)
+  x0, _ = procs.decode(out, prediction, x_t, procs.expand_like(a, x_e), procs.expand_like(s, x_e))
+  return x0
+
+
+def consistency_from_denoiser(x_e: Array, sigma: Array, denoised: Array, *, sigma_data: float,
+                              sigma_min: float) -> Array:
+  """f(x, sigma) = c_skip(sigma) x + c_out(sigma) F with the consistency boundary scalings and
+  F = (D - c_skip^EDM x) / c_out^EDM the raw EDM output of the denoiser D (Song et al. 2023's
+  parameterisation of an EDM network). f(x, sigma_min) = x exactly; f -> D for sigma >>
+  sigma_min. Since c_out / c_out^EDM = (sigma - sigma_min) / sigma:
+  f = c_skip x + (1 - sigma_min / sigma) (D - c_skip^EDM x)."""
+  sigma = procs.expand_like(jnp.asarray(sigma, jnp.float32), x_e)
+  c_skip, _, _ = procs.consistency_scalings(sigma, sigma_data, sigma_min)
+  c_skip_edm, _, _, _ = procs.edm_scalings(sigma, sigma_data)
+  ratio = jnp.where(sigma > 0, 1.0 - sigma_min / jnp.where(sigma > 0, sigma, 1.0), 0.0)
+  return c_skip * x_e + ratio * (denoised - c_skip_edm * x_e)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMConsistency:
+  """Presents a network of any supported process (EDM_TIMES) as an EDM x0-predictor (process
+  "edm" with these sigma_min / sigma_max / sigma_data / rho) whose output is the consistency
+  function f(x, sigma) of `consistency_from_denoiser` (`boundary=True`) or the plain denoiser
+  D (`boundary=False`: ECT's training-time preconditioning). Samplers and losses see x0 = f."""
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  sigma_data: float = 0.5
+  rho: float = 7.0
+  boundary: bool = True
+
+  def present(self, process, prediction: str) -> tuple[Any, str]:
+    name = getattr(process, "name", "")
+    if name not in EDM_TIMES:
+      raise ValueError(f"wrapper edm_consistency: the network's process is {name!r}; "
+                       f"supported: {', '.join(sorted(EDM_TIMES))}")
+    out = procs.make_process("edm", sigma_min=float(self.sigma_min),
+                             sigma_max=float(self.sigma_max),
+                             sigma_data=float(self.sigma_data), rho=float(self.rho))
+    return out, "x0"
+
+  def __call__(self, info, raw: Callable, t: Array) -> Callable:
+    inner_process, inner_prediction = info.inner_process, info.inner_prediction
+
+    def fn(x_e, timestep, **kw):
+      del timestep  # the presented process's time input; the network takes its own
+      apply_inner = lambda x, s: raw(x, inner_process.timestep(s), **kw)
+      d = as_edm_x0(apply_inner, inner_process, inner_prediction, x_e, t)
+      if not self.boundary:
+        return d
+      return consistency_from_denoiser(x_e, t, d, sigma_data=self.sigma_data,
+                                       sigma_min=self.sigma_min)
+    return fn
+
+
+WRAPPERS.add("edm_consistency", EDMConsistency)
