@@ -1,7 +1,7 @@
 """Imports every built-in model module so each registers itself in `models.registry`."""
 import importlib
 
-for _name in ("models.mlp", "models.dit", "models.vae"):
+for _name in ("models.mlp", "models.dit", "models.vae", "models.heads"):
   try:
     importlib.import_module(_name)
   except ModuleNotFoundError as e:  # a family not present in this checkout

@@ -8,3 +8,5 @@ from distill.objectives import lcm  # noqa: F401
 from distill.objectives import progressive  # noqa: F401
 from distill.objectives import guided  # noqa: F401
 from distill.objectives import agd  # noqa: F401
+from distill.objectives import consistency  # noqa: F401
+from distill.objectives import ladd  # noqa: F401
