@@ -20,7 +20,7 @@ CORE = [
 EXTRAS = {
     # Everything the tests need. torch is pinned to the CPU build these machines serve offline:
     # an unpinned torch resolves to a multi-GB CUDA build.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "peft>=0.13"],
     # Ahead-of-time compiles for TPU topologies on a CPU host (launch/aot.py).
     "tpu": ["libtpu"],
     # Large-scale input pipelines (grain over ArrayRecord; tfds reads without TensorFlow).

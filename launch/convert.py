@@ -2,8 +2,11 @@
 
     # diffusers/PyTorch -> a converted teacher (Orbax, loads with teacher.checkpoint=OUT)
     python -m launch.convert --diffusers path/to/DiT-XL-2-256 --out teachers/dit_xl2
-    # a run's network -> a diffusers-layout directory that diffusers' from_pretrained loads
-    python -m launch.convert --workdir runs/x --network student --out export/student
+    # a run's network -> a diffusers pipeline-layout directory: transformer/ (or unet/),
+    # scheduler/ (its few-step sampler), lora/ (PEFT adapter of LoRA students), export.json;
+    # with --vae also vae/ + model_index.json (DiTPipeline.from_pretrained(OUT) loads it)
+    python -m launch.convert --workdir runs/x --network student --out export/student \
+        [--vae path/to/sd-vae-ft-ema] [--sampler lcm]
 
 A diffusers source may be a model directory (config.json + safetensors, sharded index too) or a
 pipeline directory (transformer/ or unet/ plus scheduler/, whose config gives the noise process
@@ -26,6 +29,12 @@ def main(argv: list[str]) -> int:
   src.add_argument("--workdir", help="a run directory of this project (export)")
   p.add_argument("--network", default="student", help="with --workdir: student | teacher | name")
   p.add_argument("--out", required=True)
+  p.add_argument("--sampler", default=None,
+                 help="export: the sampler whose diffusers scheduler to write (default: the "
+                      "run's student sampler)")
+  p.add_argument("--vae", default=None,
+                 help="export: a diffusers AutoencoderKL directory to ship beside the network "
+                      "(writes model_index.json: a loadable pipeline)")
   p.add_argument("--log_level", default="WARNING")
   args = p.parse_args(argv)
   cli.setup(args)
@@ -42,21 +51,106 @@ def main(argv: list[str]) -> int:
 
 
 def _export(args) -> int:
+  """Writes OUT/<transformer|unet>/ (the merged weights), OUT/scheduler/ (the student's
+  few-step sampler as a diffusers scheduler, where one reproduces it), OUT/lora/ (LoRA students:
+  the adapter in PEFT's format) and, with --vae, OUT/vae/ + model_index.json (a pipeline
+  diffusers' from_pretrained loads). Everything goes to a temporary directory first and is moved
+  into place at the end, so a failed export leaves nothing behind."""
+  import json
+  import shutil
+  import tempfile
+
+  import jax
+  import numpy as np
   from distill import trainer
+  from distill.context import merge_params
   from models import convert
+  from models.convert import export
   if os.path.exists(args.out):
     raise FileExistsError(f"--out: {args.out!r} exists; choose a new directory")
+  if args.vae and not os.path.isfile(os.path.join(args.vae, "config.json")):
+    raise FileNotFoundError(f"--vae: {args.vae!r} has no config.json (a diffusers "
+                            "AutoencoderKL directory)")
   engine, state, frozen, step = trainer.open_run(args.workdir)
   net = trainer.network_for_role(engine, args.network)
   params = trainer.eval_params(engine, state, frozen)[net]
   info = engine.nets[net]
-  from distill.context import merge_params
-  import jax
   full = merge_params(info, params, {**frozen, **state.params})
-  variables = {"params": jax.device_get(full)}
-  convert.to_diffusers(info.module, variables, out_dir=args.out)
-  print(f"exported {net} at step {step} -> {args.out}")
+  conv = convert.converter_for(info.module)
+  sub = getattr(conv, "subfolder", "model")
+  sampler = args.sampler or (engine.objective.sampler if net == engine.objective.student
+                             else None)
+  parent = os.path.dirname(os.path.abspath(args.out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  notes = {"workdir": os.path.abspath(args.workdir), "step": int(step), "network": net,
+           "sampler": sampler, "subfolder": sub}
+  try:
+    convert.to_diffusers(info.module, {"params": jax.device_get(full)},
+                         out_dir=os.path.join(tmp, sub))
+    if sampler:
+      try:
+        sched = export.scheduler_config(info, sampler, _grid_kwargs(engine))
+      except ValueError as e:
+        notes["scheduler"] = str(e)
+        print(f"no scheduler: {e}")
+      else:
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+          json.dump(sched, f, indent=2)
+        notes["scheduler"] = sched["_class_name"]
+    if info.base is not None:
+      lora = jax.device_get(params)
+      rank = int(np.shape(next(a for p, a in _leaves(lora) if p.endswith("lora_A")))[-1])
+      tensors, adapter = conv.peft_lora(info.module, lora, rank=rank,
+                                        alpha=float(info.lora_scale) * rank)
+      os.makedirs(os.path.join(tmp, "lora"))
+      from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+      save_file(tensors, os.path.join(tmp, "lora", "adapter_model.safetensors"))
+      with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
+        json.dump(adapter, f, indent=2)
+      notes["lora"] = {"base": info.base, "rank": rank, "modules": len(adapter["target_modules"])}
+    if args.vae:
+      shutil.copytree(args.vae, os.path.join(tmp, "vae"))
+      index = {"_class_name": getattr(conv, "pipeline_class", None),
+               "vae": ["diffusers", "AutoencoderKL"], sub: ["diffusers", _diffusers_class(tmp, sub)]}
+      if os.path.isdir(os.path.join(tmp, "scheduler")):
+        index["scheduler"] = ["diffusers", notes["scheduler"]]
+      with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+      json.dump(notes, f, indent=2)
+    os.rename(tmp, args.out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
+
+
+def _leaves(tree, prefix=""):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, f"{prefix}/{k}" if prefix else str(k))
+  else:
+    yield prefix, tree
+
+
+def _diffusers_class(out: str, sub: str) -> str:
+  import json
+  with open(os.path.join(out, sub, "config.json")) as f:
+    return json.load(f)["_class_name"]
+
+
+def _grid_kwargs(engine) -> dict:
+  """Sampler settings the scheduler config needs (LCM's original grid and scalings)."""
+  keys = getattr(engine.objective.phases[0].loss, "keywords", {}) or {}
+  out = {}
+  if "num_steps" in keys:
+    out["original_steps"] = int(keys["num_steps"])
+  if "timestep_scaling" in keys:
+    out["timestep_scaling"] = float(keys["timestep_scaling"])
+  return out
 
 
 if __name__ == "__main__":

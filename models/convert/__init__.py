@@ -88,6 +88,11 @@ def _torch_module_from(class_name: str, config: Mapping, state_dict: Mapping, pa
   return model.eval()
 
 
+def converter_for(module):
+  """The converter of a Flax module (its diffusers class, pipeline folder, LoRA export)."""
+  return _converter_for_module(module)
+
+
 def save_diffusers_dir(module, variables, path: str):
   """Writes config.json + safetensors with diffusers' save_pretrained; returns the torch module."""
   return to_diffusers(module, variables, out_dir=path)

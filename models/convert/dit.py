@@ -142,6 +142,16 @@ class DiTConverter:
   """diffusers DiTTransformer2DModel <-> our DiT (see the module docstring)."""
 
   flax_module_type = DiT
+  subfolder = "transformer"          # its folder in a diffusers pipeline directory
+  pipeline_class = "DiTPipeline"
+
+  def peft_lora(self, module: DiT, lora_params: Mapping, *, rank: int, alpha: float):
+    """A LoRA tree over this DiT (scanned or not) -> PEFT (tensors, adapter_config)."""
+    from models.convert import export  # pylint: disable=import-outside-toplevel
+    tree = nn.meta.unbox(lora_params)
+    if module.scan_blocks and BLOCK_PREFIX in tree:
+      tree = unstack_block_params(tree, module.num_layers)
+    return export.peft_lora(rules(module), tree, rank=rank, alpha=alpha)
 
   def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                         **overrides):

@@ -1,0 +1,154 @@
+"""What a distilled student ships with besides its weights: the diffusers scheduler config of
+its few-step sampler, and (LoRA students) the adapter in PEFT's format.
+
+    config = scheduler_config(info, sampler, grid)   # {"_class_name": "LCMScheduler", ...}
+    tensors, adapter_config = peft_lora(module, lora_params, rank=r, alpha=a)
+
+Schedulers, by (our sampler, the process of the network's raw output), each equal to our solver
+on the scheduler's own grid (`scheduler.timesteps` / `sigmas`, which is what a diffusers pipeline
+walks); `SCHEDULERS` is the registry:
+
+| sampler                  | process           | diffusers scheduler                                   |
+|--------------------------|-------------------|-------------------------------------------------------|
+| ddim                     | vp_discrete       | DDIMScheduler (same spacing, set_alpha_to_one)         |
+| lcm                      | vp_discrete       | LCMScheduler (LCM spacing over `lcm_original_steps`)   |
+| euler                    | rectified_flow    | FlowMatchEulerDiscreteScheduler (shift)                |
+| consistency / trigflow   | rectified_flow    | FlowMatchEulerDiscreteScheduler(stochastic_sampling)   |
+
+A TrigFlow student presented by `flow_to_trigflow` is a rectified-flow network underneath: its
+sCM sampler's step (x0 = f(x_t, t), re-noise to the next time) is the stochastic flow-matching
+step in the network's own coordinates (same x0, same unit noise; the TrigFlow prior sigma_d eps
+is the flow prior eps scaled), so one step is identical and K steps differ only in the grid
+(diffusers' linspace instead of sCM's mid times). Students presented by `edm_consistency` (CD,
+CT, ECT) have no diffusers scheduler over their raw network (the boundary scalings are part of
+the student): `scheduler_config` says so in one line.
+
+PEFT: every LoRA-adapted kernel becomes `base_model.model.<torch module>.lora_A.weight` (r, in)
+and `.lora_B.weight` (out, r) (Conv: (r, in, kh, kw) and (out, r, 1, 1)), with an
+adapter_config.json (`r`, `lora_alpha`, `target_modules`), so
+`peft.PeftModel.from_pretrained(exported_base, dir)` applies it to the teacher.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from distill.registry import Registry
+from models.convert.common import TRANSFORMS, flatten_tree
+
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+SCHEDULERS: Registry = Registry("diffusers scheduler")
+
+
+def _vp_betas(process) -> dict:
+  """The diffusers beta keys of a vp_discrete process (its schedule's own endpoints when the
+  process leaves them unset)."""
+  from distill.processes import BETA_SCHEDULES  # pylint: disable=import-outside-toplevel
+  ends = BETA_SCHEDULES.get(process.beta_schedule)(2, process.beta_start, process.beta_end)
+  return {"num_train_timesteps": int(process.num_train_timesteps),
+          "beta_schedule": process.beta_schedule,
+          "beta_start": round(float(ends[0]), 12), "beta_end": round(float(ends[-1]), 12)}
+
+
+def _prediction_type(prediction: str, sampler: str) -> str:
+  if prediction not in PREDICTION_TYPES:
+    raise ValueError(f"export: a {prediction!r}-predicting network has no diffusers "
+                     f"prediction_type for sampler {sampler!r} (eps, v or x0)")
+  return PREDICTION_TYPES[prediction]
+
+
+@SCHEDULERS.register("ddim/vp_discrete")
+def _ddim(process, prediction, grid) -> dict:
+  return {"_class_name": "DDIMScheduler", **_vp_betas(process),
+          "prediction_type": _prediction_type(prediction, "ddim"),
+          "timestep_spacing": process.spacing, "steps_offset": int(process.steps_offset),
+          "set_alpha_to_one": True, "clip_sample": False}
+
+
+@SCHEDULERS.register("lcm/vp_discrete")
+def _lcm(process, prediction, grid) -> dict:
+  return {"_class_name": "LCMScheduler", **_vp_betas(process),
+          "prediction_type": _prediction_type(prediction, "lcm"),
+          "original_inference_steps": int(grid.get("original_steps", 50)),
+          "timestep_scaling": float(grid.get("timestep_scaling", 10.0)),
+          "set_alpha_to_one": True, "clip_sample": False}
+
+
+def _flow_match(stochastic: bool) -> Callable:
+  def make(process, prediction, grid) -> dict:
+    if prediction != "flow":
+      raise ValueError(f"export: FlowMatchEulerDiscreteScheduler needs a flow-predicting "
+                       f"network, this one predicts {prediction!r}")
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": float(process.shift), "stochastic_sampling": stochastic}
+  return make
+
+
+SCHEDULERS.add("euler/rectified_flow", _flow_match(False))
+SCHEDULERS.add("consistency/rectified_flow", _flow_match(True))
+SCHEDULERS.add("trigflow/rectified_flow", _flow_match(True))
+
+
+def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
+  """The diffusers scheduler config reproducing `sampler` over network `info`'s raw output
+  (its own process and prediction; a wrapper's presented view is not what diffusers runs)."""
+  wrapper = type(info.wrapper).__name__ if info.wrapper is not None else None
+  process = info.inner_process if info.inner_process is not None else info.process
+  prediction = info.inner_prediction if info.inner_prediction is not None else info.prediction
+  if wrapper == "EDMConsistency":
+    raise ValueError("export: a consistency-model student (edm_consistency wrapper: cd, ct, "
+                     "ect) has no diffusers scheduler over its raw network; the transformer is "
+                     "exported without one")
+  if wrapper not in (None, "FlowToTrigFlow"):
+    raise ValueError(f"export: no diffusers scheduler for a student behind wrapper {wrapper}")
+  key = f"{sampler}/{getattr(process, 'name', '')}"
+  if key not in SCHEDULERS:
+    raise ValueError(f"export: no diffusers scheduler reproduces sampler {sampler!r} on a "
+                     f"{getattr(process, 'name', '')} network (known: "
+                     f"{', '.join(SCHEDULERS.names())})")
+  return SCHEDULERS.get(key)(process, prediction, dict(grid or {}))
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def peft_lora(rules, lora_params: Mapping, *, rank: int, alpha: float) -> tuple[dict, dict]:
+  """(tensors, adapter_config) of a LoRA tree (unscanned layout) in PEFT's format.
+
+  `rules`: the converter's Rule table of the full model (flax kernel path -> torch key, kind).
+  """
+  by_path = {tuple(r.flax_path): r for r in rules}
+  flat = flatten_tree(lora_params)
+  tensors, targets = {}, []
+  for path, a in sorted(flat.items()):
+    if path[-1] != "lora_A":
+      continue
+    kernel = path[:-1]
+    rule = by_path.get(kernel)
+    if rule is None or not rule.torch_key.endswith(".weight"):
+      raise ValueError(f"export: no torch module for the LoRA kernel {'/'.join(kernel)}")
+    module = rule.torch_key[: -len(".weight")]
+    a = np.asarray(a, np.float32)
+    b = np.asarray(flat[kernel + ("lora_B",)], np.float32)
+    if rule.kind == "linear":
+      ta, tb = a.T, b.T                                        # (r, in), (out, r)
+    elif rule.kind == "conv2d":
+      ta = TRANSFORMS.get("conv2d").to_torch(a)               # (r, in, kh, kw)
+      tb = b.T[:, :, None, None]                              # (out, r, 1, 1)
+    else:
+      raise ValueError(f"export: LoRA on a {rule.kind} tensor ({rule.torch_key})")
+    tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(ta)
+    tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(tb)
+    targets.append(module)
+  if not targets:
+    raise ValueError("export: the LoRA tree adapts no kernel")
+  config = {"peft_type": "LORA", "task_type": None, "r": int(rank),
+            "lora_alpha": float(alpha), "target_modules": sorted(targets),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+            "inference_mode": True, "base_model_name_or_path": None}
+  return tensors, config

@@ -1,0 +1,225 @@
+"""Exporting a distilled student to the PyTorch world: diffusers' DiTPipeline with the exported
+scheduler config reproduces our sampler on the scheduler's grid for the same noise (DDIM, LCM;
+flow-matching Euler and its stochastic consistency form in DiTPipeline's loop written out, as
+DiTPipeline cannot call a flow-matching scheduler); a LoRA student's PEFT adapter, applied
+by `peft` to the exported teacher, equals our merged student; `launch.convert --workdir`
+writes a pipeline directory diffusers loads, and refuses what it cannot reproduce in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import context as ctx_lib
+from distill import processes as procs
+from distill import solvers
+from models import convert, lora
+from models.convert import export
+from tests.test_dit_convert import random_dit
+from tests.test_train_e2e import ROOT, env
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+           sample_size=8, patch_size=2, num_embeds_ada_norm=1000)   # DiTPipeline's null = 1000
+
+
+def tiny_vae(seed=0):
+  torch.manual_seed(seed)
+  vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2,
+                                block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, sample_size=16)
+  with torch.no_grad():
+    for p in vae.parameters():
+      p.normal_(0, 0.05)
+  return vae.eval()
+
+
+def _grid(sched, steps):
+  """The grid a pipeline walks: timesteps (+ our clean end -1) or flow sigmas (end 0)."""
+  sched.set_timesteps(steps)
+  if hasattr(sched, "sigmas") and type(sched).__name__.startswith("FlowMatch"):
+    return sched.sigmas.numpy().astype(np.float32)
+  return np.append(sched.timesteps.numpy().astype(np.float32), -1.0)
+
+
+def _diffusers_images(dm, vae, sched, labels, steps):
+  """DiTPipeline (guidance 1, latents from Generator(0)); flow-matching schedulers have no
+  scale_model_input, which DiTPipeline calls, so for them the same loop is written out: the
+  scheduler's timesteps into the transformer, its step on the output, the VAE decode."""
+  if hasattr(sched, "scale_model_input"):
+    pipe = diffusers.DiTPipeline(transformer=dm, vae=vae, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+  x = torch.randn((len(labels), 4, 8, 8), generator=torch.Generator().manual_seed(0))
+  y = torch.tensor(labels)
+  sched.set_timesteps(steps)
+  with torch.no_grad():
+    for t in sched.timesteps:
+      out = dm(x, timestep=t.expand(len(labels)), class_labels=y).sample
+      x = sched.step(out, t, x).prev_sample
+    img = vae.decode(x / vae.config.scaling_factor).sample
+  return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+CASES = {
+    # sampler, process, prediction, learn_sigma, steps
+    "ddim_eps_learn_sigma": ("ddim", {"name": "vp_discrete", "beta_schedule": "linear"}, "eps",
+                             True, 4),
+    "lcm_v": ("lcm", {"name": "vp_discrete", "beta_schedule": "scaled_linear"}, "v", False, 4),
+    "euler_flow": ("euler", {"name": "rectified_flow", "shift": 3.0}, "flow", False, 4),
+    "consistency_flow": ("consistency", {"name": "rectified_flow"}, "flow", False, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dit_pipeline_with_exported_scheduler_reproduces_our_sampler(case):
+  """Same DiT, same VAE, same noise (the pipeline's generator for the latents, torch's global
+  stream for the schedulers' step noise): the pipeline's images equal our sampler's latents
+  decoded by the VAE. atol 2e-4 on images in [0, 1]: a few float32 DiT calls and the decoder."""
+  sampler, proc_cfg, kind, learn_sigma, steps = CASES[case]
+  cfg = dict(DIT, out_channels=8 if learn_sigma else 4)
+  dm = random_dit(cfg, seed=3)
+  module, variables = convert.from_diffusers(dm)
+  process = procs.make_process(**proc_cfg)
+  info = ctx_lib.NetInfo(name="student", module=module, prediction=kind, process=process,
+                         num_classes=1000, output_channels=4 if learn_sigma else 0)
+  sched_cfg = export.scheduler_config(info, sampler, {"original_steps": 50})
+  make = lambda: getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+  vae = tiny_vae()
+  labels = [3, 998]
+  torch.manual_seed(123)
+  images = _diffusers_images(dm, vae, make(), labels, steps)
+
+  shape = (2, 4, 8, 8)
+  noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
+  torch.manual_seed(123)
+  stochastic = sampler in ("lcm", "consistency")
+  draws = steps - 1 if sampler == "lcm" else steps       # LCM draws none at its last step
+  step_noise = [torch.randn(shape).numpy() for _ in range(draws if stochastic else 0)]
+  step_noise += [np.zeros(shape, np.float32)] * (steps - len(step_noise))
+  ctx = ctx_lib.Context(params={"student": variables["params"]}, ema={}, model_state={},
+                        nets={"student": info})
+  y = jnp.asarray(labels)
+  den = lambda x, t: ctx.x0("student", x, t, {"class_labels": y})
+  nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+  latents = solvers.sample(den, process, nhwc(noise), solver=sampler,
+                           timesteps=_grid(make(), steps),
+                           step_noise=jnp.stack([nhwc(a) for a in step_noise]))
+  with torch.no_grad():
+    z = torch.from_numpy(np.array(latents).transpose(0, 3, 1, 2)) / vae.config.scaling_factor
+    ours = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  assert np.std(images) > 1e-3
+  np.testing.assert_allclose(ours, images, atol=2e-4, rtol=0)
+
+
+def test_wrapped_students_say_what_they_export():
+  module, _ = convert.from_diffusers(random_dit(DIT))
+  rf = procs.make_process("rectified_flow")
+  from distill import wrappers
+  cm = ctx_lib.NetInfo(name="s", module=module, prediction="flow", process=rf,
+                       wrapper=wrappers.EDMConsistency())
+  with pytest.raises(ValueError, match="edm_consistency"):
+    export.scheduler_config(cm, "cm")
+  scm = ctx_lib.NetInfo(name="s", module=module, prediction="flow", process=rf,
+                        wrapper=wrappers.FlowToTrigFlow(sigma_data=0.5))
+  assert export.scheduler_config(scm, "trigflow")["stochastic_sampling"] is True
+  vp = ctx_lib.NetInfo(name="s", module=module, prediction="eps",
+                       process=procs.make_process("vp_discrete"))
+  with pytest.raises(ValueError, match="no diffusers scheduler reproduces sampler 'heun'"):
+    export.scheduler_config(vp, "heun")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_adapter_on_the_exported_teacher_equals_our_merged_student(scan, tmp_path):
+  """A LoRA over attention and MLP kernels of a (scanned or not) DiT, exported as PEFT and
+  applied by peft to the exported teacher: merged outputs equal our merged student's export
+  (rtol 1e-5, float32) and differ from the teacher's."""
+  peft = pytest.importorskip("peft")
+  from safetensors.numpy import save_file
+  dm = random_dit(DIT, seed=1)
+  module, variables = convert.from_diffusers(dm, scan_blocks=scan)
+  base = variables["params"]
+  pattern = r"(attn/(to_q|to_v)|mlp/fc2)/kernel"
+  adapter = lora.lora_init(base, pattern, rank=4, rng=jax.random.PRNGKey(0))
+  adapter = jax.tree_util.tree_map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), adapter)
+  rank, alpha = 4, 8.0
+  merged = lora.lora_merge(base, adapter, lora.lora_scale(rank, alpha))
+  tensors, config = convert.converter_for(module).peft_lora(module, adapter, rank=rank,
+                                                            alpha=alpha)
+  assert len(config["target_modules"]) == 3 * DIT["num_layers"]
+  save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+  (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+  teacher = convert.to_diffusers(module, {"params": base})
+  student = convert.to_diffusers(module, {"params": merged})
+  applied = peft.PeftModel.from_pretrained(teacher, str(tmp_path)).merge_and_unload().eval()
+  x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+  t, y = torch.tensor([10, 700]), torch.tensor([1, 5])
+  with torch.no_grad():
+    got = applied(x, t, y).sample.numpy()
+    want = student(x, t, y).sample.numpy()
+    plain = convert.to_diffusers(module, {"params": base})(x, t, y).sample.numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(want - plain)) > 1e-3
+
+
+def test_launch_convert_export_refuses_an_existing_out(tmp_path):
+  (tmp_path / "out").mkdir()
+  p = subprocess.run([sys.executable, "-m", "launch.convert", "--workdir", str(tmp_path),
+                      "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300, env=env())
+  assert p.returncode == 2 and "exists" in p.stderr
+
+
+@pytest.mark.slow
+def test_lcm_lora_run_exports_a_pipeline_diffusers_loads(tmp_path):
+  """A DiT teacher from a diffusers pipeline directory, an LCM-LoRA student trained 2 steps on
+  the digits, exported with a VAE: DiTPipeline.from_pretrained loads it and samples; the LCM
+  scheduler and the PEFT adapter are there."""
+  root = tmp_path / "teacher"
+  cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+             num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
+  random_dit(cfg).save_pretrained(root / "transformer", safe_serialization=True)
+  diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012).save_config(root / "scheduler")
+  w = tmp_path / "run"
+  p = subprocess.run([sys.executable, "-m", "launch.train", "--config",
+                      os.path.join(ROOT, "configs", "toy", "lcm.py") + ":digits",
+                      "--workdir", str(w), "--config.data.name=digits", "--config.data.size=16",
+                      f"--config.teacher.checkpoint={root}", "--config.teacher.params=raw",
+                      "--config.objective.lora_rank=4", "--config.objective.target=online",
+                      "--config.objective.lora_pattern=attn/to_(q|v)",
+                      "--config.objective.num_ddim_steps=10", "--config.train.steps=2",
+                      "--config.train.batch_size=8", "--config.eval.at_end=false",
+                      "--config.checkpoint.every_steps=0", "--config.sample.num=4"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900, env=env())
+  assert p.returncode == 0, p.stderr[-3000:]
+  vae = tmp_path / "vae"
+  v = tiny_vae()
+  diffusers.AutoencoderKL(**{**dict(v.config), "latent_channels": 1}).save_pretrained(vae)
+  out = tmp_path / "export"
+  p = subprocess.run([sys.executable, "-m", "launch.convert", "--workdir", str(w), "--out",
+                      str(out), "--vae", str(vae)], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600, env=env())
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["export.json", "lora", "model_index.json", "scheduler",
+                                     "transformer", "vae"]
+  notes = json.load(open(out / "export.json"))
+  assert notes["scheduler"] == "LCMScheduler" and notes["lora"]["rank"] == 4
+  sched = json.load(open(out / "scheduler" / "scheduler_config.json"))
+  assert sched["original_inference_steps"] == 10
+  pipe = diffusers.DiTPipeline.from_pretrained(str(out))
+  assert type(pipe.scheduler).__name__ == "LCMScheduler"
+  img = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2,
+             generator=torch.Generator().manual_seed(0), output_type="np").images
+  assert img.shape[0] == 1 and img.shape[-1] == 3 and np.all(np.isfinite(img))
