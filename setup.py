@@ -22,7 +22,8 @@ EXTRAS = {
     # an unpinned torch resolves to a multi-GB CUDA build.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "peft>=0.13"],
     # Ahead-of-time compiles for TPU topologies on a CPU host (launch/aot.py).
-    "tpu": ["libtpu"],
+    # (libtpu pinned to the release verified with jax 0.10 / 0.11 compiles on CPU hosts.)
+    "tpu": ["libtpu==0.0.52"],
     # Large-scale input pipelines (grain over ArrayRecord; tfds reads without TensorFlow).
     "data": ["grain>=0.2", "tensorflow-datasets>=4.9", "array-record>=0.5"],
 }

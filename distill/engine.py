@@ -429,6 +429,59 @@ class Engine:
     self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     return state, frozen
 
+  def abstract_state(self) -> tuple[TrainState, dict]:
+    """(state, frozen) as jax.ShapeDtypeStructs carrying this engine's shardings: what
+    `init_state` would build, with no computation and no memory (ahead-of-time compiles for
+    meshes of devices this host does not have, launch/aot.py). Sets the step shardings."""
+    def sds(x, sharding):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    rep = shd.replicated(self.mesh)
+    params, model_state, frozen, shardings = {}, {}, {}, {}
+    for name, plan in self.plans.items():
+      if plan.lora is not None:
+        from models import lora
+        base = params.get(plan.info.base, frozen.get(plan.info.base))
+        p = jax.eval_shape(lambda b: lora.lora_init(b, plan.lora.pattern, plan.lora.rank,
+                                                    jax.random.PRNGKey(0)), base)
+        sh = jax.tree_util.tree_map(lambda _: rep, p)
+        ms = {}
+      else:
+        v = meta.unbox(self.abstract_variables(name))
+        p, sh = v["params"], self.param_shardings(name)
+        dtype = self._param_dtype(name)
+        if dtype is not None:
+          p = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), p)
+        ms = {k: c for k, c in v.items() if k != "params"}
+      p = jax.tree_util.tree_map(sds, p, sh)
+      if ms:
+        model_state[name] = jax.tree_util.tree_map(lambda a: sds(a, rep), ms)
+      (params if name in self.trained else frozen)[name] = p
+      shardings[name] = sh
+    opt_state = {}
+    for n in self.trained:
+      tx = self.optimizers[n]
+      abstract = jax.eval_shape(tx.init, params[n])
+      out_sh = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings[n],
+                                     transform_non_params=lambda _: rep)
+      opt_state[n] = jax.tree_util.tree_map(sds, abstract, out_sh)
+    ema = {net: {role: params[net] for role in roles} for net, roles in self.ema_roles().items()}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    state = jax.eval_shape(new_state, key, params, opt_state, ema, model_state)
+    state = state.replace(params=params, opt_state=opt_state, ema=ema, model_state=model_state,
+                          **{k: sds(getattr(state, k), rep)
+                             for k in ("rng", "step", "stage", "skipped", "skipped_total")})
+    self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+    return state, frozen
+
+  def abstract_batch(self) -> dict:
+    """The global batch of a step as sharded jax.ShapeDtypeStructs."""
+    bs = int(self.config.train.batch_size)
+    local = self.source.batch(0, self.per_process_batch_probe(), 0, 1)
+    return {k: jax.ShapeDtypeStruct((bs,) + v.shape[1:], v.dtype,
+                                    sharding=shd.batch_sharding(self.mesh, v.ndim))
+            for k, v in local.items()}
+
   def _opt_init(self, name: str, params):
     """Optimizer state created sharded: moments follow their parameters, scalars replicate."""
     tx = self.optimizers[name]
@@ -492,6 +545,12 @@ class Engine:
       return loss, (metrics, updates)
 
     def step(state: TrainState, frozen: dict, batch: dict, t: Time):
+      # The mesh is the trace's context mesh: models find it there (jax.sharding.
+      # get_abstract_mesh) to run attention kernels per shard inside shard_map.
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return step_body(state, frozen, batch, t)
+
+    def step_body(state: TrainState, frozen: dict, batch: dict, t: Time):
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, t.step), phase_index)
       trainable = {n: state.params[n] for n in phase.trains}
       others = {n: v for n, v in state.params.items() if n not in phase.trains}

@@ -85,8 +85,10 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
   return config_lib.apply_overrides(config, rest, schema)
 
 
-def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates a config before any work; raises ConfigError naming the key."""
+def prepare_config(config: ml_collections.ConfigDict,
+                   num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
+  """Validates a config before any work; raises ConfigError naming the key. The mesh is checked
+  against `num_devices` (default: this host's jax.device_count(); launch.aot: the topology's)."""
   try:
     OBJECTIVES.get(config.objective.name)
   except KeyError as e:
@@ -101,7 +103,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise config_lib.ConfigError(f"config key 'model.name': {e.args[0]}") from None
   config_lib.validate_keys(config, schema_for(config))
   config = fill_defaults(config)
-  n_dev = jax.device_count()
+  n_dev = jax.device_count() if num_devices is None else int(num_devices)
   try:
     mesh = shd.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_dev)
   except ValueError as e:

@@ -582,6 +582,9 @@ def _splash_attention(q, k, v, *, scale, mask=None, bias=None, interpret=None, p
   # Splash does not scale the logits: fold the scale into q. Layout (B, H, L, D) per call.
   qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
   to_bhld = lambda x, n: _pad(x, n, d_pad).transpose(0, 2, 1, 3)
+  # The kernel's matmuls (forward and backward) take the ambient default precision, and Mosaic
+  # has no fp32-precision matmul of bf16 operands ("Bad lhs type"): bf16 splash needs
+  # jax_default_matmul_precision at its default (not "highest").
   out = jax.vmap(kernel)(to_bhld(qs, lq_pad), to_bhld(k, lk_pad), to_bhld(v, lk_pad))
   return out.transpose(0, 2, 1, 3)[:, :lq, :, :d].astype(q.dtype)
 
@@ -701,7 +704,8 @@ def sharded_attention(q: Array, k: Array, v: Array, *, impl: str = "xla",
 
 def _mesh_platform(mesh) -> str:
   """The platform of a mesh's devices ('cpu', 'gpu', 'tpu'); default backend if unknown."""
-  devices = getattr(mesh, "devices", None)
+  devices = None if isinstance(mesh, jax.sharding.AbstractMesh) else getattr(mesh, "devices",
+                                                                             None)
   if devices is not None and getattr(devices, "size", 0):
     platform = np.asarray(devices).flat[0].platform
   else:

@@ -84,14 +84,23 @@ BLOCK_PREFIX = "transformer_blocks"
 def _attend(q: Array, k: Array, v: Array, impl: str) -> Array:
   """Scaled dot-product self-attention, (B, L, H, D) -> (B, L, H, D), by implementation name.
 
-  Dispatches to `models.attention.attention(q, k, v, impl=impl)` when that module exists;
-  otherwise only "xla" (`jax.nn.dot_product_attention`) is available.
+  Dispatches to `models.attention.attention(q, k, v, impl=impl)` when that module exists (to
+  `sharded_attention` over the context mesh for kernels, when a mesh is set); otherwise only
+  "xla" (`jax.nn.dot_product_attention`) is available.
   """
   try:
     from models import attention as attention_lib  # pylint: disable=import-outside-toplevel
   except ImportError:
     attention_lib = None
   if attention_lib is not None and hasattr(attention_lib, "attention"):
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
+    n_batch = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if (impl != "xla" and sizes and q.shape[0] % n_batch == 0
+        and q.shape[2] % sizes.get("tensor", 1) == 0):
+      # A kernel under a context mesh (the engine's steps set one): per shard in shard_map,
+      # built for the mesh's platform (an AOT compile for a TPU topology gets the TPU kernel).
+      return attention_lib.sharded_attention(q, k, v, impl=impl, mesh=mesh)
     return attention_lib.attention(q, k, v, impl=impl)
   if impl != "xla":
     raise ValueError(f"attention implementation {impl!r} needs models.attention; only 'xla' "
@@ -352,7 +361,10 @@ class Attention(nn.Module):
       k = HeadRMSNorm(param_dtype=cfg.param_dtype, name="norm_k")(k)
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
-    o = _attend(q, k, v, cfg.attention).reshape(x.shape[:2] + (inner,))
+    # Initialisation only needs shapes: plain XLA attention there, so a kernel that exists only
+    # on the target platform (splash on TPU, cuDNN on GPU) does not block init on another host.
+    impl = "xla" if self.is_initializing() else cfg.attention
+    o = _attend(q, k, v, impl).reshape(x.shape[:2] + (inner,))
     o = _dense(cfg.dim, ("heads", "embed"), "to_out", cfg.dtype, cfg.param_dtype)(o)
     return nn.Dropout(cfg.dropout)(o, deterministic=self.deterministic)
 

@@ -1,0 +1,184 @@
+"""Ahead-of-time compile a config's phase steps for a TPU topology, on this (CPU) host.
+
+    pip install -e ".[tpu]"          # libtpu: the TPU compiler, no TPU needed
+    python -m launch.aot --config configs/bench/dit_xl2.py:scm --topology v5p:4x4x4 \
+        [--config.mesh.fsdp=8 ...]
+
+The topology (`jax.experimental.topologies.get_topology_desc`, e.g. v5p:4x4x4, v6e:8x8,
+v5e:4x4, v4:2x2x2) gives abstract devices; the config's mesh is laid over them
+(`mesh.data`/`fsdp`/`tensor`, -1 fills) and every phase of the objective's first stage is
+lowered and compiled through the same step builder `launch.train` uses (distill.engine.Engine),
+against the engine's abstract state (`Engine.abstract_state`: ShapeDtypeStructs with the real
+shardings, no memory). The teacher is abstract too: the config's `model.*` architecture, or the
+architecture of `teacher.checkpoint` when one is given (its weights are read for their shapes).
+
+Per phase it reports XLA's memory analysis of the compiled step per chip (arguments, outputs,
+aliased (donated) bytes, temporaries; peak = arguments + outputs - aliased + temporaries), the
+chip's HBM and whether the step fits; plus parameter counts and bytes per network. The last
+line is JSON:
+
+    {"config": ..., "topology": "v5p:4x4x4", "chips": 64, "device_kind": "TPU v5",
+     "mesh": {"data": 8, "fsdp": 8, "tensor": 1}, "hbm_per_chip_bytes": ...,
+     "params": {net: count}, "param_bytes": {net: bytes}, "fits": true,
+     "phases": {name: {"compile_s", "argument_bytes", "output_bytes", "alias_bytes",
+                       "temp_bytes", "peak_bytes_per_chip", "fits", "flops_per_chip"}}}
+
+A step that does not fit is reported (fits: false, exit 0; when the TPU compiler itself refuses
+it for HBM, the row has its message under "error" instead of the byte counts); any other compile
+error exits 1 with the compiler's message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from launch import cli
+
+# HBM per chip by device kind (lower-case substrings of jax's device_kind), bytes.
+GIB = 1024 ** 3
+HBM = (("v6 lite", 32 * GIB), ("v6e", 32 * GIB), ("v5 lite", 16 * GIB), ("v5e", 16 * GIB),
+       ("v5p", 95 * GIB), ("v5", 95 * GIB), ("v4", 32 * GIB), ("v3", 16 * GIB))
+
+
+def hbm_bytes(device_kind: str) -> int:
+  kind = device_kind.lower()
+  for key, size in HBM:
+    if key in kind:
+      return size
+  return 0
+
+
+def _extra(p):
+  p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v6e:8x8")
+
+
+def topology_devices(name: str):
+  """The abstract devices of a TPU topology (needs libtpu; no TPU)."""
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Several processes (pytest workers) may compile at once; no TPU is opened here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+  except ImportError:
+    raise ValueError("--topology: libtpu is not installed (pip install -e '.[tpu]')") from None
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(name, "tpu").devices
+  except Exception as e:  # noqa: BLE001 - libtpu's message names the problem
+    raise ValueError(f"--topology: {name!r} is not a TPU topology libtpu knows ({e})") from None
+
+
+def abstract_teacher(config):
+  """A Teacher of config.model's architecture whose params are shapes only."""
+  import jax
+  import numpy as np
+  from flax.core import meta
+  from distill import processes as procs
+  from distill import teacher as teacher_lib
+  from distill.data import sources
+  from distill.engine import module_from_config, num_classes_of, resolve_model_config
+  source = sources.make_source(config.data, config.seed)
+  mcfg = resolve_model_config(config.model.to_dict(), source)
+  module = module_from_config(mcfg)
+  x = np.zeros((1,) + tuple(source.shape), np.float32)
+  kw = {"class_labels": np.zeros((1,), np.int32)} if num_classes_of(mcfg) else {}
+  variables = jax.eval_shape(lambda r: module.init(r, x, np.zeros((1,), np.float32), **kw),
+                             jax.random.PRNGKey(0))
+  return teacher_lib.Teacher(module=module, params=meta.unbox(variables["params"]),
+                             model_config=mcfg,
+                             process=procs.make_process(**config.process.to_dict()),
+                             prediction=mcfg["prediction"], num_classes=num_classes_of(mcfg),
+                             reference={"abstract": True})
+
+
+def _first_line(message: str) -> str:
+  return next((ln.strip() for ln in message.splitlines() if ln.strip()), message)[:500]
+
+
+def compile_step(step, *args):
+  """Lowers and compiles one jitted phase step for its arguments' (abstract) shardings."""
+  return step.lower(*args).compile()
+
+
+def compile_config(config, topology: str) -> dict:
+  import jax
+  from distill import sharding as shd
+  from distill import teacher as teacher_lib
+  from distill import trainer
+  from distill.engine import Engine
+  from distill.objective import make_time
+  from distill.state import tree_bytes
+  devices = topology_devices(topology)
+  config = trainer.prepare_config(config, num_devices=len(devices))
+  teacher = None
+  if config.teacher.checkpoint:
+    teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  if teacher is None:
+    teacher = abstract_teacher(config)
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  engine = Engine(config, teacher=teacher, mesh=mesh)
+  state, frozen = engine.abstract_state()
+  batch = engine.abstract_batch()
+  kind = devices[0].device_kind
+  hbm = hbm_bytes(kind)
+  nets = {**state.params, **frozen}
+  count = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+  phases = {}
+  for i, phase in enumerate(engine.objective.phases):
+    t0 = time.perf_counter()
+    try:
+      compiled = compile_step(engine.phase_step(0, i), state, frozen, batch,
+                              make_time(phase.start, 0, 0, 0))
+    except Exception as e:  # noqa: BLE001 - the TPU compiler refuses steps that cannot fit
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      phases[phase.name] = {"compile_s": round(time.perf_counter() - t0, 2), "fits": False,
+                            "error": _first_line(str(e))}
+      continue
+    row = {"compile_s": round(time.perf_counter() - t0, 2)}
+    mem = compiled.memory_analysis()
+    for key in ("argument", "output", "alias", "temp"):
+      row[f"{key}_bytes"] = int(getattr(mem, f"{key}_size_in_bytes", 0) or 0)
+    row["peak_bytes_per_chip"] = (row["argument_bytes"] + row["output_bytes"]
+                                  - row["alias_bytes"] + row["temp_bytes"])
+    row["fits"] = bool(hbm) and row["peak_bytes_per_chip"] <= hbm
+    try:
+      row["flops_per_chip"] = float(compiled.cost_analysis().get("flops", 0.0))
+    except Exception:  # noqa: BLE001 - not every backend reports it
+      row["flops_per_chip"] = 0.0
+    phases[phase.name] = row
+  return {"config": config.objective.name, "topology": topology, "chips": len(devices),
+          "device_kind": kind, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+          "batch_size": int(config.train.batch_size), "hbm_per_chip_bytes": hbm,
+          "params": {n: count(p) for n, p in nets.items()},
+          "param_bytes": {n: tree_bytes(p) for n, p in nets.items()},
+          "fits": all(p["fits"] for p in phases.values()), "phases": phases}
+
+
+def main(argv: list[str]) -> int:
+  args = cli.parse(argv + ["--workdir", "-"] if "--workdir" not in argv else argv,
+                   prog="launch.aot", need_config=True, extra=_extra)
+  cli.setup(args)
+  from distill import config as config_lib
+  from distill import trainer
+  try:
+    config = trainer.load_config(args.config, list(args.overrides))
+    result = compile_config(config, args.topology)
+  except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+    return cli.fail(e)
+  print(f"| phase | compile s | peak GiB / chip | HBM GiB | fits |")
+  print("|---|---|---|---|---|")
+  for name, p in result["phases"].items():
+    peak = f"{p['peak_bytes_per_chip'] / GIB:.2f}" if "peak_bytes_per_chip" in p else "-"
+    print(f"| {name} | {p['compile_s']:.1f} | {peak} | "
+          f"{result['hbm_per_chip_bytes'] / GIB:.0f} | {p['fits']} |")
+    if "error" in p:
+      print(f"  {name}: {p['error']}")
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
