@@ -59,38 +59,14 @@ def topology_devices(name: str):
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   # Several processes (pytest workers) may compile at once; no TPU is opened here.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    raise ValueError("--topology: libtpu is not installed (pip install -e '.[tpu]')") from None
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError("--topology: libtpu is not installed (pip install -e '.[tpu]')")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     return topologies.get_topology_desc(name, "tpu").devices
   except Exception as e:  # noqa: BLE001 - libtpu's message names the problem
     raise ValueError(f"--topology: {name!r} is not a TPU topology libtpu knows ({e})") from None
-
-
-def abstract_teacher(config):
-  """A Teacher of config.model's architecture whose params are shapes only."""
-  import jax
-  import numpy as np
-  from flax.core import meta
-  from distill import processes as procs
-  from distill import teacher as teacher_lib
-  from distill.data import sources
-  from distill.engine import module_from_config, num_classes_of, resolve_model_config
-  source = sources.make_source(config.data, config.seed)
-  mcfg = resolve_model_config(config.model.to_dict(), source)
-  module = module_from_config(mcfg)
-  x = np.zeros((1,) + tuple(source.shape), np.float32)
-  kw = {"class_labels": np.zeros((1,), np.int32)} if num_classes_of(mcfg) else {}
-  variables = jax.eval_shape(lambda r: module.init(r, x, np.zeros((1,), np.float32), **kw),
-                             jax.random.PRNGKey(0))
-  return teacher_lib.Teacher(module=module, params=meta.unbox(variables["params"]),
-                             model_config=mcfg,
-                             process=procs.make_process(**config.process.to_dict()),
-                             prediction=mcfg["prediction"], num_classes=num_classes_of(mcfg),
-                             reference={"abstract": True})
 
 
 def _first_line(message: str) -> str:
@@ -116,7 +92,8 @@ def compile_config(config, topology: str) -> dict:
   if config.teacher.checkpoint:
     teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
   if teacher is None:
-    teacher = abstract_teacher(config)
+    from launch.bench import random_teacher  # pylint: disable=import-outside-toplevel
+    teacher = random_teacher(config, abstract=True)
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   engine = Engine(config, teacher=teacher, mesh=mesh)
   state, frozen = engine.abstract_state()
@@ -168,7 +145,7 @@ def main(argv: list[str]) -> int:
     result = compile_config(config, args.topology)
   except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
-  print(f"| phase | compile s | peak GiB / chip | HBM GiB | fits |")
+  print("| phase | compile s | peak GiB / chip | HBM GiB | fits |")
   print("|---|---|---|---|---|")
   for name, p in result["phases"].items():
     peak = f"{p['peak_bytes_per_chip'] / GIB:.2f}" if "peak_bytes_per_chip" in p else "-"

@@ -32,10 +32,12 @@ def _extra(p):
   p.add_argument("--compare", action="append", default=[])
 
 
-def random_teacher(config):
-  """A Teacher of config.model's architecture with random weights (benchmarks only)."""
+def random_teacher(config, abstract: bool = False):
+  """A Teacher of config.model's architecture with random weights (benchmarks only); with
+  `abstract` its params are shapes only (jax.ShapeDtypeStruct: ahead-of-time compiles)."""
   import jax
   import numpy as np
+  from flax.core import meta
   from distill import processes as procs
   from distill import teacher as teacher_lib
   from distill.data import sources
@@ -45,14 +47,16 @@ def random_teacher(config):
   module = module_from_config(mcfg)
   x = np.zeros((1,) + tuple(source.shape), np.float32)
   kw = {"class_labels": np.zeros((1,), np.int32)} if num_classes_of(mcfg) else {}
-  variables = jax.jit(lambda r: module.init(r, x, np.zeros((1,), np.float32), **kw))(
-      jax.random.PRNGKey(config.seed))
-  params = jax.tree_util.tree_map(np.asarray, jax.device_get(
-      __import__("flax").core.meta.unbox(variables["params"])))
+  init = lambda r: meta.unbox(module.init(r, x, np.zeros((1,), np.float32), **kw)["params"])
+  key = jax.random.PRNGKey(config.seed)
+  if abstract:
+    params = jax.eval_shape(init, key)
+  else:
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(jax.jit(init)(key)))
   return teacher_lib.Teacher(module=module, params=params, model_config=mcfg,
                              process=procs.make_process(**config.process.to_dict()),
                              prediction=mcfg["prediction"], num_classes=num_classes_of(mcfg),
-                             reference={"random": True})
+                             reference={"abstract" if abstract else "random": True})
 
 
 def peak_memory_bytes():
