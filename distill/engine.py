@@ -457,13 +457,9 @@ class Engine:
         model_state[name] = jax.tree_util.tree_map(lambda a: sds(a, rep), ms)
       (params if name in self.trained else frozen)[name] = p
       shardings[name] = sh
-    opt_state = {}
-    for n in self.trained:
-      tx = self.optimizers[n]
-      abstract = jax.eval_shape(tx.init, params[n])
-      out_sh = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings[n],
-                                     transform_non_params=lambda _: rep)
-      opt_state[n] = jax.tree_util.tree_map(sds, abstract, out_sh)
+    opt_state = {n: jax.tree_util.tree_map(sds, *self._opt_state_shapes(n, params[n],
+                                                                        shardings[n]))
+                 for n in self.trained}
     ema = {net: {role: params[net] for role in roles} for net, roles in self.ema_roles().items()}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     state = jax.eval_shape(new_state, key, params, opt_state, ema, model_state)
@@ -482,14 +478,20 @@ class Engine:
                                     sharding=shd.batch_sharding(self.mesh, v.ndim))
             for k, v in local.items()}
 
-  def _opt_init(self, name: str, params):
-    """Optimizer state created sharded: moments follow their parameters, scalars replicate."""
+  def _opt_state_shapes(self, name: str, params, param_sh):
+    """(abstract optimizer state, its shardings): moments follow their parameters, scalars
+    replicate."""
     tx = self.optimizers[name]
-    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
     out_sh = optax.tree_map_params(tx, lambda _, s: s, abstract, param_sh,
                                    transform_non_params=lambda _: shd.replicated(self.mesh))
-    return jax.jit(tx.init, out_shardings=out_sh)(params)
+    return abstract, out_sh
+
+  def _opt_init(self, name: str, params):
+    """Optimizer state created sharded (`_opt_state_shapes`)."""
+    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    _, out_sh = self._opt_state_shapes(name, params, param_sh)
+    return jax.jit(self.optimizers[name].init, out_shardings=out_sh)(params)
 
   def ema_roles(self, objective: Optional[Objective] = None) -> dict[str, dict[str, Any]]:
     """{net: {role: decay or callable(Time) -> decay}} with config overrides applied."""

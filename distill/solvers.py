@@ -296,6 +296,14 @@ def _tcd(denoiser, process, x, grid, noise_at, gamma: float = 0.3):
   return _scan(step, x, grid)
 
 
+def _grid_through(process, steps: int, intermediate: Sequence[float]) -> np.ndarray:
+  """[t_max, intermediate..., t_end] as float32; steps - 1 intermediate times."""
+  if len(intermediate) != steps - 1:
+    raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {intermediate}")
+  grid = [process.t_max, *[float(u) for u in intermediate], process.t_end]
+  return np.asarray(grid, np.float32)
+
+
 def trigflow_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None,
                   mid_t: float = 1.1) -> np.ndarray:
   """sCM grid [t_max, intermediate..., t_end]: 2 steps -> [pi/2, mid_t, 0] (sCM's 1.1;
@@ -305,10 +313,7 @@ def trigflow_grid(process, steps: int, intermediate: Optional[Sequence[float]] =
       intermediate = (mid_t,)
     else:
       intermediate = np.linspace(process.t_max, process.t_end, steps + 1)[1:-1]
-  if len(intermediate) != steps - 1:
-    raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {intermediate}")
-  grid = [process.t_max, *[float(u) for u in intermediate], process.t_end]
-  return np.asarray(grid, np.float32)
+  return _grid_through(process, steps, intermediate)
 
 
 def cm_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None) -> np.ndarray:
@@ -319,10 +324,7 @@ def cm_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None)
   if intermediate is None:
     rho = float(getattr(process, "rho", 7.0))
     intermediate = procs.karras_sigmas(steps + 1, process.t_min, process.t_max, rho)[1:-1]
-  if len(intermediate) != steps - 1:
-    raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {intermediate}")
-  grid = [process.t_max, *[float(u) for u in intermediate], process.t_end]
-  return np.asarray(grid, np.float32)
+  return _grid_through(process, steps, intermediate)
 
 
 SOLVERS.add("euler", Solver(_euler))

@@ -181,18 +181,26 @@ EDM_TIMES: dict[str, Callable] = {
 }
 
 
+def from_edm(process, x_e: Array, sigma: Array, what: str = "edm_consistency"
+             ) -> tuple[Array, Array]:
+  """(x_t, t): EDM coordinates (x_e at noise level sigma, per sample) in `process`'s own
+  (x_t = alpha_t x_e at the t of the same signal-to-noise ratio). `what` names the caller in
+  the error for an unsupported process."""
+  name = getattr(process, "name", "")
+  if name not in EDM_TIMES:
+    raise ValueError(f"{what}: cannot read a network of process {name!r} in EDM coordinates; "
+                     f"supported: {', '.join(sorted(EDM_TIMES))}")
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x_e.shape[0],))
+  t, alpha = EDM_TIMES[name](process, sigma)
+  return procs.expand_like(alpha, x_e) * x_e, t
+
+
 def as_edm_x0(apply_inner: Callable[[Array, Array], Array], process, prediction: str,
               x_e: Array, sigma: Array) -> Array:
   """The denoiser D(x_e, sigma) = x0_hat of a network given as apply_inner(x, t) -> raw output
   at its own time t (`process` / `prediction` its own). sigma is per sample (B,) and > 0;
   differentiable in x_e and sigma."""
-  name = getattr(process, "name", "")
-  if name not in EDM_TIMES:
-    raise ValueError(f"edm_consistency: cannot present a network of process {name!r} in EDM "
-                     f"coordinates; supported: {', '.join(sorted(EDM_TIMES))}")
-  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x_e.shape[0],))
-  t, alpha = EDM_TIMES[name](process, sigma)
-  x_t = procs.expand_like(alpha, x_e) * x_e
+  x_t, t = from_edm(process, x_e, sigma)
   out = apply_inner(x_t, t)
   a, s = process.alpha_sigma(t)
   x0, _ = procs.decode(out, prediction, x_t, procs.expand_like(a, x_e), procs.expand_like(s, x_e))

@@ -61,7 +61,6 @@ def _export(args) -> int:
   import tempfile
 
   import jax
-  import numpy as np
   from distill import trainer
   from distill.context import merge_params
   from models import convert
@@ -86,8 +85,8 @@ def _export(args) -> int:
   notes = {"workdir": os.path.abspath(args.workdir), "step": int(step), "network": net,
            "sampler": sampler, "subfolder": sub}
   try:
-    convert.to_diffusers(info.module, {"params": jax.device_get(full)},
-                         out_dir=os.path.join(tmp, sub))
+    torch_module = convert.to_diffusers(info.module, {"params": jax.device_get(full)},
+                                        out_dir=os.path.join(tmp, sub))
     if sampler:
       try:
         sched = export.scheduler_config(info, sampler, _grid_kwargs(engine))
@@ -99,10 +98,10 @@ def _export(args) -> int:
         with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
           json.dump(sched, f, indent=2)
         notes["scheduler"] = sched["_class_name"]
-    if info.base is not None:
-      lora = jax.device_get(params)
-      rank = int(np.shape(next(a for p, a in _leaves(lora) if p.endswith("lora_A")))[-1])
-      tensors, adapter = conv.peft_lora(info.module, lora, rank=rank,
+    adapter_spec = engine.plans[net].lora
+    if adapter_spec is not None:
+      rank = int(adapter_spec.rank)
+      tensors, adapter = conv.peft_lora(info.module, jax.device_get(params), rank=rank,
                                         alpha=float(info.lora_scale) * rank)
       os.makedirs(os.path.join(tmp, "lora"))
       from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -113,7 +112,7 @@ def _export(args) -> int:
     if args.vae:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
       index = {"_class_name": getattr(conv, "pipeline_class", None),
-               "vae": ["diffusers", "AutoencoderKL"], sub: ["diffusers", _diffusers_class(tmp, sub)]}
+               "vae": ["diffusers", "AutoencoderKL"], sub: ["diffusers", type(torch_module).__name__]}
       if os.path.isdir(os.path.join(tmp, "scheduler")):
         index["scheduler"] = ["diffusers", notes["scheduler"]]
       with open(os.path.join(tmp, "model_index.json"), "w") as f:
@@ -126,20 +125,6 @@ def _export(args) -> int:
     raise
   print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
-
-
-def _leaves(tree, prefix=""):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _leaves(v, f"{prefix}/{k}" if prefix else str(k))
-  else:
-    yield prefix, tree
-
-
-def _diffusers_class(out: str, sub: str) -> str:
-  import json
-  with open(os.path.join(out, sub, "config.json")) as f:
-    return json.load(f)["_class_name"]
 
 
 def _grid_kwargs(engine) -> dict:

@@ -662,7 +662,7 @@ def check_impls(attention_impl: str, jvp_attention_impl: str) -> None:
 def sharded_attention(q: Array, k: Array, v: Array, *, impl: str = "xla",
                       mesh: Optional[jax.sharding.Mesh] = None,
                       batch_axes: Sequence[str] = ("data", "fsdp"),
-                      head_axis: Optional[str] = "tensor",
+                      head_axis: Optional[str] = "tensor", strict: bool = True,
                       **kwargs) -> Array:
   """`attention` over a device mesh: kernels run per shard inside `jax.shard_map`.
 
@@ -678,6 +678,8 @@ def sharded_attention(q: Array, k: Array, v: Array, *, impl: str = "xla",
     mesh: a `jax.sharding.Mesh` (or AbstractMesh); None = no shard_map.
     batch_axes: mesh axes the batch is split over.
     head_axis: mesh axis the heads are split over (None = heads replicated).
+    strict: a batch or head count the mesh does not divide raises; False calls `attention`
+      directly instead (no shard_map) for such shapes.
     **kwargs: forwarded to `attention` (scale, block_sizes, interpret, precision, mask, bias;
       mask and bias only with impl="xla").
   """
@@ -692,6 +694,8 @@ def sharded_attention(q: Array, k: Array, v: Array, *, impl: str = "xla",
   n_b = int(np.prod([sizes[a] for a in b_axes])) if b_axes else 1
   n_h = sizes[h_axis] if h_axis else 1
   if q.shape[0] % n_b or q.shape[2] % n_h:
+    if not strict:
+      return attention(q, k, v, impl=impl, **kwargs)
     raise ValueError(f"sharded_attention: batch {q.shape[0]} must divide by {n_b} (axes "
                      f"{b_axes}) and heads {q.shape[2]} by {n_h} (axis {h_axis!r})")
   if kwargs.get("platform") is None:

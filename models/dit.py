@@ -93,15 +93,12 @@ def _attend(q: Array, k: Array, v: Array, impl: str) -> Array:
   except ImportError:
     attention_lib = None
   if attention_lib is not None and hasattr(attention_lib, "attention"):
+    # A kernel under a context mesh (the engine's steps set one) runs per shard in shard_map,
+    # built for the mesh's platform (an AOT compile for a TPU topology gets the TPU kernel);
+    # shapes the mesh does not divide, and calls outside any mesh, run it unsharded.
     mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if not mesh.empty else {}
-    n_batch = sizes.get("data", 1) * sizes.get("fsdp", 1)
-    if (impl != "xla" and sizes and q.shape[0] % n_batch == 0
-        and q.shape[2] % sizes.get("tensor", 1) == 0):
-      # A kernel under a context mesh (the engine's steps set one): per shard in shard_map,
-      # built for the mesh's platform (an AOT compile for a TPU topology gets the TPU kernel).
-      return attention_lib.sharded_attention(q, k, v, impl=impl, mesh=mesh)
-    return attention_lib.attention(q, k, v, impl=impl)
+    return attention_lib.sharded_attention(q, k, v, impl=impl,
+                                           mesh=None if mesh.empty else mesh, strict=False)
   if impl != "xla":
     raise ValueError(f"attention implementation {impl!r} needs models.attention; only 'xla' "
                      "is available without it")

@@ -122,15 +122,9 @@ def student_x0(ctx, params, x_real, cond, draws, student: str = STUDENT):
 
 def teacher_features(ctx, x0, cond, draws, *, blocks: tuple, teacher: str = TEACHER):
   """The frozen teacher's block outputs at x0 + sigma eps, read in its own process."""
-  info = ctx.nets[teacher]
-  process = info.process
-  name = getattr(process, "name", "")
-  if name not in wrappers.EDM_TIMES:
-    raise ValueError(f"LADD: cannot re-noise for a teacher of process {name!r}; supported: "
-                     f"{', '.join(sorted(wrappers.EDM_TIMES))}")
+  process = ctx.nets[teacher].process
   sigma = draws["sigma"]
-  t, alpha = wrappers.EDM_TIMES[name](process, sigma)
-  x_t = bcast(alpha, x0) * (x0 + bcast(sigma, x0) * draws["eps"])
+  x_t, t = wrappers.from_edm(process, x0 + bcast(sigma, x0) * draws["eps"], sigma, "LADD")
   _, feats = ctx.call(teacher, x_t, process.timestep(t), **dict(cond or {}),
                       return_features=tuple(blocks))
   return [feats[b] for b in blocks]
