@@ -43,7 +43,7 @@ Extras for newer DiTs and students (all off by default, so the default is diffus
   and then picks the requested ones.
 
 Execution fields: `dtype` (compute), `param_dtype`, `attention` (implementation name, see
-`_attend`), `remat` (policy name in `REMAT_POLICIES`, applied per block), `scan_blocks`
+`attend_heads`), `remat` (policy name in `REMAT_POLICIES`, applied per block), `scan_blocks`
 (`nn.scan` over the blocks: parameters stacked on a leading "layers" axis under
 `transformer_blocks`; `stack_block_params` / `unstack_block_params` convert between layouts).
 Every parameter carries logical axis names (embed, mlp, heads, norm, conv_in, conv_out, layers;
@@ -81,28 +81,29 @@ BLOCK_PREFIX = "transformer_blocks"
 # ----------------------------------------------------------------------------------------------
 # Attention seam (the lead wires models.attention here).
 
-def _attend(q: Array, k: Array, v: Array, impl: str) -> Array:
-  """Scaled dot-product self-attention, (B, L, H, D) -> (B, L, H, D), by implementation name.
+def attend_heads(q: Array, k: Array, v: Array, impl: str, bias: Optional[Array] = None) -> Array:
+  """Scaled dot-product attention, (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D), by name.
 
-  Dispatches to `models.attention.attention(q, k, v, impl=impl)` when that module exists (to
-  `sharded_attention` over the context mesh for kernels, when a mesh is set); otherwise only
-  "xla" (`jax.nn.dot_product_attention`) is available.
+  Dispatches to `models.attention.sharded_attention(q, k, v, impl=impl)` when that module exists;
+  otherwise only "xla" (`jax.nn.dot_product_attention`) is available. `bias` (additive logits,
+  broadcastable to (B, H, Lq, Lk); e.g. a text padding mask) works with "xla" and "cudnn".
   """
   try:
     from models import attention as attention_lib  # pylint: disable=import-outside-toplevel
   except ImportError:
     attention_lib = None
+  kw = {} if bias is None else {"bias": bias}
   if attention_lib is not None and hasattr(attention_lib, "attention"):
     # A kernel under a context mesh (the engine's steps set one) runs per shard in shard_map,
     # built for the mesh's platform (an AOT compile for a TPU topology gets the TPU kernel);
     # shapes the mesh does not divide, and calls outside any mesh, run it unsharded.
     mesh = jax.sharding.get_abstract_mesh()
     return attention_lib.sharded_attention(q, k, v, impl=impl,
-                                           mesh=None if mesh.empty else mesh, strict=False)
+                                           mesh=None if mesh.empty else mesh, strict=False, **kw)
   if impl != "xla":
     raise ValueError(f"attention implementation {impl!r} needs models.attention; only 'xla' "
                      "is available without it")
-  return jax.nn.dot_product_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,13 +156,16 @@ NORMS.add("rms", rms_norm)
 # Fixed embeddings (pure functions).
 
 def timestep_embedding(t: Array, dim: int = TIME_FREQ_DIM, max_period: float = 10_000.0,
-                       downscale_freq_shift: float = 1.0) -> Array:
-  """diffusers' `get_timestep_embedding(flip_sin_to_cos=True)`: (B,) -> (B, dim) [cos, sin]."""
+                       downscale_freq_shift: float = 1.0, flip_sin_to_cos: bool = True) -> Array:
+  """diffusers' `get_timestep_embedding`: (B,) -> (B, dim), [cos, sin] (flipped) or [sin, cos]."""
   half = dim // 2
+  t = jnp.asarray(t)
+  dtype = jnp.promote_types(t.dtype, jnp.float32)  # float32, or float64 under x64 tests
   exponent = -math.log(max_period) * np.arange(half, dtype=np.float32)
-  freqs = jnp.exp(jnp.asarray(exponent / np.float32(half - downscale_freq_shift), jnp.float32))
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  freqs = jnp.exp(jnp.asarray(exponent / np.float32(half - downscale_freq_shift), dtype))
+  args = t.astype(dtype)[:, None] * freqs[None, :]
+  pair = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(pair, axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -361,7 +365,7 @@ class Attention(nn.Module):
     # Initialisation only needs shapes: plain XLA attention there, so a kernel that exists only
     # on the target platform (splash on TPU, cuDNN on GPU) does not block init on another host.
     impl = "xla" if self.is_initializing() else cfg.attention
-    o = _attend(q, k, v, impl).reshape(x.shape[:2] + (inner,))
+    o = attend_heads(q, k, v, impl).reshape(x.shape[:2] + (inner,))
     o = _dense(cfg.dim, ("heads", "embed"), "to_out", cfg.dtype, cfg.param_dtype)(o)
     return nn.Dropout(cfg.dropout)(o, deterministic=self.deterministic)
 

@@ -64,18 +64,20 @@ def conv(features: int, kernel: int, *, dtype: Dtype, param_dtype: Dtype, name: 
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
-def dense(features: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-  """A Linear layer with logical axes."""
+def dense(features: int, *, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True,
+          axes: tuple = _DENSE_AXES) -> nn.Dense:
+  """A Linear layer with logical axes `axes` (kernel (in, out); the bias takes the out axis)."""
   return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), _DENSE_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))
+      features, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
-def group_norm(groups: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-  """torch.nn.GroupNorm(groups, eps=1e-6) over NHWC: contiguous channel groups, exact variance."""
+def group_norm(groups: int, *, dtype: Dtype, param_dtype: Dtype, name: str,
+               eps: float = _NORM_EPS) -> nn.GroupNorm:
+  """torch.nn.GroupNorm(groups, eps) over NHWC: contiguous channel groups, exact variance."""
   return nn.GroupNorm(
-      num_groups=groups, epsilon=_NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+      num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
       use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), _NORM_AXES),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), _NORM_AXES))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -56,6 +57,40 @@ class Rule:
   torch_key: str
   flax_path: FlaxPath
   kind: str = "identity"
+
+
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+
+def module_tree_key(path: FlaxPath, lists: Optional[Iterable[str]] = None) -> str:
+  """A Flax param path -> the torch key of a module tree mirrored by name.
+
+  A module named `<list>_<i>` is item i of the torch ModuleList `<list>` (every such name, or
+  only those whose list name is in `lists`, where names such as `linear_1` are plain
+  attributes); the leaf `bias` stays `bias`, any other leaf (kernel, scale, embedding) is
+  `weight`: `("down_blocks_0", "resnets_1", "conv1", "kernel")` -> `down_blocks.0.resnets.1.
+  conv1.weight`.
+  """
+  lists = None if lists is None else frozenset(lists)
+  parts = []
+  for name in path[:-1]:
+    m = _INDEXED.match(name)
+    if m and (lists is None or m.group(1) in lists):
+      parts.extend([m.group(1), m.group(2)])
+    else:
+      parts.append(name)
+  parts.append("bias" if path[-1] == "bias" else "weight")
+  return ".".join(parts)
+
+
+def mirrored_rules(shapes: Mapping[FlaxPath, Shape],
+                   lists: Optional[Iterable[str]] = None) -> list[Rule]:
+  """`Rule`s of a module whose Flax tree mirrors the torch tree (see `module_tree_key`):
+  4-D kernels are conv2d, 2-D kernels linear, everything else identity."""
+  kinds = {4: "conv2d", 2: "linear"}
+  return [Rule(module_tree_key(p, lists),
+               p, kinds.get(len(s), "identity") if p[-1] == "kernel" else "identity")
+          for p, s in shapes.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,3 +297,85 @@ def load_torch_file(path: str, key: Optional[str] = None) -> dict:
     raise ValueError(f"{path}: non-tensor entries in the checkpoint: {', '.join(bad)} "
                      "(pass key=... to pick the tensor dictionary)")
   return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# A converter for models whose Flax tree mirrors the torch module tree.
+
+class MirroredConverter:
+  """from_torch / to_torch / from_config_state for a Flax module built to mirror a diffusers
+  module's tree (see `module_tree_key`). A subclass gives
+
+      diffusers_class                  the diffusers class name (also the registry name)
+      module_from_config(config, **overrides) -> flax module     (raises on unsupported keys)
+      diffusers_config(module) -> dict                            (the diffusers constructor kwargs)
+      abstract_init(module) -> abstract variables                 (jax.eval_shape of its init)
+      lists                            ModuleList names (None: every `<name>_<i>`)
+      rename_keys(state_dict)          legacy key names -> current (default: none)
+
+  and gets the strict key table, both weight directions and the registry interface.
+  """
+  diffusers_class: str = ""
+  lists: Optional[frozenset] = None
+
+  def module_from_config(self, config: Mapping[str, Any], **overrides):
+    raise NotImplementedError
+
+  def diffusers_config(self, module) -> dict:
+    raise NotImplementedError
+
+  def abstract_init(self, module):
+    raise NotImplementedError
+
+  def rename_keys(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    return state_dict
+
+  def flax_shapes(self, module) -> dict[FlaxPath, Shape]:
+    """{param path: shape} of `module`, from an abstract init (nothing is allocated)."""
+    from flax.core import meta  # pylint: disable=import-outside-toplevel
+    abstract = self.abstract_init(module)
+    return {p: tuple(v.shape) for p, v in flatten_tree(meta.unbox(abstract["params"])).items()}
+
+  def rules(self, module, shapes: Optional[Mapping[FlaxPath, Shape]] = None) -> list[Rule]:
+    return mirrored_rules(self.flax_shapes(module) if shapes is None else shapes, self.lists)
+
+  def params_from_state_dict(self, module, state_dict: Mapping[str, Any],
+                             what: Optional[str] = None) -> dict:
+    """A diffusers state dict -> `{"params": ...}` (unboxed, in the module's `param_dtype`)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    shapes = self.flax_shapes(module)
+    params = torch_to_flax(self.rename_keys(state_dict), self.rules(module, shapes), shapes,
+                           what=what or f"{self.diffusers_class} state dict")
+    return {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, module.param_dtype),
+                                             params)}
+
+  def state_dict_from_params(self, module, variables: Mapping) -> dict[str, np.ndarray]:
+    """`{"params": ...}` or the bare params (boxed or not) -> a diffusers state dict (numpy)."""
+    from flax.core import meta  # pylint: disable=import-outside-toplevel
+    params = meta.unbox(variables["params"] if "params" in variables else variables)
+    shapes = self.flax_shapes(module)
+    check_keys({"/".join(p): s for p, s in shapes.items()},
+               {"/".join(p): tuple(np.shape(v)) for p, v in flatten_tree(params).items()},
+               what=f"{self.diffusers_class} params")
+    return flax_to_torch(params, self.rules(module, shapes))
+
+  def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
+                        **overrides):
+    module = self.module_from_config(config, **overrides)
+    return module, self.params_from_state_dict(module, state_dict)
+
+  def from_torch(self, torch_module, **overrides):
+    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
+                                  **overrides)
+
+  def to_torch(self, module, variables: Mapping):
+    """The diffusers module with our weights (in their dtype when it is one dtype)."""
+    import diffusers  # pylint: disable=import-outside-toplevel
+    tensors = numpy_to_torch(self.state_dict_from_params(module, variables))
+    model = getattr(diffusers, self.diffusers_class)(**self.diffusers_config(module))
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
+      model = model.to(dtype)
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()

@@ -19,19 +19,15 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from models.convert.common import (Rule, check_keys, flatten_tree, flax_to_torch,
-                                   numpy_to_torch, torch_to_flax)
+from models.convert.common import MirroredConverter
 from models.convert.registry import register_converter
 from models.vae import AutoencoderKL
 
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
-_INDEX = re.compile(r"^(.*)_(\d+)$")
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -96,36 +92,6 @@ def diffusers_config(module: AutoencoderKL) -> dict[str, Any]:
       mid_block_add_attention=module.mid_block_add_attention)
 
 
-# --- key table ---------------------------------------------------------------------------------
-
-def torch_key(path: tuple[str, ...]) -> str:
-  """Flax param path -> torch key: `down_blocks_0` -> `down_blocks.0`, kernel/scale -> weight."""
-  parts = []
-  for name in path[:-1]:
-    m = _INDEX.match(name)
-    parts.extend([m.group(1), m.group(2)] if m else [name])
-  parts.append("bias" if path[-1] == "bias" else "weight")
-  return ".".join(parts)
-
-
-def flax_shapes(module: AutoencoderKL) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{param path: shape} of `module`, from an abstract init (nothing is allocated)."""
-  plain = module.clone(remat="none")
-  size = 2 * plain.downscale
-  x = jax.ShapeDtypeStruct((1, size, size, plain.in_channels), jnp.float32)
-  abstract = jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)
-  return {p: tuple(v.shape) for p, v in flatten_tree(nn.meta.unbox(abstract["params"])).items()}
-
-
-def rules(module: AutoencoderKL,
-          shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None) -> list[Rule]:
-  """diffusers key <-> our param path for every tensor: the tree is the torch module tree."""
-  shapes = flax_shapes(module) if shapes is None else shapes
-  kinds = {4: "conv2d", 2: "linear"}
-  return [Rule(torch_key(p), p, kinds.get(len(s), "identity") if p[-1] == "kernel"
-               else "identity") for p, s in shapes.items()]
-
-
 # --- weights ----------------------------------------------------------------------------------
 
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -145,59 +111,37 @@ def rename_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def params_from_state_dict(module: AutoencoderKL, state_dict: Mapping[str, Any],
-                           what: str = "AutoencoderKL state dict") -> dict:
-  """A diffusers AutoencoderKL state dict -> `{"params": ...}` (unboxed, in `param_dtype`).
-
-  Legacy attention names are accepted (`rename_legacy_keys`).
-  """
-  shapes = flax_shapes(module)
-  params = torch_to_flax(rename_legacy_keys(state_dict), rules(module, shapes), shapes, what=what)
-  return {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, module.param_dtype), params)}
-
-
-def state_dict_from_params(module: AutoencoderKL, variables: Mapping) -> dict[str, np.ndarray]:
-  """`{"params": ...}` or the bare params (boxed or not) -> a diffusers state dict (numpy)."""
-  params = variables["params"] if "params" in variables else variables
-  params = nn.meta.unbox(params)
-  shapes = flax_shapes(module)
-  check_keys({"/".join(p): s for p, s in shapes.items()},
-             {"/".join(p): tuple(np.shape(v)) for p, v in flatten_tree(params).items()},
-             what="AutoencoderKL params")
-  return flax_to_torch(params, rules(module, shapes))
-
-
-class AutoencoderKLConverter:
+class AutoencoderKLConverter(MirroredConverter):
   """diffusers AutoencoderKL <-> models.vae.AutoencoderKL (see the module docstring).
 
   `from_torch` / `from_config_state` accept overrides of our execution fields (`dtype`,
-  `param_dtype`, `attention`, `remat`).
+  `param_dtype`, `attention`, `remat`); legacy attention names are accepted (`rename_legacy_keys`).
   """
 
+  diffusers_class = "AutoencoderKL"
   flax_module_type = AutoencoderKL
 
-  def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
-                        **overrides):
-    module = module_from_config(config, **overrides)
-    return module, params_from_state_dict(module, state_dict)
+  def module_from_config(self, config, **overrides):
+    return module_from_config(config, **overrides)
 
-  def from_torch(self, torch_module, **overrides):
-    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
-                                  **overrides)
+  def diffusers_config(self, module):
+    return diffusers_config(module)
 
-  def to_torch(self, module: AutoencoderKL, variables: Mapping):
-    # pylint: disable-next=import-outside-toplevel
-    from diffusers import AutoencoderKL as TorchAutoencoderKL
-    tensors = numpy_to_torch(state_dict_from_params(module, variables))
-    model = TorchAutoencoderKL(**diffusers_config(module))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
-      model = model.to(dtype)
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+  def abstract_init(self, module):
+    plain = module.clone(remat="none")
+    size = 2 * plain.downscale
+    x = jax.ShapeDtypeStruct((1, size, size, plain.in_channels), jnp.float32)
+    return jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)
+
+  def rename_keys(self, state_dict):
+    return rename_legacy_keys(state_dict)
 
 
 CONVERTER = register_converter("AutoencoderKL")(AutoencoderKLConverter())
 from_torch = CONVERTER.from_torch
 to_torch = CONVERTER.to_torch
 from_config_state = CONVERTER.from_config_state
+flax_shapes = CONVERTER.flax_shapes
+rules = CONVERTER.rules
+params_from_state_dict = CONVERTER.params_from_state_dict
+state_dict_from_params = CONVERTER.state_dict_from_params
