@@ -1,6 +1,7 @@
 # `make demo` and `make test` create (or refresh) the local virtualenv and install what they need:
 # the demo only the core packages, the tests also the test extras (CPU torch, diffusers, pytest,
-# peft) and libtpu (the TPU compiler behind launch.aot's CPU-host compiles).
+# peft, transformers), libtpu (the TPU compiler behind launch.aot's CPU-host compiles) and the data
+# extras (grain, array-record, tensorflow-datasets: launch.precompute and the latents source).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,7 +21,7 @@ $(BASE): setup.py
 $(TESTS): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,tpu]"
+	$(PY) -m pip install -q -e ".[test,tpu,data]"
 	rm -f $(VENV)/.installed-* && touch $(TESTS) $(BASE)
 
 venv: $(TESTS)

@@ -20,7 +20,8 @@ CORE = [
 EXTRAS = {
     # Everything the tests need. torch is pinned to the CPU build these machines serve offline:
     # an unpinned torch resolves to a multi-GB CUDA build.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "peft>=0.13"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "peft>=0.13",
+             "transformers>=4.40"],
     # Ahead-of-time compiles for TPU topologies on a CPU host (launch/aot.py).
     # (libtpu pinned to the release verified with jax 0.10 / 0.11 compiles on CPU hosts.)
     "tpu": ["libtpu==0.0.52"],

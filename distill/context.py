@@ -26,6 +26,7 @@ Params = Any
 BATCH_TO_MODEL_KWARG = {
     "label": "class_labels",
     "text_embeds": "encoder_hidden_states",
+    "text_mask": "encoder_attention_mask",
     "added_cond": "added_cond",
 }
 

@@ -375,7 +375,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
         report = run_evaluation(engine, state, frozen, step)
         _write_eval(workdir, report, is_main)
-      if config.sample.every_steps and step % config.sample.every_steps == 0 and step < total:
+      if (config.sample.num and config.sample.every_steps
+          and step % config.sample.every_steps == 0 and step < total):
         write_samples(engine, state, frozen, step, workdir) if is_main else None
       if stop.requested:
         ckpt.save(step, state, _meta(engine, step), force=True)
@@ -392,7 +393,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       report = run_evaluation(engine, state, frozen, total)
       _write_eval(workdir, report, is_main)
       summary["eval"] = report
-    if is_main:
+    if is_main and config.sample.num:  # sample.num = 0: no grids (e.g. latent data sets)
       summary["samples"] = write_samples(engine, state, frozen, total, workdir)
     summary.update(step=total, interrupted=False)
     return summary

@@ -64,17 +64,8 @@ def dit_xl2(c, latent: int):
   return c
 
 
-def get_config(arg: str = ""):
-  name, res = parse_arg(arg)
-  latent, batch = RESOLUTIONS[res]
-  c = distill_config(name, teacher="", steps=1000, batch_size=batch, lr=1e-4, b1=0.9,
-                     grad_clip=1.0)
-  c.teacher.params = "raw"
-  dit_xl2(c, latent)
-  c.data.name = "synthetic"
-  c.data.height = c.data.width = latent
-  c.data.channels = 4
-  c.data.num_classes = 1000
+def objective_settings(c, name: str):
+  """The DiT-XL/2 settings of each objective (shared with configs/imagenet/dit_xl2.py)."""
   if name == "denoise":
     c.objective.ema_decay = 0.9999
   elif name == "scm":
@@ -91,4 +82,19 @@ def get_config(arg: str = ""):
   elif name == "sid":
     c.objective.alpha = 1.2
     c.objective.fake_updates = 1
+  return c
+
+
+def get_config(arg: str = ""):
+  name, res = parse_arg(arg)
+  latent, batch = RESOLUTIONS[res]
+  c = distill_config(name, teacher="", steps=1000, batch_size=batch, lr=1e-4, b1=0.9,
+                     grad_clip=1.0)
+  c.teacher.params = "raw"
+  dit_xl2(c, latent)
+  c.data.name = "synthetic"
+  c.data.height = c.data.width = latent
+  c.data.channels = 4
+  c.data.num_classes = 1000
+  objective_settings(c, name)
   return c

@@ -204,5 +204,6 @@ def make_source(data_config: Any, seed: int) -> Source:
 
 # The built-in datasets register themselves on import. Imported last: they import this module.
 from distill.data import digits as _digits  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from distill.data import latents as _latents  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 from distill.data import synthetic as _synthetic  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 from distill.data import toy as _toy  # noqa: E402,F401  pylint: disable=g-import-not-at-top

@@ -1,0 +1,162 @@
+"""Image datasets that `launch.precompute` encodes, by name, and DiT's image preprocessing.
+
+    --input folder:/data/imagenet/train     class sub-folders (sorted names -> labels 0..K-1), or
+                                            a flat folder of images (no labels)
+    --input jsonl:/data/coco/captions.jsonl one JSON object per line: {"image": path (relative to
+                                            the file's folder or absolute), "caption_id": int}
+    --input tfds:imagenet2012[:split]       a prepared tfds dataset read with `tfds.data_source`
+                                            (ArrayRecord, no TensorFlow); `--tfds_data_dir` names
+                                            the user's data dir (no download ever)
+
+Each input has `len()`, `get(i) -> {"image": uint8 (H, W, 3), "label"?: int, "caption_id"?:
+int}`, `num_classes` and `describe()` (recorded in meta.json). `center_crop` is the ADM / DiT
+preprocessing: halve with a box filter while the short side is at least twice the target, resize
+bicubically so the short side equals it, then crop the centre.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from distill.registry import Registry
+
+IMAGE_INPUTS: Registry = Registry("image input")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
+
+
+def center_crop(image, size: int) -> np.ndarray:
+  """ADM's `center_crop_arr`: a PIL image -> uint8 (size, size, 3)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = image.convert("RGB")
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+  arr = np.asarray(image)
+  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+  return np.ascontiguousarray(arr[top:top + size, left:left + size])
+
+
+def _open(path: str):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    im.load()
+    return im
+
+
+def _is_image(name: str) -> bool:
+  return name.endswith(IMAGE_EXTENSIONS) or name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@IMAGE_INPUTS.register("folder")
+class ImageFolder:
+  """Class sub-folders (labels by sorted folder name) or a flat folder of images."""
+
+  def __init__(self, root: str, size: int, **unused):
+    if not os.path.isdir(root):
+      raise ValueError(f"--input folder:{root}: not a directory")
+    self.root, self.size = root, size
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if subdirs:
+      self.classes = subdirs
+      self.items = [(os.path.join(root, d, f), c) for c, d in enumerate(subdirs)
+                    for f in sorted(os.listdir(os.path.join(root, d))) if _is_image(f)]
+    else:
+      self.classes = []
+      self.items = [(os.path.join(root, f), None) for f in sorted(os.listdir(root))
+                    if _is_image(f)]
+    if not self.items:
+      raise ValueError(f"--input folder:{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    self.num_classes = len(self.classes)
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def get(self, i: int) -> dict[str, Any]:
+    path, label = self.items[i]
+    out = {"image": center_crop(_open(path), self.size)}
+    if label is not None:
+      out["label"] = int(label)
+    return out
+
+  def describe(self) -> dict[str, Any]:
+    return {"input": "folder", "root": os.path.abspath(self.root), "classes": self.classes}
+
+
+@IMAGE_INPUTS.register("jsonl")
+class CaptionJsonl:
+  """Images with caption ids from a JSONL file (the ids index the text-embedding arrays)."""
+
+  def __init__(self, path: str, size: int, **unused):
+    if not os.path.isfile(path):
+      raise ValueError(f"--input jsonl:{path}: no such file")
+    self.path, self.size = path, size
+    base = os.path.dirname(os.path.abspath(path))
+    self.items = []
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+          self.items.append((os.path.join(base, obj["image"]), int(obj["caption_id"])))
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"--input jsonl:{path} line {n}: expected {{\"image\": path, "
+                           f"\"caption_id\": int}}, got {line.strip()[:80]!r} ({e})") from None
+    self.num_classes = 0
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def get(self, i: int) -> dict[str, Any]:
+    path, caption_id = self.items[i]
+    return {"image": center_crop(_open(path), self.size), "caption_id": caption_id}
+
+  def describe(self) -> dict[str, Any]:
+    return {"input": "jsonl", "path": os.path.abspath(self.path)}
+
+
+@IMAGE_INPUTS.register("tfds")
+class TfdsImages:
+  """A prepared tfds dataset (`image`, optional `label`) via `tfds.data_source` (random access)."""
+
+  def __init__(self, name: str, size: int, data_dir: str | None = None, **unused):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    name, _, split = name.partition(":")
+    self.name, self.split, self.size, self.data_dir = name, split or "train", size, data_dir
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    self.source = tfds.data_source(name, split=self.split, data_dir=data_dir, try_gcs=False,
+                                   download=False)
+    features = builder.info.features
+    label = features["label"] if "label" in features.keys() else None
+    self.num_classes = int(getattr(label, "num_classes", 0) or 0)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def get(self, i: int) -> dict[str, Any]:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    ex = self.source[i]
+    arr = np.asarray(ex["image"])
+    if arr.ndim == 3 and arr.shape[-1] == 1:  # greyscale
+      arr = arr[..., 0]
+    out = {"image": center_crop(Image.fromarray(arr), self.size)}
+    if self.num_classes:
+      out["label"] = int(ex["label"])
+    return out
+
+  def describe(self) -> dict[str, Any]:
+    return {"input": "tfds", "name": self.name, "split": self.split,
+            "data_dir": self.data_dir}
+
+
+def open_input(spec: str, size: int, **kwargs):
+  """`kind:argument` (see the module docstring) -> an image input."""
+  kind, sep, arg = spec.partition(":")
+  if not sep or not arg:
+    raise ValueError(f"--input: expected kind:argument with kind one of "
+                     f"{', '.join(IMAGE_INPUTS.names())}, got {spec!r}")
+  return IMAGE_INPUTS.get(kind)(arg, size=size, **kwargs)
