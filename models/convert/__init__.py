@@ -26,7 +26,7 @@ from models.convert.registry import CONVERTERS
 # Converter modules register themselves on import. Optional ones may be absent.
 from models.convert import dit as _dit  # noqa: F401  pylint: disable=unused-import
 
-for _name in ("vae", "unet", "sana"):
+for _name in ("vae", "unet", "sana", "dcae"):
   try:
     importlib.import_module(f"models.convert.{_name}")
   except ImportError:
