@@ -276,6 +276,9 @@ class Engine:
                                          **({"name": net.model} if net.model is not None else {})})
         module = t.module if (net.model is None and not net.kwargs) else module_from_config(mcfg)
         process, prediction, ncls = t.process, mcfg.get("prediction", t.prediction), t.num_classes
+        if net.reparameterize:  # the teacher's weights, trained in the config's parameterisation
+          process = procs.make_process(**self.config.process.to_dict())
+          prediction = mcfg["prediction"] = self.config.model.prediction
       elif net.init == "random":
         module, mcfg, process, prediction, ncls = self._student_plan(net)
       else:

@@ -55,6 +55,9 @@ class Network:
   wrapper: a registered wrapper applied to the network's output (e.g. "flow_to_trigflow").
   backbone: for heads: the network whose features they read.
   kwargs: constructor overrides for `model`.
+  reparameterize: with init "teacher": take the teacher's weights but the config's noise process
+    and prediction kind (fine-tune a VP eps teacher into a dense-time flow model, as SANA-Sprint
+    and configs/imagenet/dit_xl2.py:teacher do); False = the teacher's own.
   """
   name: str
   init: str = "random"
@@ -65,6 +68,7 @@ class Network:
   wrapper: Optional[str] = None
   backbone: Optional[str] = None
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  reparameterize: bool = False
 
   @property
   def frozen(self) -> bool:

@@ -310,3 +310,21 @@ def test_per_network_param_dtype():
       jnp.dtype("bfloat16")}
   assert float(m["critic/lr/fake"]) == pytest.approx(1e-3)
   assert float(m["critic/lr/head"]) == pytest.approx(1e-2)
+
+
+def test_fine_tune_from_the_teacher_can_change_the_parameterisation():
+  """denoise with init "teacher": the teacher's weights; with `reparameterize` trained in the
+  config's process and prediction kind (a VP eps teacher into a flow model, or here a flow
+  teacher into VP eps), without it in the teacher's own."""
+  from tests._matching_utils import make_teacher, tiny_config
+  teacher = make_teacher(4)
+  for reparam, process, kind in ((True, "vp_discrete", "eps"), (False, "rectified_flow", "flow")):
+    c = tiny_config("denoise", init="teacher", reparameterize=reparam)
+    c.process.name = "vp_discrete"
+    c.model.prediction = "eps"
+    engine = Engine(c, teacher=teacher)
+    info = engine.nets["model"]
+    assert (info.process.name, info.prediction) == (process, kind)
+    state, _ = engine.init_state()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params["model"]),
+                           teacher.params)

@@ -68,6 +68,7 @@ def get_config(arg: str = "scm"):
   c.sample.num = 0            # no PNG grids of raw latents
   if recipe == "teacher":
     c.objective.init = "teacher"
+    c.objective.reparameterize = True   # VP eps weights -> rectified flow, dense time
     c.objective.label_dropout = 0.1
     c.teacher.params = "raw"
   elif recipe == "scm":

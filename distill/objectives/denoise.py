@@ -24,6 +24,9 @@ DEFAULTS = {
     "weighting": "none",        # "none" = plain MSE of the prediction; else an x0-space weighting
     "label_dropout": 0.1,       # probability of replacing a class label by the null class
     "init": "random",           # random | teacher (fine-tune the teacher's weights)
+    # With init "teacher": train in the config's process / model.prediction instead of the
+    # teacher's (e.g. a VP eps DiT fine-tuned into a dense-time flow model).
+    "reparameterize": False,
     "ema_decay": 0.999,         # the `eval` EMA of the trained network
 }
 
@@ -78,7 +81,7 @@ def build(cfg) -> Objective:
   loss = functools.partial(denoise_loss, net=net, weighting=cfg.weighting,
                            label_dropout=float(cfg.label_dropout))
   return Objective(
-      networks=(Network(net, init=init),),
+      networks=(Network(net, init=init, reparameterize=bool(cfg.get("reparameterize", False))),),
       phases=(Phase("denoise", loss=loss, trains=(net,)),),
       ema={net: {"eval": float(cfg.ema_decay)}},
       student=net, sampler="euler", evaluates_as="teacher")
