@@ -27,13 +27,19 @@ BATCH_TO_MODEL_KWARG = {
     "label": "class_labels",
     "text_embeds": "encoder_hidden_states",
     "text_mask": "encoder_attention_mask",
-    "added_cond": "added_cond",
 }
+# Batch keys gathered into the SD UNet's `added_cond` dict (diffusers' added_cond_kwargs, SDXL).
+BATCH_TO_ADDED_COND = {"pooled_text_embeds": "text_embeds", "time_ids": "time_ids"}
 
 
 def cond_from_batch(batch: Mapping[str, jax.Array]) -> dict:
-  """The conditioning keywords of a batch (everything but the data `x`)."""
-  return {BATCH_TO_MODEL_KWARG[k]: v for k, v in batch.items() if k in BATCH_TO_MODEL_KWARG}
+  """The conditioning keywords of a batch (everything but the data `x`): class labels, text
+  embeddings and mask, and SDXL's pooled text embedding + size/crop ids as `added_cond`."""
+  cond = {BATCH_TO_MODEL_KWARG[k]: v for k, v in batch.items() if k in BATCH_TO_MODEL_KWARG}
+  added = {BATCH_TO_ADDED_COND[k]: v for k, v in batch.items() if k in BATCH_TO_ADDED_COND}
+  if added:
+    cond["added_cond"] = added
+  return cond
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

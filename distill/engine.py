@@ -12,6 +12,7 @@ The loop around it (logging, checkpoints, evaluation, signals) is distill/traine
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -312,11 +313,21 @@ class Engine:
     return plans
 
   def _dummy_inputs(self, info: ctx_lib.NetInfo):
+    """(args, kwargs) of an init call: x and t, plus one example of each conditioning input the
+    data carries (class labels only for class-conditional networks) and the network's own
+    required extras (`dummy_kwargs`, e.g. SANA-Sprint's guidance)."""
     x = jnp.zeros((1,) + tuple(self.source.shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
-    kw = {}
-    if info.num_classes:
-      kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+    probe = self.source.batch(0, 1, 0, 1)
+    kw = ctx_lib.cond_from_batch({k: jnp.zeros((1,) + np.shape(v)[1:], np.asarray(v).dtype)
+                                  for k, v in probe.items() if k != "x"})
+    if not info.num_classes:
+      kw.pop("class_labels", None)
+    accepted = inspect.signature(type(info.module).__call__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+      kw = {k: v for k, v in kw.items() if k in accepted}   # heads take no text conditioning
+    if hasattr(info.module, "dummy_kwargs"):
+      kw.update({k: v for k, v in info.module.dummy_kwargs(1).items() if k not in kw})
     return (x, t), kw
 
   def _init_fn(self, name: str):

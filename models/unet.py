@@ -243,14 +243,17 @@ class Transformer2D(nn.Module):
   def __call__(self, x: Array, context: Array, bias: Optional[Array]) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, hgt, wid, c = x.shape
-    project = ((lambda name: dense(c, name=name, axes=("embed", "embed"), **kw))
-               if self.linear_projection else (lambda name: conv(c, 1, name=name, **kw)))
+    def project(name, axes):
+      if self.linear_projection:
+        return dense(c, name=name, axes=axes, **kw)
+      return conv(c, 1, name=name, **kw)
+
     h = group_norm(self.groups, name="norm", eps=1e-6, **kw)(x)
-    h = project("proj_in")(h).reshape(b, hgt * wid, c)
+    h = project("proj_in", ("embed", "mlp"))(h).reshape(b, hgt * wid, c)
     for i in range(self.depth):
       h = BasicTransformerBlock(self.heads, c // self.heads, self.attention,
                                 name=f"transformer_blocks_{i}", **kw)(h, context, bias)
-    return x + project("proj_out")(h.reshape(b, hgt, wid, c))
+    return x + project("proj_out", ("mlp", "embed"))(h.reshape(b, hgt, wid, c))
 
 
 class Downsample(nn.Module):
