@@ -51,7 +51,8 @@ to_out_0`), so LoRA patterns such as r"attn[12]/to_(q|k|v|out)" select the same 
 diffusers' LoRA recipes and conversion is a rename plus transposes (models/convert/unet.py).
 
 `return_features` names block outputs returned beside the output: "down_{i}", "mid", "up_{i}"
-(DMD2's GAN head sits on "mid"). `flops_per_example(height, width)` counts the matmuls and
+(DMD2's GAN head sits on "mid"), or indexes `feature_names` (the forward order: downs, mid,
+ups), so integer-keyed objective settings (`gan_feature_block`) work for UNets too. `flops_per_example(height, width)` counts the matmuls and
 convolutions of one forward (2 FLOPs per multiply-add) by tracing the module abstractly.
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -102,6 +104,7 @@ class BlockSettings:
   downsample_padding: int
   attention: str
   remat: str
+  scan: bool
   dtype: Dtype
   param_dtype: Dtype
 
@@ -116,7 +119,8 @@ class BlockSettings:
 
   def transformer(self, heads: int, depth: int, name: str):
     return rematted(Transformer2D, self.remat)(
-        heads, depth, self.groups, self.linear_projection, self.attention, name=name, **self.kw)
+        heads, depth, self.groups, self.linear_projection, self.attention, self.scan, name=name,
+        **self.kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,13 +233,24 @@ class BasicTransformerBlock(nn.Module):
     return h + GEGLUFeedForward(name="ff", **kw)(layer_norm("norm3", **kw)(h))
 
 
+class ScannedBlock(BasicTransformerBlock):
+  """A BasicTransformerBlock in `nn.scan`'s carry form: (h, context, bias) -> (h, None)."""
+
+  def __call__(self, h, context, bias):  # pylint: disable=arguments-renamed
+    return super().__call__(h, context, bias), None
+
+
 class Transformer2D(nn.Module):
-  """diffusers' Transformer2DModel on continuous NHWC input (GroupNorm, proj_in, blocks, out)."""
+  """diffusers' Transformer2DModel on continuous NHWC input (GroupNorm, proj_in, blocks, out).
+
+  `scan`: the blocks run under `nn.scan` (parameters stacked on a leading "layers" axis under
+  `transformer_blocks`), so a deep stack (SDXL: 10) compiles once."""
   heads: int
   depth: int
   groups: int
   linear_projection: bool
   attention: str = "xla"
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +265,13 @@ class Transformer2D(nn.Module):
 
     h = group_norm(self.groups, name="norm", eps=1e-6, **kw)(x)
     h = project("proj_in", ("embed", "mlp"))(h).reshape(b, hgt * wid, c)
-    for i in range(self.depth):
+    if self.scan:
+      blocks = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      h, _ = blocks(self.heads, c // self.heads, self.attention, name="transformer_blocks",
+                    **kw)(h, context, bias)
+    for i in range(0 if self.scan else self.depth):
       h = BasicTransformerBlock(self.heads, c // self.heads, self.attention,
                                 name=f"transformer_blocks_{i}", **kw)(h, context, bias)
     return x + project("proj_out", ("mlp", "embed"))(h.reshape(b, hgt, wid, c))
@@ -416,6 +437,7 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  scan_blocks: bool = False   # nn.scan over each Transformer2D's blocks (stack_transformer_blocks)
 
   diffusers_class = "UNet2DConditionModel"
 
@@ -472,7 +494,19 @@ class UNet(nn.Module):
     return BlockSettings(self.norm_num_groups, self.norm_eps, self.act_fn,
                          self.resnet_time_scale_shift, self.mid_block_scale_factor,
                          self.use_linear_projection, self.downsample_padding, self.attention,
-                         self.remat, self.dtype, self.param_dtype)
+                         self.remat, self.scan_blocks, self.dtype, self.param_dtype)
+
+  @property
+  def feature_names(self) -> list[str]:
+    """The block outputs `return_features` can name, in forward order."""
+    n = self.num_blocks
+    return [f"down_{i}" for i in range(n)] + ["mid"] + [f"up_{i}" for i in range(n)]
+
+  def _feature_name(self, f) -> Optional[str]:
+    names = self.feature_names
+    if isinstance(f, (int, np.integer)):
+      return names[int(f)] if -len(names) <= int(f) < len(names) else None
+    return f
 
   def dummy_inputs(self, batch: int = 1, height: Optional[int] = None,
                    width: Optional[int] = None, text_length: int = 77):
@@ -548,11 +582,11 @@ class UNet(nn.Module):
                return_features: Sequence[str] = (), train: bool = False):
     del train  # no dropout in the SD UNets
     self.validate()
-    known = ([f"down_{i}" for i in range(self.num_blocks)] + ["mid"]
-             + [f"up_{i}" for i in range(self.num_blocks)])
-    missing = [f for f in return_features if f not in known]
+    known = self.feature_names
+    missing = [f for f in return_features if self._feature_name(f) not in known]
     if missing:
-      raise ValueError(f"UNet: unknown feature {missing[0]!r} (known: {', '.join(known)})")
+      raise ValueError(f"UNet: unknown feature {missing[0]!r} (known: {', '.join(known)}, or "
+                       f"an index into that list)")
     b, hgt, wid, _ = x.shape
     if hgt % self.downscale or wid % self.downscale:
       raise ValueError(f"UNet: input {hgt}x{wid} is not divisible by the total downsampling "
@@ -599,7 +633,39 @@ class UNet(nn.Module):
     out = conv(self.out_channels, self.conv_out_kernel, name="conv_out", **kw)(h)
     if not return_features:
       return out
-    return out, {f: feats[f] for f in return_features}
+    return out, {f: feats[self._feature_name(f)] for f in return_features}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanned <-> unscanned parameter layouts.
+
+_BLOCK = re.compile(r"^transformer_blocks_(\d+)$")
+
+
+def stack_transformer_blocks(tree: Mapping) -> dict:
+  """Unscanned params (`transformer_blocks_i` under each attention) -> scanned
+  (`transformer_blocks` with a leading layer axis), the layout of `scan_blocks=True`."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: stack_transformer_blocks(v) for k, v in tree.items() if not _BLOCK.match(k)}
+  idx = sorted(int(_BLOCK.match(k).group(1)) for k in tree if _BLOCK.match(k))
+  if idx:
+    out["transformer_blocks"] = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *[tree[f"transformer_blocks_{i}"] for i in idx])
+  return out
+
+
+def unstack_transformer_blocks(tree: Mapping) -> dict:
+  """The inverse of `stack_transformer_blocks`."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_transformer_blocks(v) for k, v in tree.items() if k != "transformer_blocks"}
+  if "transformer_blocks" in tree:
+    stacked = tree["transformer_blocks"]
+    depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(depth):
+      out[f"transformer_blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +689,7 @@ def flops_per_example(model: UNet, height: Optional[int] = None, width: Optional
   and the softmax are not counted (XLA's cost analysis of the CPU forward is within a few
   percent above ours for realistic widths; tested).
   """
-  plain = model.clone(remat="none")
+  plain = model.clone(remat="none", scan_blocks=False)
   args, kwargs = plain.dummy_inputs(1, height, width, text_length)
   total = [0]
 

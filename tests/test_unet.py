@@ -304,3 +304,24 @@ def test_flops_match_xla_cost_analysis(kw, side):
   # The count scales with the latent area (convs, projections) and faster (self attention).
   assert module.flops_per_example(2 * side, 2 * side, 16) > 4 * ours
   assert math.isclose(module.flops_per_example(text_length=16), ours)
+
+
+def test_scanned_transformer_stacks_compute_the_same_function():
+  """scan_blocks=True: each Transformer2D's blocks under nn.scan, params stacked on a leading
+  layer axis (stack_transformer_blocks); same outputs (1e-6: the scan changes nothing but XLA's
+  fusion boundaries), conversion both ways through the unscanned layout, integer features."""
+  model, module, variables = _setup("sdxl")
+  scanned, sv = unet_convert.from_torch(model, scan_blocks=True)
+  assert scanned.scan_blocks
+  stack = sv["params"]["down_blocks_2"]["attentions_0"]["transformer_blocks"]
+  assert stack["attn1"]["to_q"]["kernel"].shape[0] == 3      # SDXL-like depth 3
+  inp = _inputs(module)
+  forward = jax.jit(_our_forward, static_argnums=0)
+  np.testing.assert_allclose(forward(scanned, sv, inp), forward(module, variables, inp),
+                             rtol=0, atol=1e-6)
+  back = unet_convert.to_torch(scanned, sv).state_dict()
+  for k, v in model.state_dict().items():
+    assert torch.equal(v, back[k]), k
+  # Integer features index the forward order (integer-keyed objective settings work).
+  assert module.feature_names == ["down_0", "down_1", "down_2", "mid", "up_0", "up_1", "up_2"]
+  assert module._feature_name(3) == "mid" and module._feature_name(-1) == "up_2"

@@ -19,7 +19,9 @@ import jax
 
 from models.convert.common import MirroredConverter
 from models.convert.registry import register_converter
-from models.unet import UNet
+from flax.core import meta
+
+from models.unet import UNet, stack_transformer_blocks, unstack_transformer_blocks
 
 # Keys that must hold these values (our subset of UNet2DConditionModel), with the value's meaning.
 _REQUIRED = {
@@ -109,8 +111,22 @@ class UNetConverter(MirroredConverter):
   def diffusers_config(self, module):
     return diffusers_config(module)
 
+  def params_from_state_dict(self, module, state_dict, what=None):
+    """As the base class; a `scan_blocks` module gets its transformer stacks stacked."""
+    plain = module.clone(scan_blocks=False)
+    variables = super().params_from_state_dict(plain, state_dict, what)
+    if module.scan_blocks:
+      variables = {"params": stack_transformer_blocks(variables["params"])}
+    return variables
+
+  def state_dict_from_params(self, module, variables):
+    params = meta.unbox(variables["params"] if "params" in variables else variables)
+    if module.scan_blocks:
+      params = unstack_transformer_blocks(params)
+    return super().state_dict_from_params(module.clone(scan_blocks=False), {"params": params})
+
   def abstract_init(self, module):
-    plain = module.clone(remat="none")
+    plain = module.clone(remat="none", scan_blocks=False)
     args, kwargs = plain.dummy_inputs(1, plain.downscale, plain.downscale, text_length=2)
     return jax.eval_shape(lambda rng: plain.init(rng, *args, **kwargs), jax.random.PRNGKey(0))
 
