@@ -86,6 +86,27 @@ def base_config() -> ConfigDict:
   # at w (with class-conditional sampling); a student that embeds w (`guidance_embed`) gets w as
   # its input, any other student samples as it is (its guidance, if any, is distilled in).
   c.eval.guidance = 1.0
+  # Several metrics in one evaluation, e.g. ("fid", "is", "pr"): the first is eval.json's
+  # "metric" (and its data floor's); every row holds all their values. () = (eval.metric,).
+  # Names: swd, fd, fid, sfid, is, pr, clip (distill/evaluation.py, distill/metrics/suite.py).
+  c.eval.metrics = ()
+  # The image metrics (fid, sfid, is, pr; distill/metrics/suite.py):
+  c.eval.inception_weights = ""     # path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+  # An .npz of the reference's Inception statistics (mu, sigma, mu_s, sigma_s, features): read
+  # when it exists (a file of ours must match the data, sample count, seed, weights, size and
+  # decoder; a published one is used as it is), else computed from source.reference(n) and
+  # written there. "" = computed once per process, not stored.
+  c.eval.reference_stats = ""
+  c.eval.inception_size = 299       # side images are resized to; < 299 for quick checks only
+  # A diffusers AutoencoderKL directory: samples and reference of latent data sets are decoded
+  # with decode_latents before the image metrics (which score 8-bit images).
+  c.eval.vae = ""
+  c.eval.clip = ""                  # a transformers CLIPModel directory (metric "clip")
+  # A .npy of CLIP token ids (N, 77), row i the prompt of sample i (aligned with the prompt
+  # embeddings the sampler uses), for metric "clip".
+  c.eval.clip_tokens = ""
+  c.eval.batch_size = 4096          # samples per generation chunk (global, over all devices)
+  c.eval.feature_batch = 200        # images per Inception / CLIP / VAE-decoder call (global)
 
   c.sample = ConfigDict()
   c.sample.every_steps = 0          # 0 = only at the end

@@ -1,15 +1,31 @@
 """Sampling from a run's networks and the eval.json report of DESIGN.md.
 
-Every entry of one report uses the same metric, sample count, noise seed and (for classes) the
+Every entry of one report uses the same metrics, sample count, noise seed and (for classes) the
 same labels: the teacher at 1 step (one Euler step of its ODE from pure noise) and at its
 reference step count, and the student at each of `eval.steps` with the objective's sampler.
 `nfe` counts network calls.
+
+Metrics are registered by name in `METRICS`: `swd` (toy data), `fd` (digits) and the image
+metrics of `distill.metrics.suite` (`fid`, `sfid`, `is`, `pr`, `clip`). A metric is
+`fn(samples, reference)` returning its value or a dict holding it (under its own name) and
+extras; one that also takes a keyword `setup` receives the evaluation's `MetricSetup` (Inception
+weights, reference statistics, VAE, CLIP; the `eval.*` keys). An evaluation may ask for several
+metrics (`eval.metrics`): the first is eval.json's `metric` (and `data_floor`'s), every row
+holds the values of all of them.
+
+Generation (`generate`) is data-parallel: each chunk of noise is placed with its batch axis
+split over the mesh's data-parallel axes (data, fsdp) of the context, padded to a multiple of
+their size. The noise of a chunk depends only on the seed and the chunk (`batch`, fixed), not
+on the device count, and with JAX's partitionable threefry (the default) a stochastic sampler's
+per-step noise of the padded batch begins with that of the unpadded one, so 1 and 8 devices give
+the same samples up to float rounding.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +33,11 @@ import numpy as np
 
 from distill import context as ctx_lib
 from distill import runlog
+from distill import sharding as shd
 from distill import solvers
+from distill.metrics import suite
 from distill.metrics import swd as swd_lib
+from distill.metrics.suite import MetricSetup  # noqa: F401  (re-exported for callers)
 from distill.registry import Registry, parse_spec
 
 METRICS: Registry = Registry("metric")
@@ -36,11 +55,50 @@ def _fd_metric(samples: np.ndarray, reference: np.ndarray) -> dict:
   return digits_classifier.fd_and_coverage(samples, reference)
 
 
-def scores(metric: str, samples: np.ndarray, reference: np.ndarray) -> dict:
-  """`{metric: value, ...}`: a metric returns its value, or a dict holding it and extras."""
-  out = METRICS.get(metric)(samples, reference)
+for _name, _fn in suite.METRIC_FUNCTIONS.items():
+  METRICS.add(_name, _fn)
+
+
+def takes_setup(metric: str) -> bool:
+  """Whether metric `metric` takes the evaluation's `MetricSetup` (keyword `setup`)."""
+  return "setup" in inspect.signature(METRICS.get(metric)).parameters
+
+
+def scores(metric: str, samples: np.ndarray, reference: np.ndarray,
+           setup: Optional[MetricSetup] = None) -> dict:
+  """`{metric: value, ...}`: a metric returns its value, or a dict holding it and extras.
+  Metrics that take a `setup` get `setup`."""
+  fn = METRICS.get(metric)
+  out = fn(samples, reference, setup=setup) if takes_setup(metric) else fn(samples, reference)
   out = dict(out) if isinstance(out, dict) else {metric: out}
   return {k: float(v) for k, v in out.items()}
+
+
+def check_eval_config(eval_cfg, files: bool = True) -> None:
+  """Raises ValueError (one line naming the key) for unknown `eval.metrics` names and (`files`)
+  files the image metrics need that do not exist (data-dependent checks run at evaluation)."""
+  names = tuple(m for m in eval_cfg.get("metrics", ()) if str(m).strip())
+  if eval_cfg.get("metric", ""):
+    names = names or (eval_cfg.metric,)
+  for m in names:
+    if m not in METRICS:
+      raise suite.MetricError(f"config key 'eval.metrics': unknown metric {m!r} (known: "
+                       f"{', '.join(METRICS.names())})")
+  if files:
+    MetricSetup.from_config(eval_cfg, names).check_files()
+
+
+def resolve_metrics(source, metric: str = "", metrics: Sequence[str] = ()) -> tuple[str, ...]:
+  """The evaluation's metric names: `metrics` if given, else (`metric` or the data's default).
+  Unknown names raise one line naming `eval.metrics`."""
+  names = tuple(m.strip() for m in metrics if m.strip()) or (metric or default_metric(source),)
+  for m in names:
+    if m not in METRICS:
+      raise suite.MetricError(f"config key 'eval.metrics': unknown metric {m!r} (known: "
+                       f"{', '.join(METRICS.names())})")
+  if len(set(names)) != len(names):
+    raise suite.MetricError(f"config key 'eval.metrics': {names} names a metric twice")
+  return names
 
 
 def default_metric(source) -> str:
@@ -106,46 +164,90 @@ def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
   return jax.jit(run)
 
 
+def _place(x: np.ndarray, mesh, rows: int):
+  """Host array -> a global array of `rows` rows (zero padded), batch axis split over the
+  mesh's data-parallel axes; on the default device when there is no mesh."""
+  if len(x) < rows:
+    x = np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
+  if mesh is None:
+    return jnp.asarray(x)
+  sharding = shd.batch_sharding(mesh, x.ndim)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _to_host(x) -> np.ndarray:
+  """A (possibly multi-process) global array -> host numpy on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, solver: str,
              steps: int, shape: tuple, batch: int = 4096, guidance: float = 1.0,
-             labels: Optional[np.ndarray] = None,
-             class_conditional: bool = False) -> tuple[np.ndarray, float]:
+             labels: Optional[np.ndarray] = None, class_conditional: bool = False,
+             desc: str = "") -> tuple[np.ndarray, float]:
   """n samples (host numpy) and seconds per sample, from fixed noise of `seed`.
 
   Unconditional (the null class) unless `labels` are given or `class_conditional` asks for
-  labels drawn uniformly with `seed`.
+  labels drawn uniformly with `seed`. Chunks of `batch` samples (chunk i's noise from
+  `fold_in(PRNGKey(seed), i)`, independent of the device count) run data-parallel over the
+  context's mesh (module docstring), each padded to one compiled size. `desc`: show a progress
+  bar with this title (off with DISTILL_NO_PROGRESS=1).
   """
   process = ctx.nets[net].process
   num_classes = ctx.nets[net].num_classes
   if labels is None and class_conditional:
     labels = sample_labels(num_classes, n, seed)
   fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance)
+  mesh = ctx.mesh
+  dp = shd.data_parallel_size(mesh) if mesh is not None else 1
+  rows = -(-min(batch, max(n, 1)) // dp) * dp  # the one compiled batch size
   key = jax.random.PRNGKey(seed)
   out = []
   t0 = None
-  for i in range(0, n, batch):
-    m = min(batch, n - i)
-    k_noise, k_run = jax.random.split(jax.random.fold_in(key, i))
-    noise = process.prior(k_noise, (m,) + tuple(shape))
-    lab = None if labels is None else jnp.asarray(labels[i:i + m])
-    if t0 is None:  # compile outside the timing
-      jax.block_until_ready(fn(params, noise, lab, k_run))
-      t0 = time.perf_counter()
-    out.append(np.asarray(jax.block_until_ready(fn(params, noise, lab, k_run))))
-  dt = time.perf_counter() - t0
+  with runlog.progress_bar(n, desc) if desc else _NoBar() as bar:
+    for i in range(0, n, batch):
+      m = min(batch, n - i)
+      k_noise, k_run = jax.random.split(jax.random.fold_in(key, i))
+      noise = np.asarray(process.prior(k_noise, (m,) + tuple(shape)))
+      x = _place(noise, mesh, rows)
+      lab = None if labels is None else _place(np.asarray(labels[i:i + m], np.int32), mesh,
+                                               rows)
+      if t0 is None:  # compile outside the timing
+        jax.block_until_ready(fn(params, x, lab, k_run))
+        t0 = time.perf_counter()
+      out.append(_to_host(jax.block_until_ready(fn(params, x, lab, k_run)))[:m])
+      bar.update(m)
+  dt = time.perf_counter() - t0 if t0 is not None else 0.0
   return np.concatenate(out)[:n], dt / max(n, 1)
+
+
+class _NoBar:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def update(self, k: int) -> None:
+    del k
 
 
 def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
                     seed: int, solver: str, steps: int, class_conditional: bool,
-                    guidance: float = 1.0) -> str:
+                    guidance: float = 1.0, metric_setup: str = "") -> str:
   """The key of one teacher row in a teacher's row cache (everything the row depends on; the
-  guidance scale only when it is not 1, so caches written before it keep their keys)."""
+  guidance scale only when it is not 1 and the metric setup (`MetricSetup.identity`: weights,
+  decoder, published statistics) only when there is one, so caches written before them keep
+  their keys). `metric`: the metric names joined by commas."""
   key = {"teacher": teacher_hash, "data": data_hash, "metric": metric,
          "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
          "steps": int(steps), "class_conditional": bool(class_conditional)}
   if float(guidance) != 1.0:
     key["guidance"] = float(guidance)
+  if metric_setup:
+    key["metric_setup"] = metric_setup
   return json.dumps(key, sort_keys=True)
 
 
@@ -153,8 +255,14 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
              student_role: str, student_solver: str, student_steps, teacher: Optional[str],
              teacher_steps: int, num_samples: int, seed: int, metric: str = "",
              class_conditional: bool = False, teacher_cache: Optional[dict] = None,
-             teacher_hash: str = "", guidance: float = 1.0) -> dict:
+             teacher_hash: str = "", guidance: float = 1.0, metrics: Sequence[str] = (),
+             setup: Optional[MetricSetup] = None, batch: int = 4096) -> dict:
   """The eval.json dict: teacher (1 step, reference steps) and student rows.
+
+  `metrics` (else `metric`, else the data's default): every row holds the values of all of
+  them; the first is the report's `metric` and `data_floor`. `setup` carries what the image
+  metrics need (`MetricSetup`; default: one without files, enough for swd / fd); it is checked
+  before any sampling. `batch`: samples per generation chunk (global).
 
   `guidance` != 1: the teacher's rows sample with CFG at that scale; a student that embeds the
   scale gets it as its input, any other student samples as it is.
@@ -163,20 +271,49 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   hash) supplies teacher rows computed before with identical settings (a frozen teacher's
   numbers never change); rows computed here are added to it.
   """
-  metric = metric or default_metric(source)
-  reference = source.reference(num_samples, seed)
-  # The floor compares the evaluation reference with an independent real set of the same size.
-  floor = scores(metric, reference, source.floor_reference(num_samples, seed))[metric]
+  names = resolve_metrics(source, metric, metrics)
+  metric = names[0]
+  setup = setup if setup is not None else MetricSetup()
+  setup.metrics = names
+  setup._last = None  # pylint: disable=protected-access
+  setup.check(tuple(source.shape), num_samples)
+  uses_setup = [m for m in names if takes_setup(m)]
   use_cache = teacher_cache is not None and bool(teacher_hash)
-  data_hash = source.content_hash() if use_cache else ""
+  data_hash = source.content_hash() if (use_cache or uses_setup) else ""
+  if uses_setup:
+    setup.bind(data_hash=data_hash, num_samples=num_samples, seed=seed)
+  reference = source.reference(num_samples, seed)
+  if uses_setup and any(m in suite.INCEPTION_NAMES for m in names):
+    setup.reference_statistics(reference)  # fails early on a stale statistics file
+  setup_id = setup.identity()
+
+  def row_scores(samples) -> dict:
+    out = {}
+    for m in names:
+      out.update(scores(m, samples, reference, setup))
+    return out
+
+  # The floor compares the evaluation reference with an independent real set of the same size
+  # (metrics with a setup score the independent set against the reference; their floor is
+  # computed once per process).
+  if takes_setup(metric):
+    floor_key = json.dumps([metric, setup_id, setup.reference_meta], sort_keys=True)
+    cache = suite.floor_cache()
+    if floor_key not in cache:
+      cache[floor_key] = scores(metric, source.floor_reference(num_samples, seed), reference,
+                                setup)
+    floor = cache[floor_key][metric]
+  else:
+    floor = scores(metric, reference, source.floor_reference(num_samples, seed))[metric]
   results = {}
 
-  def row(net, p, solver, steps):
+  def row(net, p, solver, steps, name):
     w = guidance if (net == teacher or embeds_guidance(ctx, net)) else 1.0
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
                             steps=steps, shape=source.shape, guidance=w,
-                            class_conditional=class_conditional)
-    return {**scores(metric, samples, reference), "nfe": nfe_of(solver, steps),
+                            class_conditional=class_conditional, batch=batch,
+                            desc=f"sample {name}")
+    return {**row_scores(samples), "nfe": nfe_of(solver, steps),
             "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
 
   # (key, network, solver, steps, teacher row?) of every row, in eval.json's order.
@@ -192,13 +329,14 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
     for name, net, solver, steps, is_teacher in specs:
       key = None
       if is_teacher and use_cache:
-        key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash, metric=metric,
-                              num_samples=num_samples, seed=seed, solver=solver, steps=steps,
-                              class_conditional=class_conditional, guidance=guidance)
+        key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash,
+                              metric=",".join(names), num_samples=num_samples, seed=seed,
+                              solver=solver, steps=steps, class_conditional=class_conditional,
+                              guidance=guidance, metric_setup=setup_id)
       if key is not None and key in teacher_cache:
         results[name] = dict(teacher_cache[key])
       else:
-        results[name] = row(net, params[net], solver, steps)
+        results[name] = row(net, params[net], solver, steps, name)
         if key is not None:
           teacher_cache[key] = dict(results[name])
       bar.update(1)

@@ -85,10 +85,12 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
   return config_lib.apply_overrides(config, rest, schema)
 
 
-def prepare_config(config: ml_collections.ConfigDict,
-                   num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
+def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+                   eval_files: bool = True) -> ml_collections.ConfigDict:
   """Validates a config before any work; raises ConfigError naming the key. The mesh is checked
-  against `num_devices` (default: this host's jax.device_count(); launch.aot: the topology's)."""
+  against `num_devices` (default: this host's jax.device_count(); launch.aot: the topology's).
+  `eval_files`: also check the files the evaluation metrics need when training will evaluate
+  (`open_run` leaves that to the evaluation itself: sampling a run needs no metric files)."""
   try:
     OBJECTIVES.get(config.objective.name)
   except KeyError as e:
@@ -125,6 +127,11 @@ def prepare_config(config: ml_collections.ConfigDict,
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
   try:
     sources.resolve_config(config.data)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  try:  # metric names (and, when training will evaluate, the files they need) before work
+    evaluation.check_eval_config(
+        config.eval, files=eval_files and bool(config.eval.at_end or config.eval.every_steps))
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   return config
@@ -191,11 +198,28 @@ def teacher_cache_file(engine: Engine) -> Optional[str]:
   return path if os.path.isfile(path) else None
 
 
+def load_teacher_cache(engine: Engine) -> dict:
+  """The frozen teacher's cached eval rows (`teacher_cache_file`), or {} (a cache to fill)."""
+  cache_file = teacher_cache_file(engine)
+  if not cache_file:
+    return {}
+  with open(cache_file) as f:
+    return json.load(f)
+
+
+def eval_metrics(engine: Engine) -> tuple[str, ...]:
+  """The run's metric names: `eval.metrics`, else (`eval.metric` or the data's default)."""
+  cfg = engine.config.eval
+  return evaluation.resolve_metrics(engine.source, cfg.metric, tuple(cfg.get("metrics", ())))
+
+
 def run_evaluation(engine: Engine, state, frozen, step: int,
                    teacher_cache: Optional[dict] = None) -> dict:
   """The eval.json report. Teacher rows come from `teacher_cache` (else the frozen teacher's
   cache file, if any) when their settings match; rows computed here are added to
-  `teacher_cache`."""
+  `teacher_cache` (the training loop passes one dict to every evaluation of a run, so a frozen
+  teacher's rows are computed once). The metrics and what they need are the `eval.*` keys
+  (`eval.metrics`, `eval.inception_weights`, ...; distill/metrics/suite.py)."""
   cfg = engine.config
   obj = engine.objective
   ctx = context_for(engine, state, frozen)
@@ -207,6 +231,8 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
   if cache_file:
     with open(cache_file) as f:
       teacher_cache = json.load(f)
+  metrics = eval_metrics(engine)
+  setup = evaluation.MetricSetup.from_config(cfg.eval, metrics)
   if teacher_cache is not None and teacher is not None:
     frozen_teacher = engine.teacher is not None and obj.evaluates_as != "teacher"
     teacher_hash = (engine.teacher.reference["hash"] if frozen_teacher
@@ -215,9 +241,10 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
       ctx=ctx, source=engine.source, params=params, step=step,
       student=student, student_role="student", student_solver=student_sampler(engine),
       student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
-      num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metric=cfg.eval.metric,
+      num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metrics=metrics,
       class_conditional=cfg.eval.class_conditional, teacher_cache=teacher_cache,
-      teacher_hash=teacher_hash, guidance=float(cfg.eval.get("guidance", 1.0)))
+      teacher_hash=teacher_hash, guidance=float(cfg.eval.get("guidance", 1.0)), setup=setup,
+      batch=int(cfg.eval.get("batch_size", 4096)))
 
 
 def student_sampler(engine: Engine) -> str:
@@ -331,6 +358,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   flops = sum(engine.nets[n].flops_per_example for n in engine.trained)
   rlog.start_progress(start, total)
   thr = runlog.Throughput()
+  # One teacher-row cache for every evaluation of this run (a frozen teacher's rows once).
+  frozen_teacher = engine.teacher is not None and engine.objective.evaluates_as != "teacher"
+  eval_cache = load_teacher_cache(engine) if frozen_teacher else None
   sums: dict[str, Any] = {}
   counts: dict[str, int] = {}   # per key: a phase that runs every k-th step is averaged over its runs
   count = 0
@@ -373,7 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ckpt.should_save(step) and step < total:
         ckpt.save(step, state, _meta(engine, step))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
-        report = run_evaluation(engine, state, frozen, step)
+        report = run_evaluation(engine, state, frozen, step, teacher_cache=eval_cache)
         _write_eval(workdir, report, is_main)
       if (config.sample.num and config.sample.every_steps
           and step % config.sample.every_steps == 0 and step < total):
@@ -390,7 +420,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.wait()
     rlog.close()
     if config.eval.at_end:
-      report = run_evaluation(engine, state, frozen, total)
+      report = run_evaluation(engine, state, frozen, total, teacher_cache=eval_cache)
       _write_eval(workdir, report, is_main)
       summary["eval"] = report
     if is_main and config.sample.num:  # sample.num = 0: no grids (e.g. latent data sets)
@@ -462,7 +492,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   saved.pop("resolved", None)
   config = config_lib.from_dict(saved)
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
-  config = prepare_config(config)
+  config = prepare_config(config, eval_files=False)
   teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
   engine = Engine(config, teacher=teacher)
   state, frozen = engine.init_state()

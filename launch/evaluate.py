@@ -1,9 +1,19 @@
 """Evaluate a run: `python -m launch.evaluate --workdir DIR [--steps N ...] [--num K]
-[--teacher_steps N] [--metric NAME]`.
+[--teacher_steps N] [--metric NAME | --metrics a,b,c] [--config.eval.KEY=VALUE ...]`.
 
 Samples the teacher (1 step and its reference step count) and the student (each of the given
-step counts) from the same noise, scores them with the dataset's metric (toy 2-D: sliced
-Wasserstein distance), writes DIR/eval.json (DESIGN.md's layout) and prints the table.
+step counts) from the same noise, data-parallel over all devices, scores them with the dataset's
+metric (toy 2-D: sliced Wasserstein distance) or the `--metrics` asked for, writes DIR/eval.json
+(DESIGN.md's layout; every row holds the values of all metrics, the first is the report's
+"metric") and prints the table. Image metrics (fid, sfid, is, pr, clip) read their files from
+eval keys, e.g.
+
+    python -m launch.evaluate --workdir W --metrics fid,is,pr --num 50000 \\
+        --config.eval.inception_weights=/ckpt/pt_inception-2015-12-05-6726825d.pth \\
+        --config.eval.reference_stats=/ckpt/imagenet256_ref.npz [--config.eval.vae=/ckpt/vae]
+
+(distill/metrics/suite.py describes them; distill/config.py lists the keys). Bad input prints
+one line and exits 2.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ def _extra(p):
   p.add_argument("--num", type=int, default=0)
   p.add_argument("--teacher_steps", type=int, default=0)
   p.add_argument("--metric", default="")
+  p.add_argument("--metrics", default="", help="comma list, e.g. fid,is,pr (eval.metrics)")
 
 
 def main(argv: list[str]) -> int:
@@ -33,11 +44,18 @@ def main(argv: list[str]) -> int:
     overrides.append(f"eval.teacher_steps={args.teacher_steps}")
   if args.metric:
     overrides.append(f"eval.metric={args.metric}")
+  if args.metrics:
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    overrides.append(f"eval.metrics={tuple(names)!r}")
+  from distill.metrics.suite import MetricError
   try:
     engine, state, frozen, step = trainer.open_run(args.workdir, overrides)
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
-  report = trainer.run_evaluation(engine, state, frozen, step)
+  try:
+    report = trainer.run_evaluation(engine, state, frozen, step)
+  except MetricError as e:  # a missing file, a stale statistics file, too few samples
+    return cli.fail(e)
   runlog.write_json(os.path.join(args.workdir, "eval.json"), report)
   cli.print_eval(report)
   return 0

@@ -99,6 +99,17 @@ def fid_from_features(a, b) -> float:
   return frechet.frechet_distance(*frechet.stats(a), *frechet.stats(b))
 
 
+def _frechet(feats: extract.Features, name: str, mu_ref, sigma_ref, ref_features=None) -> float:
+  """FD of output `name` of `feats` against reference moments; through the features
+  (`frechet.frechet_distance_features`, exact) when both sides kept them and the covariances
+  are singular (few samples), else the float64 sqrtm formula on the moments."""
+  kept = feats.arrays.get(name)
+  if (ref_features is not None and kept is not None and len(kept)
+      and frechet.prefer_features(len(kept), len(ref_features), kept.shape[1])):
+    return frechet.frechet_distance_features(kept, ref_features)
+  return frechet.frechet_distance(*feats.stats(name), mu_ref, sigma_ref)
+
+
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
   """`(mean, std)` of exp(E KL(p(y|x) || p(y))) over `splits` consecutive parts (module doc)."""
   logits = np.asarray(logits, np.float64)
@@ -181,17 +192,46 @@ def _to_input(x):
   return x.astype(jnp.float32)
 
 
+def _rgb(x):
+  """Grayscale (..., 1) -> (..., 3) by repetition; RGB passes (inside jit)."""
+  return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+SCORE_GROUPS = ("fid", "sfid", "inception_score", "precision_recall")
+
+
 class InceptionMetrics:
-  """FID / sFID / IS / precision-recall of image sets with the FID Inception from `weights`."""
+  """FID / sFID / IS / precision-recall of image sets with the FID Inception from `weights`.
+
+  Images may be RGB or grayscale (repeated to 3 channels). `resize` (default) resizes them to
+  `size` x `size` (299, the standard; a smaller size, >= 75, only for quick checks: its numbers
+  are not comparable with published ones) with the bilinear resize of `inception.py`.
+  `gram=True`: with few samples (singular covariances) the FID goes through the kept pool
+  features (`frechet.frechet_distance_features`: exact, and fast where the 2048 x 2048 root is
+  slow and ill posed); default False, the sqrtm formula with its eps fallback.
+  """
 
   def __init__(self, weights: str, *, batch_size: int = 200, devices=None, resize: bool = True,
-               splits: int = 10, k: int = 3, block: int = 2048):
-    module, variables = inception.load(weights, resize=resize)
+               splits: int = 10, k: int = 3, block: int = 2048, size: int = inception.SIZE,
+               gram: bool = False):
+    own_resize = resize and int(size) == inception.SIZE
+    module, variables = inception.load(weights, resize=own_resize)
+    pre = int(size) if resize and not own_resize else 0
+    if pre and pre < inception.MIN_SIZE:
+      raise ValueError(f"Inception input size {pre} is below the minimum {inception.MIN_SIZE}")
     self.weights = weights
+    self.size = int(size) if resize else 0
     self.splits, self.k, self.block = splits, k, block
-    self.extractor = extract.FeatureExtractor(
-        lambda v, x: module.apply(v, _to_input(x)), variables, batch_size=batch_size,
-        devices=devices)
+    self.gram = bool(gram)
+
+    def fn(v, x):
+      x = _rgb(_to_input(x))
+      if pre:
+        x = inception.resize_bilinear(x, pre)
+      return module.apply(v, x)
+
+    self.extractor = extract.FeatureExtractor(fn, variables, batch_size=batch_size,
+                                              devices=devices)
 
   def features(self, images: Union[np.ndarray, Iterable[np.ndarray]]) -> extract.Features:
     """pool/spatial moments and the kept pool features and logits of all images."""
@@ -227,19 +267,24 @@ class InceptionMetrics:
       out["features"] = feats.arrays["pool"]
     return out
 
-  def scores(self, samples, reference: Mapping[str, Any]) -> dict[str, float]:
+  def scores(self, samples, reference: Mapping[str, Any],
+             which: Sequence[str] = SCORE_GROUPS) -> dict[str, float]:
     """`{"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall",
     "num_samples"}` of `samples` against `reference` statistics (sFID only when the reference
-    has `mu_s`; precision/recall only when it has `features`)."""
+    has `mu_s`; precision/recall only when it has `features`). `which` (some of SCORE_GROUPS)
+    limits what is computed. With `gram` and few samples the FID goes through the kept
+    features (`_frechet`)."""
     feats = samples if isinstance(samples, extract.Features) else self.features(samples)
-    mu, sigma = feats.stats("pool")
-    out = {"fid": frechet.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])}
-    if "mu_s" in reference:
-      out["sfid"] = frechet.frechet_distance(*feats.stats("spatial"), reference["mu_s"],
-                                             reference["sigma_s"])
-    is_mean, is_std = inception_score(feats.arrays["logits"], self.splits)
-    out["inception_score"], out["inception_score_std"] = is_mean, is_std
-    if "features" in reference:
+    out = {}
+    if "fid" in which:
+      out["fid"] = _frechet(feats, "pool", reference["mu"], reference["sigma"],
+                            reference.get("features") if self.gram else None)
+    if "sfid" in which and "mu_s" in reference:
+      out["sfid"] = _frechet(feats, "spatial", reference["mu_s"], reference["sigma_s"])
+    if "inception_score" in which:
+      is_mean, is_std = inception_score(feats.arrays["logits"], self.splits)
+      out["inception_score"], out["inception_score_std"] = is_mean, is_std
+    if "precision_recall" in which and "features" in reference:
       out["precision"], out["recall"] = precision_recall(reference["features"],
                                                          feats.arrays["pool"], self.k,
                                                          self.block)

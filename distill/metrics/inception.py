@@ -303,8 +303,15 @@ class FIDInceptionV3(nn.Module):
 # Weights.
 
 def param_shapes(module: Optional[FIDInceptionV3] = None) -> dict[tuple, tuple]:
-  """{param path: shape} of the network (an abstract init; nothing is computed)."""
-  module = module or FIDInceptionV3(resize=False)
+  """{param path: shape} of the network (an abstract init; nothing is computed). The shapes
+  depend only on the class count, so they are traced once per count (a few seconds)."""
+  num_classes = NUM_CLASSES if module is None else module.num_classes
+  return dict(_param_shapes(num_classes))
+
+
+@functools.lru_cache(maxsize=4)
+def _param_shapes(num_classes: int) -> dict[tuple, tuple]:
+  module = FIDInceptionV3(resize=False, num_classes=num_classes)
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32))
   return weights_lib.shapes_of(abstract["params"])
