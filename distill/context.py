@@ -42,6 +42,43 @@ def cond_from_batch(batch: Mapping[str, jax.Array]) -> dict:
   return cond
 
 
+# Model keywords that carry a prompt: the null condition sets them to zeros (DMD2-SDXL's null
+# prompt: all-zero prompt and pooled embeddings; the text mask and SDXL's size ids stay).
+NULL_AS_ZEROS = ("encoder_hidden_states",)
+NULL_ADDED_AS_ZEROS = ("text_embeds",)
+
+
+def conditional(info: "NetInfo", cond: Optional[Mapping]) -> bool:
+  """Whether `cond` holds a condition the network can drop (class labels of a class-conditional
+  network, or a prompt), i.e. whether classifier-free guidance changes anything."""
+  cond = cond or {}
+  return bool((info.num_classes and "class_labels" in cond)
+              or any(k in cond for k in NULL_AS_ZEROS))
+
+
+def null_condition(info: "NetInfo", cond: Optional[Mapping], where=None) -> dict:
+  """`cond` with the condition dropped (everywhere, or for the samples where `where` (B,) is
+  True): class labels -> the null class `num_classes`; prompt embeddings (and SDXL's pooled
+  embedding) -> zeros, the null prompt of DMD2-SDXL. Other keys are kept."""
+  cond = dict(cond or {})
+
+  def drop(value, null):
+    if where is None:
+      return jnp.broadcast_to(null, value.shape).astype(value.dtype)
+    mask = jnp.reshape(where, where.shape + (1,) * (value.ndim - 1))
+    return jnp.where(mask, null, value).astype(value.dtype)
+
+  if info.num_classes and "class_labels" in cond:
+    cond["class_labels"] = drop(cond["class_labels"], info.num_classes)
+  for k in NULL_AS_ZEROS:
+    if k in cond:
+      cond[k] = drop(cond[k], 0)
+  if "added_cond" in cond:
+    cond["added_cond"] = {k: drop(v, 0) if k in NULL_ADDED_AS_ZEROS else v
+                          for k, v in cond["added_cond"].items()}
+  return cond
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NetInfo:
   """Static facts about one network."""

@@ -7,6 +7,7 @@ each network from one example of every conditioning input the data carries.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +104,47 @@ def test_dmd2_distils_a_text_conditioned_sana():
     phases |= {k.split("/")[0] for k in m if k.endswith("/loss")}
     assert all(np.isfinite(float(v)) for v in m.values())
   assert len(phases) == 2, phases
+
+
+class _TextToy(nn.Module):
+  """x * (1 + mean prompt) + mean pooled: a denoiser whose output depends on the prompt."""
+
+  @nn.compact
+  def __call__(self, x, timestep, encoder_hidden_states=None, added_cond=None):
+    w = self.param("w", nn.initializers.ones, ())
+    out = x * (1.0 + w * encoder_hidden_states.mean(axis=(1, 2))[:, None])
+    if added_cond is not None:
+      out = out + added_cond["text_embeds"].mean(axis=1)[:, None] + 0 * timestep[:, None]
+    return out
+
+
+def test_classifier_free_guidance_with_prompts_uses_the_zero_null_prompt():
+  """The null condition of a prompt is all-zero prompt and pooled embeddings (DMD2-SDXL's),
+  the size ids stay; CFG u + w (c - u) with it, and per-sample dropping with a mask."""
+  from distill import context as ctx_lib
+  from distill import processes as procs
+  from distill.objectives import matching
+  module = _TextToy()
+  info = ctx_lib.NetInfo(name="n", module=module, prediction="x0",
+                         process=procs.make_process("rectified_flow"))
+  ctx = ctx_lib.Context(params={"n": {"w": jnp.float32(2.0)}}, ema={}, model_state={},
+                        nets={"n": info})
+  rng = np.random.default_rng(0)
+  cond = {"encoder_hidden_states": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32),
+          "added_cond": {"text_embeds": jnp.asarray(rng.standard_normal((3, 6)), jnp.float32),
+                         "time_ids": jnp.ones((3, 6))}}
+  assert ctx_lib.conditional(info, cond) and not ctx_lib.conditional(info, {})
+  null = ctx_lib.null_condition(info, cond)
+  assert float(jnp.abs(null["encoder_hidden_states"]).max()) == 0.0
+  assert float(jnp.abs(null["added_cond"]["text_embeds"]).max()) == 0.0
+  np.testing.assert_array_equal(null["added_cond"]["time_ids"], cond["added_cond"]["time_ids"])
+  some = ctx_lib.null_condition(info, cond, where=jnp.array([True, False, True]))
+  np.testing.assert_array_equal(some["encoder_hidden_states"][1], cond["encoder_hidden_states"][1])
+  assert float(jnp.abs(some["encoder_hidden_states"][np.array([0, 2])]).max()) == 0.0
+  x, t = jnp.asarray(rng.standard_normal((3, 2)), jnp.float32), jnp.full((3,), 0.5)
+  ts = info.process.timestep(t)
+  c = module.apply({"params": {"w": 2.0}}, x, ts, **cond)
+  u = module.apply({"params": {"w": 2.0}}, x, ts, **null)
+  got = matching.guided(ctx, "n", x, t, cond, 3.0, "raw")
+  np.testing.assert_allclose(got, u + 3.0 * (c - u), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(matching.guided(ctx, "n", x, t, cond, 0.0, "raw"), u, rtol=1e-6)

@@ -12,9 +12,10 @@ hand the very same numbers to a PyTorch reference):
 
 - `generator_times(process, K)`: the student's step times = the first K times of
   `process.timesteps(K)`, i.e. exactly the grid of the `consistency` sampler used for eval.
-- `step_cond`: the batch's labels with a `null_prob` fraction replaced by the null class, seen
-  by every network of a step: the student learns the null-label (unconditional) distribution,
-  which unconditional sampling (eval's default) draws, besides the class-conditional ones.
+- `step_cond`: the batch's condition with a `null_prob` fraction dropped (the null class, or
+  the all-zero prompt of DMD2-SDXL: `context.null_condition`), seen by every network of a
+  step: the student learns the unconditional distribution, which unconditional sampling
+  (eval's default) draws, besides the conditional ones. CFG (`guided`) uses the same null.
 - `generate(ctx, net, params, cond, draws, num_steps=K)`: a generator sample. K = 1: x0_hat of
   the student at (prior noise, t_max). K > 1 (DMD2's backward simulation = few-step SiD's
   mixture of step outputs): per sample k ~ U{0..K-1}; k consistency steps are rolled out without
@@ -35,7 +36,7 @@ hand the very same numbers to a PyTorch reference):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Union
 
 import flax.linen as nn
 import jax
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill import processes as procs
-from distill.context import cond_from_batch, to_kind
+from distill.context import cond_from_batch, conditional, null_condition, to_kind
 from distill.objective import Phase
 from distill.objectives.denoise import prediction_space_weight
 from models.registry import register_model
@@ -101,8 +102,9 @@ def guided(ctx, net: str, x_t: Array, t, cond: Mapping, scale: Scale, kind: str 
   """CFG u + scale (c - u) of network `net` in prediction `kind` ("raw": its own output).
 
   A static scale of 1 makes one conditional pass and 0 one null pass; otherwise the conditional
-  and null passes run as one call on a doubled batch. Networks without classes (or a cond
-  without labels) make one plain pass whatever the scale.
+  and null passes run as one call on a doubled batch. The null condition is
+  `context.null_condition` (the null class; zero prompt embeddings). Without a condition to drop
+  (no classes, no prompt) one plain pass whatever the scale.
   """
   info = ctx.nets[net]
   b = x_t.shape[0]
@@ -112,26 +114,23 @@ def guided(ctx, net: str, x_t: Array, t, cond: Mapping, scale: Scale, kind: str 
     raw = ctx.apply(net, x, tt, c, params=params)
     return raw if kind == "raw" else to_kind(info, raw, kind, x, tt)
 
-  labels = cond.get("class_labels") if cond else None
-  if not info.num_classes or labels is None:
+  if not conditional(info, cond):
     return out(x_t, t, cond)
-  null = jnp.full_like(labels, info.num_classes)
+  null = null_condition(info, cond)
   if is_static(scale) and float(scale) == 1.0:
     return out(x_t, t, cond)
   if is_static(scale) and float(scale) == 0.0:
-    return out(x_t, t, {**cond, "class_labels": null})
+    return out(x_t, t, null)
   both = out(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-             {**cond, "class_labels": jnp.concatenate([labels, null])})
+             jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), dict(cond), null))
   c, u = both[:b], both[b:]
   s = scale if is_static(scale) else bcast(jnp.asarray(scale, jnp.float32), x_t)
   return u + s * (c - u)
 
 
 def null_cond(ctx, net: str, cond: Mapping) -> dict:
-  """`cond` with every class label replaced by the null class (unchanged if no labels)."""
-  if not cond or "class_labels" not in cond or not ctx.nets[net].num_classes:
-    return dict(cond or {})
-  return {**cond, "class_labels": jnp.full_like(cond["class_labels"], ctx.nets[net].num_classes)}
+  """`cond` with the condition dropped (`context.null_condition`; unchanged if none)."""
+  return null_condition(ctx.nets[net], cond)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,9 +158,8 @@ def step_cond(ctx, batch: Mapping, gen_draws: Mapping, net: str = STUDENT) -> di
   student learns the unconditional (null-label) distribution too: what unconditional sampling
   (the default of eval) draws from. Without the mask (null_prob = 0) the batch's cond."""
   cond = cond_from_batch(batch)
-  if "null" in gen_draws and "class_labels" in cond and ctx.nets[net].num_classes:
-    cond["class_labels"] = jnp.where(gen_draws["null"], ctx.nets[net].num_classes,
-                                     cond["class_labels"])
+  if "null" in gen_draws:
+    cond = null_condition(ctx.nets[net], cond, where=gen_draws["null"])
   return cond
 
 
@@ -222,9 +220,7 @@ def fake_loss(ctx, net: str, params, x0: Array, cond: Mapping, draws: Mapping, *
   alpha, sigma = process.alpha_sigma(t)
   alpha, sigma = bcast(alpha, x0), bcast(sigma, x0)
   x_t = alpha * x0 + sigma * eps
-  cond = dict(cond or {})
-  if "class_labels" in cond and info.num_classes:
-    cond["class_labels"] = jnp.where(draws["drop"], info.num_classes, cond["class_labels"])
+  cond = null_condition(info, cond, where=draws["drop"])
   pred = guided(ctx, net, x_t, t, cond, train_guidance, "raw", params=params)
   target = procs.encode(x0, eps, info.prediction, alpha, sigma)
   per = per_example_mean(jnp.square(pred - target))
