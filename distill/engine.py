@@ -40,18 +40,44 @@ CLASS_COUNT_FIELDS = ("num_classes", "num_embeds_ada_norm")
 
 
 def module_fields(cls) -> dict:
-  """Constructor arguments of a dataclass (a Linen module, a process) with their defaults."""
+  """Constructor arguments of a dataclass (a Linen module, a process) with their defaults.
+
+  Fields a class lists in `any_type_fields` (e.g. the UNet's per-block values: an int or one
+  per block) map to None, so config validation accepts any type for them."""
   out = {}
+  any_type = set(getattr(cls, "any_type_fields", ()))
   for f in dataclasses.fields(cls):
     if f.name in ("parent", "name") or not f.init:
       continue
-    if f.default is not dataclasses.MISSING:
+    if f.name in any_type:
+      out[f.name] = None
+    elif f.default is not dataclasses.MISSING:
       out[f.name] = _config_value(f.default)
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
       out[f.name] = f.default_factory()  # type: ignore[misc]
     else:
       out[f.name] = None
   return out
+
+
+def init_inputs(module, source, num_classes: int = 0):
+  """(args, kwargs) of a network's init call: x and t, plus one example of each conditioning
+  input the data carries that the network accepts (class labels only for class-conditional
+  networks) and the network's own required extras (`dummy_kwargs`, e.g. SANA-Sprint's
+  guidance)."""
+  x = jnp.zeros((1,) + tuple(source.shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.float32)
+  probe = source.batch(0, 1, 0, 1)
+  kw = ctx_lib.cond_from_batch({k: jnp.zeros((1,) + np.shape(v)[1:], np.asarray(v).dtype)
+                                for k, v in probe.items() if k != "x"})
+  if not num_classes:
+    kw.pop("class_labels", None)
+  accepted = inspect.signature(type(module).__call__).parameters
+  if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+    kw = {k: v for k, v in kw.items() if k in accepted}   # heads take no text conditioning
+  if hasattr(module, "dummy_kwargs"):
+    kw.update({k: v for k, v in module.dummy_kwargs(1).items() if k not in kw})
+  return (x, t), kw
 
 
 def _config_value(v):
@@ -313,22 +339,7 @@ class Engine:
     return plans
 
   def _dummy_inputs(self, info: ctx_lib.NetInfo):
-    """(args, kwargs) of an init call: x and t, plus one example of each conditioning input the
-    data carries (class labels only for class-conditional networks) and the network's own
-    required extras (`dummy_kwargs`, e.g. SANA-Sprint's guidance)."""
-    x = jnp.zeros((1,) + tuple(self.source.shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    probe = self.source.batch(0, 1, 0, 1)
-    kw = ctx_lib.cond_from_batch({k: jnp.zeros((1,) + np.shape(v)[1:], np.asarray(v).dtype)
-                                  for k, v in probe.items() if k != "x"})
-    if not info.num_classes:
-      kw.pop("class_labels", None)
-    accepted = inspect.signature(type(info.module).__call__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-      kw = {k: v for k, v in kw.items() if k in accepted}   # heads take no text conditioning
-    if hasattr(info.module, "dummy_kwargs"):
-      kw.update({k: v for k, v in info.module.dummy_kwargs(1).items() if k not in kw})
-    return (x, t), kw
+    return init_inputs(info.module, self.source, info.num_classes)
 
   def _init_fn(self, name: str):
     info = self.plans[name].info

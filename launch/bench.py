@@ -41,13 +41,13 @@ def random_teacher(config, abstract: bool = False):
   from distill import processes as procs
   from distill import teacher as teacher_lib
   from distill.data import sources
-  from distill.engine import module_from_config, num_classes_of, resolve_model_config
+  from distill.engine import (init_inputs, module_from_config, num_classes_of,
+                              resolve_model_config)
   source = sources.make_source(config.data, config.seed)
   mcfg = resolve_model_config(config.model.to_dict(), source)
   module = module_from_config(mcfg)
-  x = np.zeros((1,) + tuple(source.shape), np.float32)
-  kw = {"class_labels": np.zeros((1,), np.int32)} if num_classes_of(mcfg) else {}
-  init = lambda r: meta.unbox(module.init(r, x, np.zeros((1,), np.float32), **kw)["params"])
+  args, kw = init_inputs(module, source, num_classes_of(mcfg))
+  init = lambda r: meta.unbox(module.init(r, *args, **kw)["params"])
   key = jax.random.PRNGKey(config.seed)
   if abstract:
     params = jax.eval_shape(init, key)

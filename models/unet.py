@@ -440,6 +440,9 @@ class UNet(nn.Module):
   scan_blocks: bool = False   # nn.scan over each Transformer2D's blocks (stack_transformer_blocks)
 
   diffusers_class = "UNet2DConditionModel"
+  # An int or one value per block (configs may give either).
+  any_type_fields = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                     "num_attention_heads")
 
   # --- static plan ------------------------------------------------------------------------------
 

@@ -148,3 +148,20 @@ def test_classifier_free_guidance_with_prompts_uses_the_zero_null_prompt():
   got = matching.guided(ctx, "n", x, t, cond, 3.0, "raw")
   np.testing.assert_allclose(got, u + 3.0 * (c - u), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(matching.guided(ctx, "n", x, t, cond, 0.0, "raw"), u, rtol=1e-6)
+
+
+def test_sdxl_bench_config_resolves():
+  """configs/bench/sdxl.py: per-block UNet fields (tuples) pass config validation and the
+  SDXL-size UNet's init inputs come from the synthetic prompt batches."""
+  from distill import trainer
+  from distill.data import sources
+  from distill.engine import init_inputs, module_from_config, resolve_model_config
+  for arg in ("denoise", "dmd2"):
+    c = trainer.prepare_config(trainer.load_config(f"configs/bench/sdxl.py:{arg}", []))
+    assert c.model.transformer_layers_per_block == (1, 2, 10)
+  source = sources.make_source(c.data, 0)
+  module = module_from_config(resolve_model_config(c.model.to_dict(), source))
+  (x, _), kw = init_inputs(module, source)
+  assert x.shape == (1, 128, 128, 4) and kw["encoder_hidden_states"].shape == (1, 77, 2048)
+  assert set(kw["added_cond"]) == {"text_embeds", "time_ids"}
+  assert module.feature_names[c.objective.gan_feature_block] == "mid"
