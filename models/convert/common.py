@@ -300,9 +300,49 @@ def load_torch_file(path: str, key: Optional[str] = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# A converter for models whose Flax tree mirrors the torch module tree.
+# Converters.
 
-class MirroredConverter:
+def follow_tensor_dtype(state_dict: Mapping[str, Any], overrides: dict) -> dict:
+  """`overrides` with `param_dtype` set to the tensors' one floating dtype (unless given), so
+  converted params keep the checkpoint's precision."""
+  def floating(v) -> bool:
+    if hasattr(v, "is_floating_point"):  # torch
+      return bool(v.is_floating_point())
+    return np.dtype(v.dtype).kind == "f" or np.dtype(v.dtype).name == "bfloat16"
+
+  dtype = common_dtype({k: v for k, v in state_dict.items() if floating(v)})
+  if dtype is not None and "param_dtype" not in overrides:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    overrides = dict(overrides, param_dtype=jnp.dtype(dtype))
+  return overrides
+
+
+def torch_module_with(cls, config: Mapping[str, Any], tensors: Mapping[str, Any]):
+  """`cls(**config)` in the tensors' floating dtype with the tensors loaded strictly, in eval
+  mode."""
+  model = cls(**config)
+  dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+  if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
+    model = model.to(dtype)
+  model.load_state_dict(dict(tensors), strict=True)
+  return model.eval()
+
+
+class TorchConverter:
+  """The registry interface every converter shares: `from_torch` reads a diffusers module's
+  config and state dict and calls the subclass's `from_config_state(config, state_dict,
+  **overrides)`; subclasses add `to_torch(module, variables)`."""
+
+  def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
+                        **overrides):
+    raise NotImplementedError
+
+  def from_torch(self, torch_module, **overrides):
+    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
+                                  **overrides)
+
+
+class MirroredConverter(TorchConverter):
   """from_torch / to_torch / from_config_state for a Flax module built to mirror a diffusers
   module's tree (see `module_tree_key`). A subclass gives
 
@@ -365,17 +405,9 @@ class MirroredConverter:
     module = self.module_from_config(config, **overrides)
     return module, self.params_from_state_dict(module, state_dict)
 
-  def from_torch(self, torch_module, **overrides):
-    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
-                                  **overrides)
-
   def to_torch(self, module, variables: Mapping):
     """The diffusers module with our weights (in their dtype when it is one dtype)."""
     import diffusers  # pylint: disable=import-outside-toplevel
     tensors = numpy_to_torch(self.state_dict_from_params(module, variables))
-    model = getattr(diffusers, self.diffusers_class)(**self.diffusers_config(module))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
-      model = model.to(dtype)
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return torch_module_with(getattr(diffusers, self.diffusers_class),
+                             self.diffusers_config(module), tensors)

@@ -18,9 +18,10 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from models.convert.common import common_dtype, numpy_to_torch
+from models.convert.common import (TorchConverter, follow_tensor_dtype, numpy_to_torch,
+                                   torch_module_with)
 from models.convert.registry import register_converter
-from models.convert.sana import (state_dict_from_variables, torch_key, torch_module_with,
+from models.convert.sana import (state_dict_from_variables, torch_key,
                                  variable_shapes, variables_from_state_dict)
 from models.dcae import AutoencoderDC
 
@@ -87,7 +88,7 @@ def state_dict_from_variables_dc(module: AutoencoderDC, variables) -> dict[str, 
   return out
 
 
-class AutoencoderDCConverter:
+class AutoencoderDCConverter(TorchConverter):
   """diffusers AutoencoderDC <-> models.dcae.AutoencoderDC (see the module docstring).
 
   `from_torch` / `from_config_state` accept overrides of our execution fields (`dtype`,
@@ -99,16 +100,8 @@ class AutoencoderDCConverter:
 
   def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                         **overrides):
-    floats = {k: v for k, v in state_dict.items() if not k.endswith(f".{_COUNTER}")}
-    dtype = common_dtype(floats)
-    if dtype is not None and "param_dtype" not in overrides:
-      overrides["param_dtype"] = jnp.dtype(dtype)
-    module = module_from_config(config, **overrides)
+    module = module_from_config(config, **follow_tensor_dtype(state_dict, overrides))
     return module, variables_from_state_dict_dc(module, state_dict)
-
-  def from_torch(self, torch_module, **overrides):
-    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
-                                  **overrides)
 
   def to_torch(self, module: AutoencoderDC, variables: Mapping):
     # pylint: disable-next=import-outside-toplevel

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.convert.common import (Rule, check_keys, common_dtype, expected_torch_shapes,
-                                   flatten_tree, flax_to_torch, numpy_to_torch, to_numpy,
-                                   torch_to_flax)
+from models.convert.common import (Rule, TorchConverter, check_keys, expected_torch_shapes,
+                                   flatten_tree, flax_to_torch, follow_tensor_dtype,
+                                   numpy_to_torch, to_numpy, torch_module_with, torch_to_flax)
 from models.convert.registry import register_converter
 from models.dit import (BLOCK_PREFIX, DiT, sincos_pos_embed, stack_block_params,
                         unstack_block_params)
@@ -138,7 +138,7 @@ def state_dict_from_params(module: DiT, variables: Mapping) -> dict[str, np.ndar
   return flax_to_torch(params, rules(module))
 
 
-class DiTConverter:
+class DiTConverter(TorchConverter):
   """diffusers DiTTransformer2DModel <-> our DiT (see the module docstring)."""
 
   flax_module_type = DiT
@@ -156,25 +156,13 @@ class DiTConverter:
   def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                         **overrides):
     """Params keep the tensors' dtype; `param_dtype` follows it unless overridden."""
-    dtype = common_dtype(state_dict)
-    if dtype is not None and "param_dtype" not in overrides:
-      overrides["param_dtype"] = jnp.dtype(dtype)
-    module = module_from_config(config, **overrides)
+    module = module_from_config(config, **follow_tensor_dtype(state_dict, overrides))
     return module, params_from_state_dict(module, state_dict)
-
-  def from_torch(self, torch_module, **overrides):
-    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
-                                  **overrides)
 
   def to_torch(self, module: DiT, variables: Mapping):
     from diffusers import DiTTransformer2DModel  # pylint: disable=import-outside-toplevel
     tensors = numpy_to_torch(state_dict_from_params(module, variables))
-    model = DiTTransformer2DModel(**diffusers_config(module))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:
-      model = model.to(dtypes.pop())
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return torch_module_with(DiTTransformer2DModel, diffusers_config(module), tensors)
 
 
 CONVERTER = register_converter("DiTTransformer2DModel")(DiTConverter())

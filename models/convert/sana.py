@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.convert.common import (Rule, check_keys, common_dtype, flatten_tree, flax_to_torch,
-                                   numpy_to_torch, torch_to_flax)
+from models.convert.common import (Rule, TorchConverter, check_keys, flatten_tree,
+                                   flax_to_torch, follow_tensor_dtype, numpy_to_torch,
+                                   torch_module_with, torch_to_flax)
 from models.convert.registry import register_converter
 from models.sana import Sana
 
@@ -102,16 +103,6 @@ def state_dict_from_variables(shapes: Mapping[FlaxPath, tuple[int, ...]], variab
   return flax_to_torch({c: variables[c] for c in COLLECTIONS if c in variables}, rules)
 
 
-def torch_module_with(cls, config: Mapping[str, Any], tensors: Mapping[str, Any]):
-  """`cls(**config)` in the tensors' dtype with the tensors loaded strictly, in eval mode."""
-  model = cls(**config)
-  dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-  if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
-    model = model.to(dtype)
-  model.load_state_dict(dict(tensors), strict=True)
-  return model.eval()
-
-
 # --- config -----------------------------------------------------------------------------------
 
 # diffusers config key -> our Sana field (same names).
@@ -164,7 +155,7 @@ def state_dict_from_params(module: Sana, variables: Mapping) -> dict[str, np.nda
   return state_dict_from_variables(flax_shapes(module), variables, what="Sana params")
 
 
-class SanaConverter:
+class SanaConverter(TorchConverter):
   """diffusers SanaTransformer2DModel <-> models.sana.Sana (see the module docstring).
 
   `from_torch` / `from_config_state` accept overrides of our execution fields (`dtype`,
@@ -186,15 +177,8 @@ class SanaConverter:
 
   def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                         **overrides):
-    dtype = common_dtype(state_dict)
-    if dtype is not None and "param_dtype" not in overrides:
-      overrides["param_dtype"] = jnp.dtype(dtype)
-    module = module_from_config(config, **overrides)
+    module = module_from_config(config, **follow_tensor_dtype(state_dict, overrides))
     return module, params_from_state_dict(module, state_dict)
-
-  def from_torch(self, torch_module, **overrides):
-    return self.from_config_state(dict(torch_module.config), torch_module.state_dict(),
-                                  **overrides)
 
   def to_torch(self, module: Sana, variables: Mapping):
     from diffusers import SanaTransformer2DModel  # pylint: disable=import-outside-toplevel
