@@ -16,7 +16,7 @@ import pytest
 from distill import config as config_lib
 from distill.context import cond_from_batch
 from distill.engine import Engine
-from distill.objective import OBJECTIVES
+from tests._matching_utils import tiny_config
 import distill.objectives  # noqa: F401
 import models.all  # noqa: F401
 
@@ -32,13 +32,7 @@ SANA = dict(name="sana", prediction="flow", num_attention_heads=2, attention_hea
 
 
 def _config(objective: str, model: dict, process: str, *, pooled: int = 0, **objective_keys):
-  c = config_lib.base_config()
-  c.objective.name = objective
-  for k, v in OBJECTIVES.get(objective).defaults.items():
-    c.objective[k] = v
-  for k, v in objective_keys.items():
-    with c.ignore_type():
-      c.objective[k] = v
+  c = tiny_config(objective, batch=4, **objective_keys)
   c.data = config_lib.ConfigDict(dict(name="synthetic", height=8, width=8, channels=4,
                                       num_classes=0, text_tokens=5, text_dim=24,
                                       pooled_dim=pooled))
@@ -46,9 +40,7 @@ def _config(objective: str, model: dict, process: str, *, pooled: int = 0, **obj
     for k, v in model.items():
       c.model[k] = v
   c.process.name = process
-  c.train.batch_size = 4
   c.train.steps = 3
-  c.optim.lr = 1e-3
   return c
 
 
