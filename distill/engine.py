@@ -220,6 +220,8 @@ class Engine:
     self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
     self._abstract = {}
     self._steps: dict[tuple[int, int], Callable] = {}
+    self._reader = None   # the data read-ahead thread (global_batch)
+    self._next = None     # (key, future) of the batch being read ahead
     self.optimizers = {}
     self.schedules = {}
     for n in self.trained:
@@ -672,12 +674,28 @@ class Engine:
     if stream != "train":
       raise ValueError(f"phase data stream {stream!r}: only 'train' is configured")
     bs = int(self.config.train.batch_size)
-    local = self.source.batch(step, bs, jax.process_index(), jax.process_count())
+    local = self._read_ahead(step, bs)
     out = {}
     for k, v in local.items():
       sh = shd.batch_sharding(self.mesh, v.ndim)
       out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v), (bs,) + v.shape[1:])
     return out
+
+  def _read_ahead(self, step: int, bs: int) -> dict:
+    """This process's rows of `step`, read one step ahead on a background thread while the
+    device runs the step before (sources are pure functions of the step, so reading ahead
+    changes no batch; a jump, e.g. a resume, just reads `step` directly)."""
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    args = (bs, jax.process_index(), jax.process_count())
+    if self._reader is None:
+      self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
+    pending, self._next = self._next, None
+    if pending is not None and pending[0] == (step,) + args:
+      local = pending[1].result()
+    else:
+      local = self.source.batch(step, *args)
+    self._next = ((step + 1,) + args, self._reader.submit(self.source.batch, step + 1, *args))
+    return local
 
   # ------------------------------------------------------------------ stages
   def enter_stage(self, state: TrainState, frozen: dict, stage: int) -> tuple[TrainState, dict]:

@@ -328,3 +328,18 @@ def test_fine_tune_from_the_teacher_can_change_the_parameterisation():
     state, _ = engine.init_state()
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params["model"]),
                            teacher.params)
+
+
+def test_reading_ahead_changes_no_batch():
+  """global_batch reads step s + 1 on a background thread while step s runs; consecutive steps,
+  jumps (a resume) and going back all give exactly the source's batch of the step."""
+  from tests._matching_utils import tiny_config as objective_config
+  engine = Engine(objective_config("denoise"))
+  bs = int(engine.config.train.batch_size)
+  for step in (0, 1, 2, 7, 8, 3):
+    got = jax.device_get(engine.global_batch(step))
+    want = engine.source.batch(step, bs)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert engine._next[0][0] == 4   # the batch after the last one asked for is being read
