@@ -282,3 +282,45 @@ def test_latents_are_decoded_by_eval_vae(weights, tmp_path):
   assert set(got) == {"fid", "is", "is_std"}
   for k in got:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+
+
+def test_clip_score_rows_equal_scoring_the_samples_directly(run_dir, tmp_path, monkeypatch):
+  """`--metrics clip`: every row's CLIP score is the score of that row's samples (captured on
+  their way to the scorer) against the prompts of eval.clip_tokens, computed directly with
+  the library (distill.metrics.clip, itself checked against transformers in test_clip.py)."""
+  transformers = pytest.importorskip("transformers")
+  import torch
+  from distill.metrics import clip as clip_lib
+  from tests.test_clip import _config, _ids
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(_config(2, "quick_gelu")).eval()
+  clip_dir = tmp_path / "clip"
+  model.save_pretrained(clip_dir)
+  tokens = tmp_path / "tokens.npy"
+  np.save(tokens, _ids(N))
+  seen = []
+  real = clip_lib.CLIPScorer.pair_scores
+
+  def spy(self, images, token_ids, *a, **k):
+    out = real(self, images, token_ids, *a, **k)
+    seen.append((np.asarray(images), np.asarray(token_ids), np.asarray(out)))
+    return out
+  monkeypatch.setattr(clip_lib.CLIPScorer, "pair_scores", spy)
+  w = tmp_path / "run"
+  shutil.copytree(run_dir, w)
+  assert evaluate.main(["--workdir", str(w), "--num", str(N), "--config.eval.steps=(1,)",
+                        "--config.eval.teacher_steps=2", "--metrics", "clip",
+                        f"--config.eval.clip={clip_dir}", f"--config.eval.clip_tokens={tokens}",
+                        f"--config.eval.feature_batch={N}"]) == 0
+  with open(w / "eval.json") as f:
+    report = json.load(f)
+  assert report["metric"] == "clip"
+  scores = [row["clip"] for row in report["results"].values()]
+  assert len(seen) >= len(scores) and all(0.0 <= v <= 100.0 for v in scores), scores
+  scorer = clip_lib.load_scorer(str(clip_dir))
+  for images, ids, pairs in seen:   # the samples' pair scores, recomputed directly
+    assert len(images) == N and not np.allclose(pairs, pairs[0])
+    np.testing.assert_allclose(real(scorer, images, ids), pairs, rtol=1e-5, atol=1e-5)
+  rows = {round(float(clip_lib.score_from_pairs(p)), 5) for _, _, p in seen}
+  assert {round(v, 5) for v in scores} <= rows
+  np.testing.assert_array_equal(seen[0][1], _ids(N))   # sample i with prompt row i
