@@ -59,7 +59,6 @@ norm_k]}, [norm2], ff/{conv_inverted,conv_depth,conv_point}}`, `scale_shift_tabl
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -231,13 +230,9 @@ class CrossAttention(nn.Module):
     q = _qk_norm(self.qk_norm, "norm_q", self.param_dtype)(q)
     k = _qk_norm(self.qk_norm, "norm_k", self.param_dtype)(k)
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
-    q, k, v = split(q), split(k), split(v)
-    dt = _upcast_dtype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(dt) / math.sqrt(self.head_dim)
-    if bias is not None:
-      logits = logits + bias[:, None, None, :].astype(dt)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:2] + (inner,))
+    o = dit.attend_heads(split(q), split(k), split(v), "xla",
+                         bias=None if bias is None else bias[:, None, None, :])
+    o = o.reshape(x.shape[:2] + (inner,))
     return dense(self.dim, ("heads", "embed"), "to_out_0", **kw)(o)
 
 
