@@ -127,20 +127,21 @@ class Latents(Source):
   def batch(self, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
     rows = process_rows(global_batch, process_index, process_count)
-    rng = batch_rng(self.seed, step)
-    noise = (rng.standard_normal((global_batch,) + self.shape, np.float32)
-             if self.kind == "mean_std" else np.zeros((global_batch, 1), np.float32))
-    flips = rng.random(global_batch) < 0.5 if self.flip else np.zeros(global_batch, bool)
+    noise, flips = self._noise_and_flips(batch_rng(self.seed, step), global_batch)
     indices = self.indices(step, global_batch, process_index, process_count)
     return self._rows(indices, noise[rows], flips[rows])
 
   def draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """`n` rows at random (for references): record indices, noise and flips from `rng`."""
     indices = rng.integers(0, len(self), size=n)
+    return self._rows(indices, *self._noise_and_flips(rng, n))
+
+  def _noise_and_flips(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior noise (kind mean_std) and flip coins of `n` rows, in this order from `rng`."""
     noise = (rng.standard_normal((n,) + self.shape, np.float32) if self.kind == "mean_std"
              else np.zeros((n, 1), np.float32))
     flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
-    return self._rows(indices, noise, flips)
+    return noise, flips
 
   def content_hash(self) -> str:
     """sha256 of meta.json's identifying fields (count, shape, kind, the source and VAE)."""
