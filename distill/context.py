@@ -42,8 +42,9 @@ def cond_from_batch(batch: Mapping[str, jax.Array]) -> dict:
   return cond
 
 
-# Model keywords that carry a prompt: the null condition sets them to zeros (DMD2-SDXL's null
-# prompt: all-zero prompt and pooled embeddings; the text mask and SDXL's size ids stay).
+# Model keywords that carry a prompt. Without the data's own null prompt (`NetInfo.null_inputs`)
+# the null condition sets them to zeros (DMD2-SDXL's null prompt: all-zero prompt and pooled
+# embeddings; the text mask and SDXL's size ids stay).
 NULL_AS_ZEROS = ("encoder_hidden_states",)
 NULL_ADDED_AS_ZEROS = ("text_embeds",)
 
@@ -59,22 +60,33 @@ def conditional(info: "NetInfo", cond: Optional[Mapping]) -> bool:
 def null_condition(info: "NetInfo", cond: Optional[Mapping], where=None) -> dict:
   """`cond` with the condition dropped (everywhere, or for the samples where `where` (B,) is
   True): class labels -> the null class `num_classes`; prompt embeddings (and SDXL's pooled
-  embedding) -> zeros, the null prompt of DMD2-SDXL. Other keys are kept."""
+  embedding, and the text mask where the null prompt has one) -> the network's null prompt
+  `info.null_inputs` (the encoded empty prompt of the data's text encoder), or zeros without
+  one (the null prompt of DMD2-SDXL). Other keys are kept."""
   cond = dict(cond or {})
+  null = cond_from_batch(info.null_inputs)  # batch keys -> the models' keywords
 
-  def drop(value, null):
+  def drop(value, null_value):
+    null_value = jnp.asarray(null_value)
+    if null_value.ndim and null_value.shape != value.shape[1:]:
+      raise ValueError(f"network {info.name!r}: the null prompt has shape {null_value.shape}, "
+                       f"the batch's condition {value.shape[1:]} per example")
     if where is None:
-      return jnp.broadcast_to(null, value.shape).astype(value.dtype)
+      return jnp.broadcast_to(null_value, value.shape).astype(value.dtype)
     mask = jnp.reshape(where, where.shape + (1,) * (value.ndim - 1))
-    return jnp.where(mask, null, value).astype(value.dtype)
+    return jnp.where(mask, null_value, value).astype(value.dtype)
 
   if info.num_classes and "class_labels" in cond:
     cond["class_labels"] = drop(cond["class_labels"], info.num_classes)
   for k in NULL_AS_ZEROS:
     if k in cond:
-      cond[k] = drop(cond[k], 0)
+      cond[k] = drop(cond[k], null.get(k, 0))
+  if "encoder_attention_mask" in cond and "encoder_attention_mask" in null:
+    cond["encoder_attention_mask"] = drop(cond["encoder_attention_mask"],
+                                          null["encoder_attention_mask"])
   if "added_cond" in cond:
-    cond["added_cond"] = {k: drop(v, 0) if k in NULL_ADDED_AS_ZEROS else v
+    added_null = null.get("added_cond", {})
+    cond["added_cond"] = {k: drop(v, added_null.get(k, 0)) if k in NULL_ADDED_AS_ZEROS else v
                           for k, v in cond["added_cond"].items()}
   return cond
 
@@ -98,6 +110,9 @@ class NetInfo:
   # `process` / `prediction` are the presented ones and these keep the network's own.
   inner_process: Any = None
   inner_prediction: Optional[str] = None
+  # The data's null prompt as batch keys without the batch axis (`Source.null_inputs`, e.g. the
+  # encoded empty prompt); empty: zeros (see `null_condition`).
+  null_inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     present = getattr(self.wrapper, "present", None)

@@ -290,6 +290,7 @@ class Engine:
     plans: dict[str, NetPlan] = {}
     trained = set(self.objective.trained)
     t = self.teacher
+    null_inputs = {k: np.asarray(v) for k, v in self.source.null_inputs().items()}
     for net in self.objective.networks:
       if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
         src = plans[net.init]
@@ -335,7 +336,8 @@ class Engine:
       info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
                              output_channels=int(mcfg.get("output_channels") or 0),
                              process=process, num_classes=ncls, base=net.base,
-                             lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops)
+                             lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops,
+                             null_inputs=null_inputs)
       plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,
                                 frozen=frozen, trainable_regex=net.trainable, lora=net.adapter)
     return plans

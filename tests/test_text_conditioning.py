@@ -7,6 +7,8 @@ each network from one example of every conditioning input the data carries.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,12 +101,19 @@ def test_dmd2_distils_a_text_conditioned_sana():
 
 
 class _TextToy(nn.Module):
-  """x * (1 + mean prompt) + mean pooled: a denoiser whose output depends on the prompt."""
+  """x * (1 + mean prompt (unmasked tokens)) + mean pooled: a denoiser that sees the prompt."""
 
   @nn.compact
-  def __call__(self, x, timestep, encoder_hidden_states=None, added_cond=None):
+  def __call__(self, x, timestep, encoder_hidden_states=None, added_cond=None,
+               encoder_attention_mask=None):
     w = self.param("w", nn.initializers.ones, ())
-    out = x * (1.0 + w * encoder_hidden_states.mean(axis=(1, 2))[:, None])
+    if encoder_attention_mask is not None:  # the mean over the prompt's unmasked tokens
+      m = encoder_attention_mask[..., None]
+      prompt = ((encoder_hidden_states * m).sum(axis=(1, 2))
+                / (m.sum(axis=(1, 2)) * encoder_hidden_states.shape[-1]))
+    else:
+      prompt = encoder_hidden_states.mean(axis=(1, 2))
+    out = x * (1.0 + w * prompt[:, None])
     if added_cond is not None:
       out = out + added_cond["text_embeds"].mean(axis=1)[:, None] + 0 * timestep[:, None]
     return out
@@ -157,3 +166,85 @@ def test_sdxl_bench_config_resolves():
   assert x.shape == (1, 128, 128, 4) and kw["encoder_hidden_states"].shape == (1, 77, 2048)
   assert set(kw["added_cond"]) == {"text_embeds", "time_ids"}
   assert module.feature_names[c.objective.gan_feature_block] == "mid"
+
+
+def _null_prompt_setup(*, wrapper=None, prediction="x0"):
+  """A _TextToy network whose data has a non-zero null prompt (the encoded empty prompt)."""
+  from distill import context as ctx_lib
+  from distill import processes as procs
+  rng = np.random.default_rng(1)
+  null = {"text_embeds": rng.standard_normal((4, 5)).astype(np.float32),
+          "text_mask": np.array([1, 1, 0, 0], np.float32),
+          "pooled_text_embeds": rng.standard_normal((6,)).astype(np.float32)}
+  info = ctx_lib.NetInfo(name="n", module=_TextToy(), prediction=prediction,
+                         process=procs.make_process("rectified_flow"), wrapper=wrapper,
+                         null_inputs=null)
+  batch = {"x": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+           "text_embeds": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32),
+           "text_mask": jnp.ones((3, 4), jnp.float32),
+           "pooled_text_embeds": jnp.asarray(rng.standard_normal((3, 6)), jnp.float32),
+           "time_ids": jnp.ones((3, 6), jnp.float32)}
+  null_batch = dict(batch, **{k: jnp.broadcast_to(v, batch[k].shape) for k, v in null.items()})
+  return info, batch, null_batch
+
+
+def test_the_data_null_prompt_replaces_prompt_mask_and_pooled_embedding():
+  """With the data's null prompt on the network (`NetInfo.null_inputs`, e.g. SD1.5's encoded
+  empty prompt) the null condition is that prompt, its mask and pooled embedding, broadcast
+  (everywhere or where `where` is True); SDXL's size ids stay."""
+  from distill import context as ctx_lib
+  info, batch, null_batch = _null_prompt_setup()
+  cond = cond_from_batch(batch)
+  want = cond_from_batch(null_batch)
+  got = ctx_lib.null_condition(info, cond)
+  for k in ("encoder_hidden_states", "encoder_attention_mask"):
+    np.testing.assert_array_equal(got[k], want[k])
+  np.testing.assert_array_equal(got["added_cond"]["text_embeds"], want["added_cond"]["text_embeds"])
+  np.testing.assert_array_equal(got["added_cond"]["time_ids"], cond["added_cond"]["time_ids"])
+  some = ctx_lib.null_condition(info, cond, where=jnp.array([False, True, False]))
+  np.testing.assert_array_equal(some["encoder_hidden_states"][1], want["encoder_hidden_states"][1])
+  np.testing.assert_array_equal(some["encoder_attention_mask"][0], cond["encoder_attention_mask"][0])
+  bad = ctx_lib.NetInfo(name="n", module=None, null_inputs={"text_embeds": np.zeros((7, 5))})
+  with pytest.raises(ValueError, match="null prompt has shape"):
+    ctx_lib.null_condition(bad, cond)
+
+
+def test_scm_and_denoise_drop_prompts_to_the_data_null_prompt():
+  """sCD's CFG teacher velocity is u + w (c - u) with u from the data's null prompt; dropping
+  every sample's condition (sCM's `drop`, denoise's label_dropout = 1) gives the loss of the
+  same batch whose prompts are the null prompt."""
+  from distill import context as ctx_lib
+  from distill import wrappers
+  from distill.objectives import denoise, scm
+  info, batch, null_batch = _null_prompt_setup(prediction="flow")
+  wrap = wrappers.WRAPPERS.get(wrappers.wrapper_spec("flow_to_trigflow", sigma_data=1.0))
+  student = _null_prompt_setup(wrapper=wrap, prediction="flow")[0]
+  nets = {"teacher": info, "student": dataclasses.replace(student, name="student")}
+  params = {"w": jnp.float32(0.7)}
+  ctx = ctx_lib.Context(params={"teacher": params}, ema={}, model_state={}, nets=nets)
+  x_t, t, w = batch["x"], jnp.array([0.3, 0.8, 1.2]), jnp.array([1.0, 2.5, 4.0])
+  cond, null = cond_from_batch(batch), cond_from_batch(null_batch)
+  got = scm.teacher_velocity(ctx, "teacher", x_t, t, cond, w, 1.0, guided=True)
+  c = scm.teacher_velocity(ctx, "teacher", x_t, t, cond, w, 1.0, guided=False)
+  u = scm.teacher_velocity(ctx, "teacher", x_t, t, null, w, 1.0, guided=False)
+  np.testing.assert_allclose(got, u + w[:, None] * (c - u), rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(c - u).max()) > 1e-2  # the prompt matters
+
+  draws = scm.draw_inputs(jax.random.PRNGKey(0), batch["x"], sigma_data=1.0, p_mean=-1.0,
+                          p_std=1.0, guidance_scales=(3.0,), label_dropout=0.0)
+  kw = dict(student="student", teacher="teacher", weight=None, mode="scd", tangent_norm=0.1,
+            guided=True, guidance_embed=False)
+  trainable = {"student": {"w": jnp.float32(1.3)}}
+  dropped = scm.scm_loss_given(trainable, ctx, batch, dict(draws, drop=jnp.ones(3, bool)), 1.0,
+                               **kw)[1]["g_norm"]
+  nulled = scm.scm_loss_given(trainable, ctx, null_batch, draws, 1.0, **kw)[1]["g_norm"]
+  kept = scm.scm_loss_given(trainable, ctx, batch, draws, 1.0, **kw)[1]["g_norm"]
+  np.testing.assert_allclose(dropped, nulled, rtol=1e-6)
+  assert abs(float(dropped) - float(kept)) > 1e-3
+
+  dctx = ctx_lib.Context(params={}, ema={}, model_state={}, nets={"model": info})
+  loss = lambda b, p: denoise.denoise_loss({"model": params}, dctx, b, jax.random.PRNGKey(1),
+                                           None, net="model", weighting="none",
+                                           label_dropout=p)[0]
+  np.testing.assert_allclose(loss(batch, 1.0), loss(null_batch, 0.0), rtol=1e-6)
+  assert abs(float(loss(batch, 1.0)) - float(loss(batch, 0.0))) > 1e-4

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from distill import processes as procs
-from distill.context import cond_from_batch
+from distill.context import cond_from_batch, null_condition
 from distill.objective import Network, Objective, Phase, register_objective
 
 DEFAULTS = {
     "weighting": "none",        # "none" = plain MSE of the prediction; else an x0-space weighting
-    "label_dropout": 0.1,       # probability of replacing a class label by the null class
+    "label_dropout": 0.1,       # probability of dropping the condition (null class / null prompt)
     "init": "random",           # random | teacher (fine-tune the teacher's weights)
     # With init "teacher": train in the config's process / model.prediction instead of the
     # teacher's (e.g. a VP eps DiT fine-tuned into a dense-time flow model).
@@ -59,10 +59,8 @@ def denoise_loss(trainable, ctx, batch, rng, t, *, net: str, weighting: str,
   alpha, sigma = alpha.reshape(shape), sigma.reshape(shape)
   x_t = alpha * x0 + sigma * eps
 
-  cond = cond_from_batch(batch)
-  if "class_labels" in cond and info.num_classes:
-    drop = jax.random.bernoulli(k_drop, label_dropout, (b,))
-    cond["class_labels"] = jnp.where(drop, info.num_classes, cond["class_labels"])
+  cond = null_condition(info, cond_from_batch(batch),
+                        where=jax.random.bernoulli(k_drop, label_dropout, (b,)))
 
   pred = ctx.apply(net, x_t, tt, cond, params=trainable[net])
   target = procs.encode(x0, eps, info.prediction, alpha, sigma)

@@ -59,8 +59,9 @@ import jax.numpy as jnp
 
 from distill import processes as procs
 from distill import wrappers
-from distill.context import cond_from_batch
+from distill.context import cond_from_batch, null_condition
 from distill.objective import Network, Objective, Phase, register_objective
+from distill.objectives import matching
 from models.mlp import sinusoidal_embedding
 from models.registry import register_model
 
@@ -91,8 +92,9 @@ DEFAULTS = {
     "guidance_sampling": "choice",
     # Feed w to the student (model kwarg guidance_embed=True, called with guidance=w).
     "guidance_embed": False,
-    # Probability of replacing a sample's class label by the null class (teacher and student
-    # alike, so the student also learns the unconditional model that eval samples by default).
+    # Probability of dropping a sample's condition: class label -> null class, prompt -> the
+    # data's null prompt (teacher and student alike, so the student also learns the
+    # unconditional model that eval samples by default).
     "label_dropout": 0.1,
     # Decay of the student's `eval` EMA (used for sampling / eval); 0 = no EMA, eval the raw
     # weights. (sCM has no EMA *target*: theta^- = sg(theta).)
@@ -150,7 +152,7 @@ def draw_inputs(rng, x0, *, sigma_data: float, p_mean: float, p_std: float,
                 guidance_scales=(1.0,), guidance_sampling: str = "choice",
                 label_dropout: float = 0.0) -> dict:
   """The random draws of one loss call: t (B,), z (like x0, std sigma_d), w (B,) and `drop`
-  (B,) bool, True where the class label is replaced by the null class."""
+  (B,) bool, True where the condition is dropped (the null class or null prompt)."""
   b = x0.shape[0]
   k_t, k_z, k_w, k_d = jax.random.split(rng, 4)
   sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_t, (b,), jnp.float32))
@@ -207,22 +209,15 @@ def scm_per_sample(F_theta, F_minus, g_hat, logw):
 
 def teacher_velocity(ctx, teacher: str, x_t, t, cond: dict, w, sigma_data: float, *,
                      guided: bool):
-  """dx_t/dt = sigma_d F_teacher(x_t, t) in TrigFlow coordinates, with CFG u + w (c - u) on F
-  (an affine map of the teacher's raw output, so the same as CFG on its own velocity)."""
+  """dx_t/dt = sigma_d F_teacher(x_t, t) in TrigFlow coordinates, with CFG u + w (c - u)
+  (`matching.guided` on the raw output: F is an affine map of it, so the same as CFG on F or
+  on the teacher's own velocity). The null condition: the null class, or the data's null
+  prompt (`context.null_condition`)."""
   info = ctx.nets[teacher]
-
-  def F(x, tt, c):
-    apply_inner = lambda xs, s: ctx.apply(teacher, xs, s, c)
-    return wrappers.as_trigflow(apply_inner, info.process, info.prediction, x, tt, sigma_data)
-
-  if not (guided and info.num_classes and "class_labels" in cond):
-    return sigma_data * F(x_t, t, cond)
-  b = x_t.shape[0]
-  cond2 = dict(cond)
-  cond2["class_labels"] = jnp.concatenate([cond["class_labels"], ctx.null_labels(teacher, b)])
-  both = F(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), cond2)
-  c, u = both[:b], both[b:]
-  return sigma_data * (u + _bcast(w, c) * (c - u))
+  scale = w if guided else 1.0
+  apply_inner = lambda xs, s: matching.guided(ctx, teacher, xs, s, cond, scale, kind="raw")
+  return sigma_data * wrappers.as_trigflow(apply_inner, info.process, info.prediction, x_t, t,
+                                           sigma_data)
 
 
 def tangent_context(ctx, name: str):
@@ -261,9 +256,8 @@ def scm_loss_given(trainable, ctx, batch, draws: dict, r, *, student: str, teach
   t, z, w = draws["t"], draws["z"], draws["w"]
   x_t = _bcast(jnp.cos(t), x0) * x0 + _bcast(jnp.sin(t), x0) * z
   cond = cond_from_batch(batch)
-  if "class_labels" in cond and info.num_classes and "drop" in draws:
-    null = jnp.full_like(cond["class_labels"], info.num_classes)
-    cond["class_labels"] = jnp.where(draws["drop"], null, cond["class_labels"])
+  if "drop" in draws:
+    cond = null_condition(info, cond, where=draws["drop"])
   if mode == "sct":
     dxdt = _bcast(jnp.cos(t), x0) * z - _bcast(jnp.sin(t), x0) * x0
   else:
