@@ -110,6 +110,27 @@ class Source:
       return np.zeros((0,) + tuple(self.shape), np.float32)
     return np.concatenate(chunks)
 
+  # -- text conditioning (text-to-image sources override both) ------------------------------
+  # Batch keys that condition a network (not `x`, not `label`): the prompt of text-to-image
+  # data. `context.cond_from_batch` maps them to the models' keywords.
+  TEXT_KEYS: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "pooled_text_embeds",
+                                          "time_ids")
+
+  def null_inputs(self) -> dict[str, np.ndarray]:
+    """The null condition of this data's prompts, as batch keys without the batch axis: the
+    encoded empty prompt (SD1.5/SD2/SANA: `text_embeds` (L, D), maybe `text_mask` (L,) and
+    `pooled_text_embeds` (Dp,)). Empty: the all-zero null prompt (DMD2-SDXL's convention) or
+    no prompt at all. Classifier-free guidance and condition dropout use it."""
+    return {}
+
+  def conditions(self, n: int, seed: int) -> dict[str, np.ndarray]:
+    """The conditioning of `n` evaluation / sample-grid samples, batch keys with n rows (the
+    `TEXT_KEYS` the data has; `clip_tokens` (n, 77) CLIP token ids of the same prompts when
+    known, for the CLIP score). Empty for data without prompts (class labels are drawn by the
+    evaluation). Deterministic in `seed`, independent of the training stream."""
+    del n, seed
+    return {}
+
   def content_hash(self) -> str:
     """sha256 (hex) identifying the data: by default of the source's type and the bytes of a
     fixed reference sample (finite data sets hash all their examples instead)."""

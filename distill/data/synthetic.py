@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.data.sources import Source, register_dataset
+from distill.data.sources import Source, reference_rng, register_dataset
 
 
 @register_dataset("synthetic")
@@ -34,6 +34,15 @@ class Synthetic(Source):
     out = {"x": rng.standard_normal((n,) + self.shape, dtype=np.float32)}
     if self.num_classes:
       out["label"] = rng.integers(0, self.num_classes, n).astype(np.int32)
+    out.update(self._text(rng, n))
+    return out
+
+  def conditions(self, n: int, seed: int) -> dict:
+    """Random prompt embeddings (and SDXL ids) of `n` samples from `reference_rng(seed)`."""
+    return self._text(reference_rng(seed), n)
+
+  def _text(self, rng: np.random.Generator, n: int) -> dict:
+    out = {}
     if self.text:
       out["text_embeds"] = rng.standard_normal((n,) + self.text, dtype=np.float32)
     if self.pooled_dim:
