@@ -35,7 +35,10 @@ def base_config() -> ConfigDict:
   # The noise process of the network trained here. A distillation run takes its teacher's
   # process from the teacher's checkpoint unless the objective says otherwise.
   c.process = ConfigDict({"name": "rectified_flow"})
-  c.teacher = ConfigDict({"checkpoint": "", "params": "ema"})
+  # `runtime`: how the loaded teacher (and networks initialised from it) compute, e.g.
+  # teacher.runtime.dtype = "bfloat16", .remat = "full", .attention = "cudnn",
+  # .scan_blocks = True, .param_dtype = "bfloat16" (distill/teacher.py RUNTIME_FIELDS).
+  c.teacher = ConfigDict({"checkpoint": "", "params": "ema", "runtime": ConfigDict()})
   c.data = ConfigDict({"name": "gmm"})
 
   c.train = ConfigDict()
@@ -236,7 +239,7 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
   return names, rest
 
 
-_OPEN_DICTS = (("ema",), ("optim", "networks"))
+_OPEN_DICTS = (("ema",), ("optim", "networks"), ("teacher", "runtime"))
 
 
 def _is_open(prefix: list[str]) -> bool:

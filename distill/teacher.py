@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -181,8 +181,62 @@ def _load_diffusers_dir(path: str) -> Teacher:
                  num_classes=num_classes_of(model_config), reference=ref)
 
 
-def maybe_load(path: Optional[str], params_role: str) -> Optional[Teacher]:
-  return load_teacher(path, params_role) if path else None
+def maybe_load(path: Optional[str], params_role: str,
+               runtime: Optional[Mapping[str, Any]] = None) -> Optional[Teacher]:
+  return with_runtime(load_teacher(path, params_role), runtime) if path else None
+
+
+def from_config(config) -> Optional[Teacher]:
+  """The teacher a run's config names (`teacher.checkpoint`, `teacher.params`,
+  `teacher.runtime`), or None without a checkpoint."""
+  t = config.teacher
+  runtime = t.runtime.to_dict() if "runtime" in t else None
+  return maybe_load(t.checkpoint, t.params, runtime)
+
+
+# Module fields that change how a network computes, not what it computes: a loaded teacher (and
+# every network initialised from it) takes them from `teacher.runtime` (its architecture comes
+# from the checkpoint), e.g. bf16 matmuls, remat, the attention kernel, scanned blocks.
+# `param_dtype` also casts the teacher's weights (a bf16 frozen teacher halves its memory).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "jvp_attention", "scan_blocks")
+
+
+def with_runtime(teacher: Teacher, runtime: Optional[Mapping[str, Any]]) -> Teacher:
+  """`teacher` with the `teacher.runtime` overrides applied (module, weights layout / dtype and
+  recorded model config); its reference (path, hash) stays the checkpoint's."""
+  from distill.engine import module_fields
+  runtime = dict(runtime or {})
+  if not runtime:
+    return teacher
+  module = teacher.module
+  fields = module_fields(type(module))
+  for key in runtime:
+    if key not in RUNTIME_FIELDS:
+      raise ValueError(f"config key 'teacher.runtime.{key}': not a runtime option (known: "
+                       f"{', '.join(RUNTIME_FIELDS)}); a teacher's architecture comes from its "
+                       "checkpoint")
+    if key not in fields:
+      raise ValueError(f"config key 'teacher.runtime.{key}': the teacher's model "
+                       f"{teacher.model_config.get('name')!r} has no option {key!r}")
+  kwargs = {k: jax.numpy.dtype(v) if k in ("dtype", "param_dtype") else v
+            for k, v in runtime.items()}
+  params = teacher.params
+  if "scan_blocks" in runtime and bool(runtime["scan_blocks"]) != bool(module.scan_blocks):
+    if not hasattr(module, "scan_layout"):
+      raise ValueError("config key 'teacher.runtime.scan_blocks': the teacher's model "
+                       f"{teacher.model_config.get('name')!r} has no scanned layout")
+    params = jax.tree_util.tree_map(np.asarray,
+                                    module.scan_layout(params, bool(runtime["scan_blocks"])))
+  if "param_dtype" in runtime:
+    dtype = kwargs["param_dtype"]
+    params = jax.tree_util.tree_map(
+        lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating)
+        else a, params)
+  model_config = {**teacher.model_config,
+                  **{k: (jax.numpy.dtype(v).name if k in ("dtype", "param_dtype") else v)
+                     for k, v in runtime.items()}}
+  return dataclasses.replace(teacher, module=module.clone(**kwargs), params=params,
+                             model_config=model_config)
 
 
 def write_converted(teacher: Teacher, out: str, provenance: Optional[dict] = None,

@@ -267,24 +267,27 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
   params = eval_params(engine, state, frozen)
   panels = []
   # Class-conditional panels cycle through the classes (one class per grid column when the
-  # grid is num_classes wide); otherwise unconditional.
+  # grid is num_classes wide); text-to-image data: the prompts of `source.conditions` (the same
+  # for teacher and student); otherwise unconditional.
   labels = None
   if cfg.eval.class_conditional and engine.source.num_classes:
     labels = np.arange(cfg.sample.num, dtype=np.int32) % engine.source.num_classes
+  conds = evaluation.network_conditions(
+      evaluation.source_conditions(engine.source, cfg.sample.num, cfg.sample.seed))
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
   if teacher is not None:
     x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
                                seed=cfg.sample.seed,
                                solver=evaluation.teacher_solver(engine.nets[teacher].process),
                                steps=cfg.eval.teacher_steps, shape=engine.source.shape,
-                               labels=labels)
+                               labels=labels, conds=conds)
     panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
   if obj.evaluates_as != "teacher":
     for steps in cfg.eval.steps:
       x, _ = evaluation.generate(ctx, obj.student, params[obj.student], n=cfg.sample.num,
                                  seed=cfg.sample.seed, solver=student_sampler(engine),
                                  steps=int(steps),
-                                 shape=engine.source.shape, labels=labels)
+                                 shape=engine.source.shape, labels=labels, conds=conds)
       panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
   real = engine.source.reference(cfg.sample.num, cfg.sample.seed)
   panels.insert(0, ("data", real))
@@ -323,7 +326,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
   is_main = jax.process_index() == 0
-  teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  teacher = teacher_lib.from_config(config)
   engine = Engine(config, teacher=teacher)
   state, frozen = engine.init_state()
 
@@ -493,7 +496,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   config = config_lib.from_dict(saved)
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
   config = prepare_config(config, eval_files=False)
-  teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  teacher = teacher_lib.from_config(config)
   engine = Engine(config, teacher=teacher)
   state, frozen = engine.init_state()
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1,

@@ -90,7 +90,7 @@ def compile_config(config, topology: str) -> dict:
   config = trainer.prepare_config(config, num_devices=len(devices))
   teacher = None
   if config.teacher.checkpoint:
-    teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+    teacher = teacher_lib.from_config(config)
   if teacher is None:
     from launch.bench import random_teacher  # pylint: disable=import-outside-toplevel
     teacher = random_teacher(config, abstract=True)

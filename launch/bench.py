@@ -72,7 +72,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
   from distill.engine import Engine
   from distill.objective import make_time
   config = trainer.prepare_config(config)
-  teacher = teacher_lib.maybe_load(config.teacher.checkpoint, config.teacher.params)
+  teacher = teacher_lib.from_config(config)
   if teacher is None and use_random_teacher:
     teacher = random_teacher(config)
   engine = Engine(config, teacher=teacher)

@@ -541,6 +541,13 @@ class DiT(nn.Module):
     return (jnp.zeros((batch, s, s, self.in_channels), self.dtype), jnp.zeros((batch,)),
             jnp.zeros((batch,), jnp.int32))
 
+  def scan_layout(self, params: dict, scan: bool) -> dict:
+    """`params` of this module in the layout of `scan_blocks=scan` (stacked or per block)."""
+    if scan == self.scan_blocks:
+      return params
+    relayout = stack_block_params if scan else unstack_block_params
+    return relayout(params, self.num_layers)
+
   def flops_per_example(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
     return flops_per_example(self, height, width)
 

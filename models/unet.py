@@ -533,6 +533,12 @@ class UNet(nn.Module):
           if self.class_embed_type == "projection" else jnp.zeros((batch,), jnp.int32))
     return tuple(args), kwargs
 
+  def scan_layout(self, params: dict, scan: bool) -> dict:
+    """`params` of this module in the layout of `scan_blocks=scan` (stacked or per block)."""
+    if scan == self.scan_blocks:
+      return params
+    return stack_transformer_blocks(params) if scan else unstack_transformer_blocks(params)
+
   def flops_per_example(self, height: Optional[int] = None, width: Optional[int] = None,
                         text_length: int = 77) -> int:
     return flops_per_example(self, height, width, text_length)

@@ -107,3 +107,30 @@ def test_engine_fine_tunes_a_converted_teacher(pipeline_dir, tmp_path):
   assert cfg["resolved"]["processes"]["model"]["beta_schedule"] == "scaled_linear"
   rows = [json.loads(x) for x in open(w / "metrics.jsonl")]
   assert len(rows) == 3 and all(np.isfinite(r["denoise/loss"]) for r in rows)
+
+
+def test_teacher_runtime_changes_how_not_what_it_computes(pipeline_dir):
+  """`teacher.runtime`: scanned blocks + remat give the same outputs (weights re-laid out),
+  bf16 weights are cast and their outputs stay close (bf16 rounding of 1-layer DiT weights:
+  2e-2), the reference hash stays the checkpoint's; architecture keys are refused in one line."""
+  import jax
+  import jax.numpy as jnp
+  from distill import config as config_lib
+  base = teacher_lib.load_teacher(str(pipeline_dir))
+  fast = teacher_lib.with_runtime(base, {"scan_blocks": True, "remat": "full"})
+  half = teacher_lib.with_runtime(base, {"param_dtype": "bfloat16"})
+  assert fast.module.scan_blocks and fast.model_config["remat"] == "full"
+  assert fast.reference == base.reference and half.model_config["param_dtype"] == "bfloat16"
+  assert {np.asarray(a).dtype for a in jax.tree_util.tree_leaves(half.params)} == {
+      np.dtype(jnp.bfloat16)}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 1)), jnp.float32)
+  t, y = jnp.array([10.0, 500.0]), jnp.array([1, 3])
+  out = lambda tt: tt.module.apply({"params": tt.params}, x, t, y)
+  np.testing.assert_allclose(out(fast), out(base), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out(half), np.float32), out(base), atol=2e-2)
+  with pytest.raises(ValueError, match=r"teacher.runtime.num_layers': not a runtime option"):
+    teacher_lib.with_runtime(base, {"num_layers": 3})
+  c = config_lib.apply_overrides(config_lib.base_config(),
+                                 ["teacher.runtime.dtype=bfloat16", "teacher.runtime.scan_blocks=True"])
+  assert c.teacher.runtime.to_dict() == {"dtype": "bfloat16", "scan_blocks": True}
