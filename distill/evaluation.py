@@ -13,6 +13,15 @@ weights, reference statistics, VAE, CLIP; the `eval.*` keys). An evaluation may 
 metrics (`eval.metrics`): the first is eval.json's `metric` (and `data_floor`'s), every row
 holds the values of all of them.
 
+Conditioning. `generate` takes the conditioning of its n samples as batch keys with n rows
+(`conds`: class labels `label`, or a prompt: `text_embeds`, `text_mask`, `pooled_text_embeds`,
+`time_ids`), mapped to the model keywords by `context.cond_from_batch`; classifier-free guidance
+drops them with `context.null_condition` (the network's null prompt `NetInfo.null_inputs`, else
+zeros / the null class) in one doubled-batch call (`objectives.matching.guided`). The evaluation
+samples text-to-image data with `Source.conditions(num_samples, seed)` (the same prompts for
+every row; their CLIP token ids, when the data has them, pair sample i with prompt i in the CLIP
+score).
+
 Generation (`generate`) is data-parallel: each chunk of noise is placed with its batch axis
 split over the mesh's data-parallel axes (data, fsdp) of the context, padded to a multiple of
 their size. The noise of a chunk depends only on the seed and the chunk (`batch`, fixed), not
@@ -22,10 +31,11 @@ the same samples up to float rounding.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,36 +139,69 @@ def sample_labels(num_classes: int, n: int, seed: int) -> Optional[np.ndarray]:
   return np.random.default_rng(seed).integers(0, num_classes, n).astype(np.int32)
 
 
+# The key of CLIP token ids in `Source.conditions` (for the CLIP score, not a network input).
+CLIP_TOKENS = "clip_tokens"
+
+
+def source_conditions(source, n: int, seed: int) -> dict[str, np.ndarray]:
+  """The prompt conditioning of `n` samples (`Source.conditions`, batch keys with n rows, with
+  any `clip_tokens`); {} for data without prompts."""
+  fn = getattr(source, "conditions", None)
+  return {} if fn is None else {k: np.asarray(v) for k, v in fn(n, seed).items()}
+
+
+def network_conditions(conds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`conds` without the keys that are no network input (`clip_tokens`)."""
+  return {k: v for k, v in conds.items() if k != CLIP_TOKENS}
+
+
+def conditions_hash(conds: Mapping[str, Any],
+                    null_inputs: Optional[Mapping[str, Any]] = None) -> str:
+  """sha256 (16 hex) of conditioning arrays (keys, dtypes, shapes, bytes) and, when given, the
+  null prompt CFG uses; "" without conditions."""
+  if not conds:
+    return ""
+  h = hashlib.sha256()
+  for tag, group in (("cond", conds), ("null", null_inputs or {})):
+    for k in sorted(group):
+      v = np.ascontiguousarray(np.asarray(group[k]))
+      h.update(f"{tag}:{k}:{v.dtype.str}:{v.shape}".encode())
+      h.update(v.tobytes())
+  return h.hexdigest()[:16]
+
+
 def embeds_guidance(ctx: ctx_lib.Context, net: str) -> bool:
-  """Whether network `net` takes the guidance scale as an input (`guidance_embed`)."""
-  return bool(getattr(ctx.nets[net].module, "guidance_embed", False))
+  """Whether network `net` takes the guidance scale as an input (`context.embeds_guidance`)."""
+  return ctx_lib.embeds_guidance(ctx.nets[net].module)
 
 
 def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
                  guidance: float = 1.0, **solver_kwargs) -> Callable:
-  """jit(fn(params, noise, labels, rng) -> samples) for network `net` of `ctx`.
+  """jit(fn(params, noise, conds, rng) -> samples) for network `net` of `ctx`.
 
+  `conds`: the conditioning as batch keys with the noise's rows ({"label": (B,)}, prompt
+  embeddings {"text_embeds": (B, L, D), ...}; {} or None: unconditional; an array: labels).
   `solver` is a solver name or a spec with solver options, e.g. "tcd(gamma=0.0)". `guidance`
-  is the network's input where it embeds the scale, else classifier-free guidance.
+  is the network's input where it embeds the scale, else classifier-free guidance against
+  `context.null_condition` (one call on the doubled batch).
   """
-  info = ctx.nets[net]
-  process = info.process
+  from distill.objectives import matching  # pylint: disable=import-outside-toplevel
+  process = ctx.nets[net].process
   solver, spec_kwargs = parse_spec(solver, "sampler")
   solver_kwargs = {**spec_kwargs, **solver_kwargs}
   embed = embeds_guidance(ctx, net)
+  guidance = float(guidance)
 
-  def run(params, noise, labels, rng):
+  def run(params, noise, conds, rng):
+    if conds is not None and not isinstance(conds, Mapping):
+      conds = {"label": conds}
+    cond = ctx_lib.cond_from_batch(conds or {})
+
     def denoiser(x_t, t):
-      cond = {} if labels is None else {"class_labels": labels}
       if embed:
         w = jnp.full((x_t.shape[0],), guidance, jnp.float32)
-        return ctx.x0(net, x_t, t, cond, params=params, guidance=w)
-      x0 = ctx.x0(net, x_t, t, cond, params=params)
-      if guidance != 1.0 and labels is not None:
-        uncond = ctx.x0(net, x_t, t, {"class_labels": jnp.full_like(labels, info.num_classes)},
-                        params=params)
-        x0 = uncond + guidance * (x0 - uncond)
-      return x0
+        return ctx.x0(net, x_t, t, cond, params=params, **ctx.guidance_inputs(net, w))
+      return matching.guided(ctx, net, x_t, t, cond, guidance, "x0", params=params)
     return solvers.sample(denoiser, process, noise, solver=solver, steps=steps, rng=rng,
                           **solver_kwargs)
   return jax.jit(run)
@@ -183,22 +226,44 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def check_conditions(conds: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+  """`conds` as host arrays (labels int32), each with at least `n` rows, else one line naming
+  the key."""
+  out = {}
+  for k, v in conds.items():
+    v = np.asarray(v, np.int32) if k == "label" else np.asarray(v)
+    if v.ndim == 0 or len(v) < n:
+      raise ValueError(f"conditioning {k!r}: expected {n} rows, got shape {v.shape}")
+    out[k] = v
+  return out
+
+
 def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, solver: str,
              steps: int, shape: tuple, batch: int = 4096, guidance: float = 1.0,
-             labels: Optional[np.ndarray] = None, class_conditional: bool = False,
+             labels: Optional[np.ndarray] = None,
+             conds: Optional[Mapping[str, np.ndarray]] = None, class_conditional: bool = False,
              desc: str = "") -> tuple[np.ndarray, float]:
   """n samples (host numpy) and seconds per sample, from fixed noise of `seed`.
 
-  Unconditional (the null class) unless `labels` are given or `class_conditional` asks for
-  labels drawn uniformly with `seed`. Chunks of `batch` samples (chunk i's noise from
-  `fold_in(PRNGKey(seed), i)`, independent of the device count) run data-parallel over the
-  context's mesh (module docstring), each padded to one compiled size. `desc`: show a progress
-  bar with this title (off with DISTILL_NO_PROGRESS=1).
+  `conds`: the conditioning, batch keys with (at least) n rows, row i for sample i (class
+  labels `label`, prompt embeddings `text_embeds`, ...; see `make_sampler`); `labels` is
+  shorthand for {"label": labels}. Unconditional (the null class) unless labels are given or
+  `class_conditional` asks for labels drawn uniformly with `seed`. Chunks of `batch` samples
+  (chunk i's noise from `fold_in(PRNGKey(seed), i)`, independent of the device count) run
+  data-parallel over the context's mesh (module docstring), each padded to one compiled size,
+  their conditioning rows placed the same way. `desc`: show a progress bar with this title
+  (off with DISTILL_NO_PROGRESS=1).
   """
   process = ctx.nets[net].process
   num_classes = ctx.nets[net].num_classes
-  if labels is None and class_conditional:
-    labels = sample_labels(num_classes, n, seed)
+  conds = dict(conds or {})
+  if labels is not None:
+    conds["label"] = labels
+  if "label" not in conds and class_conditional:
+    drawn = sample_labels(num_classes, n, seed)
+    if drawn is not None:
+      conds["label"] = drawn
+  conds = check_conditions(conds, n)
   fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance)
   mesh = ctx.mesh
   dp = shd.data_parallel_size(mesh) if mesh is not None else 1
@@ -212,12 +277,11 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
       k_noise, k_run = jax.random.split(jax.random.fold_in(key, i))
       noise = np.asarray(process.prior(k_noise, (m,) + tuple(shape)))
       x = _place(noise, mesh, rows)
-      lab = None if labels is None else _place(np.asarray(labels[i:i + m], np.int32), mesh,
-                                               rows)
+      c = {k: _place(np.ascontiguousarray(v[i:i + m]), mesh, rows) for k, v in conds.items()}
       if t0 is None:  # compile outside the timing
-        jax.block_until_ready(fn(params, x, lab, k_run))
+        jax.block_until_ready(fn(params, x, c, k_run))
         t0 = time.perf_counter()
-      out.append(_to_host(jax.block_until_ready(fn(params, x, lab, k_run)))[:m])
+      out.append(_to_host(jax.block_until_ready(fn(params, x, c, k_run)))[:m])
       bar.update(m)
   dt = time.perf_counter() - t0 if t0 is not None else 0.0
   return np.concatenate(out)[:n], dt / max(n, 1)
@@ -236,11 +300,13 @@ class _NoBar:
 
 def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
                     seed: int, solver: str, steps: int, class_conditional: bool,
-                    guidance: float = 1.0, metric_setup: str = "") -> str:
+                    guidance: float = 1.0, metric_setup: str = "",
+                    conditions: str = "") -> str:
   """The key of one teacher row in a teacher's row cache (everything the row depends on; the
-  guidance scale only when it is not 1 and the metric setup (`MetricSetup.identity`: weights,
-  decoder, published statistics) only when there is one, so caches written before them keep
-  their keys). `metric`: the metric names joined by commas."""
+  guidance scale only when it is not 1, the metric setup (`MetricSetup.identity`: weights,
+  decoder, published statistics) and the prompts (`conditions_hash`) only when there are any,
+  so caches written before them keep their keys). `metric`: the metric names joined by
+  commas."""
   key = {"teacher": teacher_hash, "data": data_hash, "metric": metric,
          "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
          "steps": int(steps), "class_conditional": bool(class_conditional)}
@@ -248,6 +314,8 @@ def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_sampl
     key["guidance"] = float(guidance)
   if metric_setup:
     key["metric_setup"] = metric_setup
+  if conditions:
+    key["conditions"] = conditions
   return json.dumps(key, sort_keys=True)
 
 
@@ -267,6 +335,10 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   `guidance` != 1: the teacher's rows sample with CFG at that scale; a student that embeds the
   scale gets it as its input, any other student samples as it is.
 
+  Text-to-image data (`source.conditions(num_samples, seed)` gives prompts): every row samples
+  sample i with prompt i; their `clip_tokens`, if any, become `setup.prompt_tokens` (unless
+  `eval.clip_tokens` is set) so the CLIP score pairs sample i with prompt i.
+
   `teacher_cache` ({`teacher_row_key(...)`: row}, with `teacher_hash` the teacher weights'
   hash) supplies teacher rows computed before with identical settings (a frozen teacher's
   numbers never change); rows computed here are added to it.
@@ -276,6 +348,10 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   setup = setup if setup is not None else MetricSetup()
   setup.metrics = names
   setup._last = None  # pylint: disable=protected-access
+  conds = source_conditions(source, num_samples, seed)
+  if CLIP_TOKENS in conds and setup.prompt_tokens is None and not setup.clip_tokens:
+    setup.prompt_tokens = conds[CLIP_TOKENS]
+  conds = network_conditions(conds)
   setup.check(tuple(source.shape), num_samples)
   uses_setup = [m for m in names if takes_setup(m)]
   use_cache = teacher_cache is not None and bool(teacher_hash)
@@ -310,7 +386,7 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   def row(net, p, solver, steps, name):
     w = guidance if (net == teacher or embeds_guidance(ctx, net)) else 1.0
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
-                            steps=steps, shape=source.shape, guidance=w,
+                            steps=steps, shape=source.shape, guidance=w, conds=conds,
                             class_conditional=class_conditional, batch=batch,
                             desc=f"sample {name}")
     return {**row_scores(samples), "nfe": nfe_of(solver, steps),
@@ -332,7 +408,9 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
         key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash,
                               metric=",".join(names), num_samples=num_samples, seed=seed,
                               solver=solver, steps=steps, class_conditional=class_conditional,
-                              guidance=guidance, metric_setup=setup_id)
+                              guidance=guidance, metric_setup=setup_id,
+                              conditions=conditions_hash(
+                                  conds, ctx.nets[net].null_inputs if guidance != 1 else None))
       if key is not None and key in teacher_cache:
         results[name] = dict(teacher_cache[key])
       else:

@@ -1,10 +1,19 @@
 """Sample from a run: `python -m launch.sample --workdir DIR [--network student|teacher]
-[--sampler NAME] [--steps N] [--guidance W] [--class C] [--seed S] [--num K] [--out FILE.png]`.
+[--sampler NAME] [--steps N] [--guidance W] [--class C | --prompt_embeds FILE [--rows 0,5,7]]
+[--seed S] [--num K] [--out FILE.png]`.
 
 Defaults: the run's student with its sampler (`eval.sampler`, else its objective's; `--sampler`
 takes a solver name or a spec such as "tcd(gamma=0.0)") (a teacher-training run: its teacher
 with Euler at `eval.teacher_steps`). Writes a PNG grid (image data) or a scatter plot (2-D toy
 data) and a `.npy` of the raw samples beside it.
+
+Text-to-image runs sample from the prompts of the run's data (`Source.conditions(num, seed)`),
+or from `--prompt_embeds`: a .npy of one prompt's embeddings (L, D) or of n prompts (n, L, D),
+or a caption-embedding directory (distill/data/latents.py: `embeds.npy` (C, L, D), optional
+`mask.npy` (C, L) and `pooled.npy` (C, Dp)) whose rows `--rows` picks (default: the first
+--num). Prompts are cycled over the --num samples. An input the network needs that the file
+lacks stops with one line naming it, except SDXL's `time_ids`, which default to the data's
+(the image size, no crop).
 """
 from __future__ import annotations
 
@@ -24,9 +33,105 @@ def _extra(p):
   p.add_argument("--guidance", type=float, default=1.0)
   p.add_argument("--class", dest="class_label", type=int, default=-1)
   p.add_argument("--prompt_embeds", default="")
+  p.add_argument("--rows", default="")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num", type=int, default=64)
   p.add_argument("--out", default="")
+
+
+# Batch key -> its file in a caption-embedding directory.
+PROMPT_FILES = {"text_embeds": "embeds.npy", "text_mask": "mask.npy",
+                "pooled_text_embeds": "pooled.npy"}
+
+
+def parse_rows(rows: str, count: int, path: str) -> np.ndarray:
+  """`--rows` "0,5,7" -> caption indices, each checked against the `count` captions of `path`."""
+  try:
+    idx = [int(r) for r in rows.split(",") if r.strip()]
+  except ValueError:
+    raise ValueError(f"--rows: expected caption rows such as 0,5,7, got {rows!r}") from None
+  bad = [i for i in idx if not 0 <= i < count]
+  if not idx or bad:
+    raise ValueError(f"--rows: {bad[0] if bad else rows!r} is not a caption row of {path} "
+                     f"({count} captions)")
+  return np.asarray(idx, np.int64)
+
+
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode="r" if mmap else None)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"--prompt_embeds: {path} is not a readable .npy file ({e})") from None
+
+
+def load_prompt_embeds(path: str, rows: str = "", num: int = 1) -> dict[str, np.ndarray]:
+  """The prompts of `--prompt_embeds` as batch keys, one row per prompt: a .npy (L, D) or
+  (n, L, D) -> `text_embeds`; a caption-embedding directory -> rows `rows` (default: the first
+  `num`) of its embeds.npy / mask.npy / pooled.npy. Bad shapes: one line naming the file."""
+  if not os.path.isdir(path):
+    if rows:
+      raise ValueError(f"--rows: picks rows of a caption-embedding directory; --prompt_embeds "
+                       f"{path} is not a directory")
+    if not os.path.isfile(path):
+      raise ValueError(f"--prompt_embeds: {path!r} does not exist")
+    x = _load_npy(path)
+    if x.ndim not in (2, 3):
+      raise ValueError(f"--prompt_embeds: {path} has shape {x.shape}, expected (L, D) for one "
+                       "prompt or (n, L, D)")
+    return {"text_embeds": x[None] if x.ndim == 2 else x}
+  files = {k: os.path.join(path, f) for k, f in PROMPT_FILES.items()}
+  if not os.path.isfile(files["text_embeds"]):
+    raise ValueError(f"--prompt_embeds: {path} has no embeds.npy (a caption-embedding directory: "
+                     "embeds.npy (C, L, D), optional mask.npy (C, L) and pooled.npy (C, Dp))")
+  arrays = {k: _load_npy(f, mmap=True) for k, f in files.items() if os.path.isfile(f)}
+  embeds = arrays["text_embeds"]
+  expected = {"text_embeds": "(C, L, D)", "text_mask": f"(C, L) = {embeds.shape[:2]}",
+              "pooled_text_embeds": f"(C, Dp) with C = {len(embeds)}"}
+  for k, v in arrays.items():
+    ok = {"text_embeds": v.ndim == 3, "text_mask": v.shape == embeds.shape[:2],
+          "pooled_text_embeds": v.ndim == 2 and len(v) == len(embeds)}[k]
+    if not ok:
+      raise ValueError(f"--prompt_embeds: {files[k]} has shape {v.shape}, expected {expected[k]}")
+  idx = parse_rows(rows, len(embeds), path) if rows else np.arange(min(num, len(embeds)))
+  return {k: np.asarray(v[idx]) for k, v in arrays.items()}
+
+
+def prompt_conditions(prompts: dict, need: dict, path: str, num: int) -> dict[str, np.ndarray]:
+  """`num` rows of conditioning (prompts cycled) with the keys the network takes (`need`: one
+  row of the run's own conditions; a text mask from the file is kept too). A missing input or a
+  per-prompt shape other than the data's: one line naming the file and key. Missing `time_ids`
+  are the data's."""
+  prompts = dict(prompts)
+  for k, v in need.items():
+    if k in prompts:
+      continue
+    if k != "time_ids":
+      where = f" ({PROMPT_FILES[k]})" if k in PROMPT_FILES else ""
+      raise ValueError(f"--prompt_embeds: {path} has no {k}{where}, which this network needs")
+    prompts[k] = np.broadcast_to(v[:1], (len(prompts["text_embeds"]),) + v.shape[1:])
+  keep = [k for k in prompts if k in need or k == "text_mask"]
+  for k in keep:
+    if k in need and prompts[k].shape[1:] != need[k].shape[1:]:
+      raise ValueError(f"--prompt_embeds: {path}: {k} has shape {prompts[k].shape[1:]} per "
+                       f"prompt, expected {need[k].shape[1:]} (this run's data)")
+  idx = np.arange(num) % len(prompts["text_embeds"])
+  return {k: np.asarray(prompts[k][idx], need[k].dtype if k in need else None) for k in keep}
+
+
+def run_conditions(source, args) -> dict[str, np.ndarray]:
+  """The sampling conditions of a text-to-image run: `--prompt_embeds`, else the data's own
+  prompts (`Source.conditions(num, seed)`); {} for data without prompts."""
+  from distill import evaluation  # pylint: disable=import-outside-toplevel
+  if not args.prompt_embeds:
+    if args.rows:
+      raise ValueError("--rows: picks caption rows of --prompt_embeds DIR, which is not given")
+    return evaluation.network_conditions(
+        evaluation.source_conditions(source, args.num, args.seed))
+  need = evaluation.network_conditions(evaluation.source_conditions(source, 1, 0))
+  if "text_embeds" not in need:
+    raise ValueError("--prompt_embeds: this run's data has no prompts (not a text-to-image run)")
+  prompts = load_prompt_embeds(args.prompt_embeds, args.rows, args.num)
+  return prompt_conditions(prompts, need, args.prompt_embeds, args.num)
 
 
 def main(argv: list[str]) -> int:
@@ -34,9 +139,8 @@ def main(argv: list[str]) -> int:
   cli.setup(args)
   from distill import evaluation, images, trainer
   try:
-    if args.prompt_embeds:
-      raise ValueError("--prompt_embeds: text-conditioned runs are not supported by this "
-                       "checkout's models yet")
+    if args.prompt_embeds and args.class_label >= 0:
+      raise ValueError("--class and --prompt_embeds: give one of them")
     engine, state, frozen, step = trainer.open_run(args.workdir, args.overrides)
     obj = engine.objective
     role = args.network or ("teacher" if obj.evaluates_as == "teacher" else "student")
@@ -53,13 +157,14 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--class: {args.class_label} is not a class of this model "
                          f"({info.num_classes} classes)")
       labels = np.full((args.num,), args.class_label, np.int32)
+    conds = run_conditions(engine.source, args)
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   ctx = trainer.context_for(engine, state, frozen)
   params = trainer.eval_params(engine, state, frozen)
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
                                steps=steps, shape=engine.source.shape, guidance=args.guidance,
-                               labels=labels)
+                               labels=labels, conds=conds)
   out = args.out or os.path.join(args.workdir, "samples",
                                  f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"
                                  f"{steps}steps_seed{args.seed}.png")

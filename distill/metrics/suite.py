@@ -43,8 +43,10 @@ CLIP score. Pairs sample i with prompt i: token ids (N, 77) from CLIP's tokenize
 `MetricSetup.prompt_tokens` by the caller (e.g. the token ids of the captions the samples were
 generated for) or read from `eval.clip_tokens` (a .npy, row i the prompt of sample i, aligned
 with the prompt embeddings the sampler uses). Without either the metric stops with one line
-naming `eval.clip_tokens`. Note that `distill.evaluation` samples unconditionally or with class
-labels: text-conditioned sampling from prompts is not wired into the evaluation yet.
+naming `eval.clip_tokens`. `distill.evaluation` samples text-to-image data with the prompts of
+`Source.conditions` (sample i from prompt i) and passes the `clip_tokens` the data gives for
+them as `prompt_tokens` (unless `eval.clip_tokens` is set). The config-time file check
+(`check_files`, before the data is opened) still asks for `eval.clip_tokens`.
 """
 from __future__ import annotations
 
