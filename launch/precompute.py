@@ -1,4 +1,4 @@
-"""Encode an image dataset with a VAE into a latent dataset (ArrayRecord) that `data.name=latents`
+r"""Encode an image dataset with a VAE into a latent dataset (ArrayRecord) that `data.name=latents`
 trains from.
 
     python -m launch.precompute --input folder:/data/imagenet/train --vae /ckpt/sd-vae-ft-ema \
@@ -7,12 +7,27 @@ trains from.
     python -m launch.precompute --input tfds:imagenet2012:train --tfds_data_dir /data/tfds ...
 
 Then train with `--config.data.name=latents --config.data.path=/data/in256_sdvae` (plus
-`--config.data.text_embeds=DIR` for caption ids; see distill/data/latents.py for the layout of
-the embeddings, produced by any text encoder the user runs).
+`--config.data.text_embeds=DIR` for caption ids). The caption embeddings come from whatever text
+encoder the user runs (SD1.5: CLIP-L; SDXL: CLIP-L + CLIP-G; SANA: Gemma), row c the caption
+with `caption_id` c (distill/data/latents.py):
+
+    DIR/embeds.npy       (C, L, D)  each caption's encoder hidden states     -> text_embeds
+    DIR/mask.npy         (C, L)     optional attention mask (1 = token)      -> text_mask
+    DIR/pooled.npy       (C, Dp)    optional pooled embedding (SDXL CLIP-G)  -> pooled_text_embeds
+    DIR/null.npy         (L, D)     the encoded empty prompt "" (the null prompt of guidance and
+                                    condition dropout; or data.null_prompt="zeros" instead)
+    DIR/null_mask.npy    (L,)       optional, its mask
+    DIR/null_pooled.npy  (Dp,)      its pooled embedding (needed when pooled.npy exists)
+    DIR/clip_tokens.npy  (C, 77)    optional CLIP token ids of each caption (the CLIP score)
+
+`--config.data.time_ids=true` adds SDXL's micro-conditioning `time_ids` (orig_h, orig_w,
+crop_top, crop_left, size, size) from the `orig_size` / `crop_top_left` each record stores.
 
 What is stored (distill/data/records.py): per example the VAE posterior in the denoiser's scaled
 units (`mean`, `std`; or one `sample` drawn with `--seed`), with `--flip` also those of the
-horizontally flipped image, plus `label` / `caption_id` and the example's `index`. Images are
+horizontally flipped image, plus `label` / `caption_id`, the example's `index`, and the original
+image size `orig_size` (h, w) and the crop corner `crop_top_left` (top, left; in the pixels of
+the image resized to short side `--size`, as diffusers' SDXL training computes it). Images are
 preprocessed as DiT does (`center_crop`, then [-1, 1]).
 
 Sharding and resuming. Examples go to `ceil(N / shard_size)` shard files in order; process p of
@@ -36,7 +51,8 @@ from launch import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(prog="launch.precompute")
+  p = argparse.ArgumentParser(prog="launch.precompute", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", required=True, help="folder:DIR | jsonl:FILE | tfds:NAME[:SPLIT]")
   p.add_argument("--vae", required=True, help="a diffusers AutoencoderKL directory")
   p.add_argument("--out", required=True)
@@ -80,6 +96,7 @@ def make_encoder(vae_module, variables, kind: str, seed: int):
 def encode_examples(encoder, num_devices: int, examples: list[dict], flip: bool, dtype: str,
                     indices: list[int]) -> list[dict]:
   """Records of `examples` (their images encoded, and flipped twins when `flip`)."""
+  from distill.data.records import CROP_FIELDS  # pylint: disable=g-import-not-at-top
   images = np.stack([e["image"] for e in examples])
   idx = np.asarray(indices, np.int32)
   variants = [("", images, idx)]
@@ -97,6 +114,7 @@ def encode_examples(encoder, num_devices: int, examples: list[dict], flip: bool,
         rec[k + suffix] = v[j].astype(dtype)
   for rec, e in zip(records, examples):
     rec.update({k: int(e[k]) for k in ("label", "caption_id") if k in e})
+    rec.update({k: np.asarray(e[k], np.int32) for k in CROP_FIELDS if k in e})
   return records
 
 

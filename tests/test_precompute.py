@@ -1,5 +1,8 @@
 """launch.precompute and the `latents` source: precomputed latents equal direct encoding, shards
-resume, process shards are disjoint, captions bring their text embeddings.
+resume, process shards are disjoint, captions bring their text conditioning (prompt, mask and
+pooled embeddings, SDXL's size/crop `time_ids` from the stored crop of each record, the null
+prompt of null.npy or "zeros"), `conditions(n, seed)` gives the prompts of `reference(n, seed)`'s
+images, and records written before the crop fields existed still load.
 
 Run on CPU with a small random diffusers AutoencoderKL saved in diffusers layout (the path
 `--vae` takes in production). Tolerance of "equal to direct encoding": 1e-6 relative; the same
@@ -135,32 +138,212 @@ def test_process_shards_are_disjoint_and_reassemble_the_global_batch(latents_dir
   assert not np.allclose(src.batch(1, 6)["x"], a["x"])
 
 
-def test_captions_bring_their_text_embeddings(vae_dir, tmp_path):
-  paths = _write_images(str(tmp_path / "imgs"), {"all": 5}, seed=2)
-  with open(tmp_path / "captions.jsonl", "w") as f:
-    for i, p in enumerate(paths):
-      f.write(json.dumps({"image": os.path.relpath(p, tmp_path), "caption_id": (3 * i) % 7})
-              + "\n")
-  emb_dir = tmp_path / "emb"
-  emb_dir.mkdir()
-  embeds = np.random.default_rng(0).standard_normal((7, 4, 6)).astype(np.float16)
-  mask = (np.arange(4)[None] < np.array([2, 3, 4, 1, 2, 3, 4])[:, None]).astype(np.int8)
-  np.save(emb_dir / "embeds.npy", embeds)
-  np.save(emb_dir / "mask.npy", mask)
-  out = str(tmp_path / "latents")
-  _precompute("--input", f"jsonl:{tmp_path / 'captions.jsonl'}", "--vae", vae_dir, "--out", out,
-              "--size", str(SIZE), "--kind", "sample", "--shard_size", "8")
+# Images of different sizes (none needs box-halving: every short side < 2 * SIZE), so each
+# record has its own original size and crop corner; caption i is (3 i) mod 7 of 7 captions.
+CAPTION_SIZES = [(16, 16), (20, 31), (29, 17), (18, 24), (24, 18), (31, 22)]
+CAPTIONS, TOKENS, WIDTH, POOLED = 7, 4, 6, 5
+
+
+def _expected_time_ids(h: int, w: int) -> list[int]:
+  """SDXL's (orig_h, orig_w, crop_top, crop_left, size, size) of an h x w image, computed here
+  independently: resize the short side to SIZE (PIL rounds each side), centre crop."""
+  scale = SIZE / min(h, w)
+  rh, rw = round(h * scale), round(w * scale)
+  return [h, w, (rh - SIZE) // 2, (rw - SIZE) // 2, SIZE, SIZE]
+
+
+def _save(path, **arrays) -> str:
+  os.makedirs(path, exist_ok=True)
+  for name, arr in arrays.items():
+    np.save(os.path.join(path, name + ".npy"), arr)
+  return str(path)
+
+
+def _text_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+      "embeds": rng.standard_normal((CAPTIONS, TOKENS, WIDTH)).astype(np.float16),
+      "mask": (np.arange(TOKENS)[None] < np.array([2, 3, 4, 1, 2, 3, 4])[:, None]).astype(np.int8),
+      "pooled": rng.standard_normal((CAPTIONS, POOLED)).astype(np.float32),
+      "null": rng.standard_normal((TOKENS, WIDTH)).astype(np.float32),
+      "null_mask": np.array([1, 0, 0, 0], np.int8),
+      "null_pooled": rng.standard_normal(POOLED).astype(np.float32),
+      "clip_tokens": rng.integers(0, 49408, (CAPTIONS, 77)).astype(np.int64)}
+
+
+@pytest.fixture(scope="module")
+def caption_latents(vae_dir, tmp_path_factory):
+  """(latent dir, text-embedding dir, its arrays, caption id of each record)."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp("cap")
+  rng = np.random.default_rng(2)
+  os.makedirs(root / "imgs")
+  ids = [(3 * i) % CAPTIONS for i in range(len(CAPTION_SIZES))]
+  with open(root / "captions.jsonl", "w") as f:
+    for i, (h, w) in enumerate(CAPTION_SIZES):
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+          root / "imgs" / f"{i}.png")
+      f.write(json.dumps({"image": f"imgs/{i}.png", "caption_id": ids[i]}) + "\n")
+  out = str(root / "latents")
+  _precompute("--input", f"jsonl:{root / 'captions.jsonl'}", "--vae", vae_dir, "--out", out,
+              "--size", str(SIZE), "--kind", "sample", "--flip", "--shard_size", "4")
+  arrays = _text_arrays()
+  return out, _save(root / "emb", **arrays), arrays, np.array(ids)
+
+
+def _stream(n: int, start: int, stop: int, seed: int = 0) -> np.ndarray:
+  return __import__("distill.data.latents", fromlist=["x"]).stream_indices(seed, n, start, stop)
+
+
+def test_captions_bring_text_embeds_pooled_and_time_ids(caption_latents):
+  out, emb, arr, ids = caption_latents
+  n = len(CAPTION_SIZES)
   with pytest.raises(ValueError, match="data.text_embeds"):
     make_source({"name": "latents", "path": out}, 0)
-  src = make_source({"name": "latents", "path": out, "text_embeds": str(emb_dir)}, 0)
-  batch = src.batch(0, 5)
-  ids = records.RecordReader(out).read(range(5))
-  order = __import__("distill.data.latents", fromlist=["x"]).stream_indices(0, 5, 0, 5)
-  want = np.array([ids[i]["caption_id"] for i in order])
-  np.testing.assert_array_equal(batch["text_embeds"], embeds[want].astype(np.float32))
-  np.testing.assert_array_equal(batch["text_mask"], mask[want])
-  # kind "sample": the stored draw is used as is (no per-step noise)
-  np.testing.assert_array_equal(batch["x"], np.stack([ids[i]["sample"] for i in order]))
+  recs = records.RecordReader(out).read(range(n))
+  assert [list(r["orig_size"]) + list(r["crop_top_left"]) for r in recs] == \
+      [_expected_time_ids(h, w)[:4] for h, w in CAPTION_SIZES]
+  assert len({tuple(r["crop_top_left"]) for r in recs}) > 2   # the crops differ per record
+  assert records.read_meta(out)["size"] == SIZE
+  src = make_source({"name": "latents", "path": out, "text_embeds": emb, "time_ids": True}, 0)
+  want_time = np.array([_expected_time_ids(h, w) for h, w in CAPTION_SIZES], np.float32)
+  flipped = 0
+  for step in range(2):
+    batch = src.batch(step, n)
+    order = _stream(n, step * n, (step + 1) * n)
+    want = ids[order]
+    np.testing.assert_array_equal(batch["text_embeds"], arr["embeds"][want].astype(np.float32))
+    np.testing.assert_array_equal(batch["text_mask"], arr["mask"][want])
+    np.testing.assert_array_equal(batch["pooled_text_embeds"], arr["pooled"][want])
+    # a flipped twin keeps its image's crop coordinates (diffusers' SDXL training does too)
+    np.testing.assert_array_equal(batch["time_ids"], want_time[order])
+    assert batch["time_ids"].dtype == np.float32 and batch["text_embeds"].dtype == np.float32
+    # kind "sample": the stored draw (or its flipped twin's) is used as is (no per-step noise)
+    for x, i in zip(batch["x"], order):
+      same = [np.array_equal(x, recs[i][k]) for k in ("sample", "sample_flip")]
+      assert any(same)
+      flipped += same[1]
+  assert 0 < flipped < 2 * n
+  plain = make_source({"name": "latents", "path": out, "text_embeds": emb}, 0).batch(0, n)
+  assert "time_ids" not in plain and set(plain) == {"x", "text_embeds", "text_mask",
+                                                    "pooled_text_embeds"}
+
+
+def _error_line(data: dict) -> str:
+  with pytest.raises(ValueError) as e:
+    make_source({"name": "latents", **data}, 0)
+  msg = str(e.value)
+  assert "\n" not in msg, msg
+  return msg
+
+
+def test_null_prompt_file_zeros_and_shape_errors(caption_latents, latents_dir, tmp_path):
+  out, emb, arr, _ = caption_latents
+  src = make_source({"name": "latents", "path": out, "text_embeds": emb}, 0)
+  null = src.null_inputs()
+  assert set(null) == {"text_embeds", "text_mask", "pooled_text_embeds"}
+  np.testing.assert_array_equal(null["text_embeds"], arr["null"])
+  np.testing.assert_array_equal(null["text_mask"], arr["null_mask"])
+  np.testing.assert_array_equal(null["pooled_text_embeds"], arr["null_pooled"])
+  assert all(v.dtype == np.float32 for v in null.values())
+  # without a null mask / pooled embedding: only the prompt embedding
+  minimal = _save(tmp_path / "minimal", embeds=arr["embeds"], null=arr["null"])
+  only = make_source({"name": "latents", "path": out, "text_embeds": minimal}, 0)
+  assert set(only.null_inputs()) == {"text_embeds"}
+  # no null.npy: one line naming the file and the "zeros" alternative, which then works
+  no_null = _save(tmp_path / "no_null", embeds=arr["embeds"], mask=arr["mask"],
+                  pooled=arr["pooled"])
+  msg = _error_line({"path": out, "text_embeds": no_null})
+  assert "null.npy" in msg and 'data.null_prompt = "zeros"' in msg, msg
+  zeros = make_source({"name": "latents", "path": out, "text_embeds": no_null,
+                       "null_prompt": "zeros"}, 0)
+  assert zeros.null_inputs() == {}
+  assert make_source({"name": "latents", "path": out, "text_embeds": emb,
+                      "null_prompt": "zeros"}, 0).null_inputs() == {}   # null files ignored
+  assert "pooled_text_embeds" in zeros.batch(0, 2)
+  assert "data.null_prompt" in _error_line({"path": out, "text_embeds": emb,
+                                            "null_prompt": "empty"})
+  # pooled.npy without null_pooled.npy, and every shape checked against embeds.npy
+  no_pooled_null = _save(tmp_path / "npn", embeds=arr["embeds"], pooled=arr["pooled"],
+                         null=arr["null"])
+  assert "null_pooled.npy" in _error_line({"path": out, "text_embeds": no_pooled_null})
+  bad = {"mask": arr["mask"][:, :3], "pooled": arr["pooled"][:6], "null": arr["null"][:3],
+         "null_mask": arr["null_mask"][:2], "null_pooled": arr["null_pooled"][:4],
+         "clip_tokens": arr["clip_tokens"][:, :76]}
+  for name, value in bad.items():
+    d = _save(tmp_path / f"bad_{name}", **{**arr, name: value})
+    msg = _error_line({"path": out, "text_embeds": d})
+    assert msg.startswith(f"data.text_embeds: {name}.npy has shape {value.shape}"), msg
+  # class-labelled latents: no prompt, so no null prompt and no SDXL ids
+  assert make_source({"name": "latents", "path": latents_dir}, 0).null_inputs() == {}
+  assert "data.time_ids" in _error_line({"path": latents_dir, "time_ids": True})
+
+
+def test_conditions_are_deterministic_and_paired_with_reference(caption_latents, latents_dir):
+  out, emb, arr, ids = caption_latents
+  src = make_source({"name": "latents", "path": out, "text_embeds": emb, "time_ids": True}, 0)
+  cond = src.conditions(10, seed=7)
+  assert set(cond) == {"text_embeds", "text_mask", "pooled_text_embeds", "time_ids",
+                       "clip_tokens"}
+  assert all(len(v) == 10 for v in cond.values())
+  again = make_source({"name": "latents", "path": out, "text_embeds": emb, "time_ids": True},
+                      seed=3).conditions(10, seed=7)   # the training seed plays no part
+  for k in cond:
+    np.testing.assert_array_equal(again[k], cond[k])
+  prefix = src.conditions(4, seed=7)
+  for k in cond:
+    np.testing.assert_array_equal(prefix[k], cond[k][:4])
+  assert not np.array_equal(src.conditions(10, seed=8)["text_embeds"], cond["text_embeds"])
+  # row i is the prompt of the record whose image is row i of reference(10, 7)
+  rows = src.reference_indices(10, 7)
+  recs = records.RecordReader(out).read(rows)
+  ref = src.reference(10, 7)
+  for x, rec in zip(ref, recs):
+    assert any(np.array_equal(x, rec[k]) for k in ("sample", "sample_flip"))
+  want = ids[rows]
+  np.testing.assert_array_equal(cond["text_embeds"], arr["embeds"][want].astype(np.float32))
+  np.testing.assert_array_equal(cond["text_mask"], arr["mask"][want])
+  np.testing.assert_array_equal(cond["pooled_text_embeds"], arr["pooled"][want])
+  np.testing.assert_array_equal(cond["clip_tokens"], arr["clip_tokens"][want])
+  assert cond["clip_tokens"].dtype == np.int32
+  want_time = [_expected_time_ids(*CAPTION_SIZES[i]) for i in rows]
+  np.testing.assert_array_equal(cond["time_ids"], np.array(want_time, np.float32))
+  assert src.conditions(0, seed=7)["text_embeds"].shape == (0, TOKENS, WIDTH)
+  # without clip_tokens.npy: no clip_tokens; class-labelled latents: no prompts at all
+  lean = _save(os.path.join(os.path.dirname(emb), "lean"), embeds=arr["embeds"], null=arr["null"])
+  assert set(make_source({"name": "latents", "path": out, "text_embeds": lean}, 0)
+             .conditions(3, 7)) == {"text_embeds"}
+  assert make_source({"name": "latents", "path": latents_dir}, 0).conditions(3, 7) == {}
+
+
+def test_old_precompute_records_without_crop_fields_load_with_resolution_time_ids(
+    caption_latents, tmp_path):
+  out, emb, arr, ids = caption_latents
+  meta = records.read_meta(out)
+  old = str(tmp_path / "old")
+  os.makedirs(old)
+  reader = records.RecordReader(out)
+  n = len(reader)
+  for name, start in zip(meta["shards"], range(0, n, 4)):
+    recs = reader.read(range(start, min(n, start + 4)))
+    records.write_shard(os.path.join(old, name),
+                        [{k: v for k, v in r.items() if k not in records.CROP_FIELDS}
+                         for r in recs])
+  fields = [f for f in meta["fields"] if f not in records.CROP_FIELDS]
+  records.write_meta(old, {**meta, "fields": fields})
+  src = make_source({"name": "latents", "path": old, "text_embeds": emb, "time_ids": True}, 0)
+  batch = src.batch(0, n)
+  np.testing.assert_array_equal(batch["time_ids"],
+                                np.tile(np.float32([SIZE, SIZE, 0, 0, SIZE, SIZE]), (n, 1)))
+  np.testing.assert_array_equal(batch["text_embeds"],
+                                arr["embeds"][ids[_stream(n, 0, n)]].astype(np.float32))
+  np.testing.assert_array_equal(src.conditions(5, 1)["time_ids"], batch["time_ids"][:5])
+  # a meta.json without the precompute size cannot give time_ids: one line
+  records.write_meta(old, {k: v for k, v in meta.items() if k != "size"})
+  msg = _error_line({"path": old, "text_embeds": emb, "time_ids": True})
+  assert "size" in msg and "meta.json" in msg
+  assert "time_ids" not in make_source({"name": "latents", "path": old, "text_embeds": emb},
+                                       0).batch(0, 2)
 
 
 def test_tfds_input_reads_a_prepared_dataset_without_tensorflow(vae_dir, tmp_path):

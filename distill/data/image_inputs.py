@@ -8,10 +8,16 @@
                                             (ArrayRecord, no TensorFlow); `--tfds_data_dir` names
                                             the user's data dir (no download ever)
 
-Each input has `len()`, `get(i) -> {"image": uint8 (H, W, 3), "label"?: int, "caption_id"?:
-int}`, `num_classes` and `describe()` (recorded in meta.json). `center_crop` is the ADM / DiT
-preprocessing: halve with a box filter while the short side is at least twice the target, resize
-bicubically so the short side equals it, then crop the centre.
+Each input has `len()`, `get(i) -> {"image": uint8 (H, W, 3), "orig_size": int32 (2,),
+"crop_top_left": int32 (2,), "label"?: int, "caption_id"?: int}`, `num_classes` and `describe()`
+(recorded in meta.json). `center_crop` is the ADM / DiT preprocessing: halve with a box filter
+while the short side is at least twice the target, resize bicubically so the short side equals
+it, then crop the centre.
+
+SDXL's micro-conditioning of that crop (`center_crop_coords`), as diffusers'
+`train_text_to_image_sdxl.py` computes it: `orig_size` = (height, width) of the original image
+in its own pixels; `crop_top_left` = (top, left) of the crop in the pixels of the resized image
+(short side = the target size, the frame the crop is taken from), i.e. in target-size pixels.
 """
 from __future__ import annotations
 
@@ -27,17 +33,32 @@ IMAGE_INPUTS: Registry = Registry("image input")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
 
 
-def center_crop(image, size: int) -> np.ndarray:
-  """ADM's `center_crop_arr`: a PIL image -> uint8 (size, size, 3)."""
+def center_crop_coords(image, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """ADM's `center_crop_arr` of a PIL image and the crop's SDXL micro-conditioning:
+  `(uint8 (size, size, 3), {"orig_size": (h, w), "crop_top_left": (top, left)})`, both int32
+  (the original image's size; the crop's corner in the resized image, see the module docstring)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   image = image.convert("RGB")
+  orig_size = np.asarray([image.height, image.width], np.int32)
   while min(image.size) >= 2 * size:
     image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
   scale = size / min(image.size)
   image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
   arr = np.asarray(image)
   top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return np.ascontiguousarray(arr[top:top + size, left:left + size])
+  crop = np.ascontiguousarray(arr[top:top + size, left:left + size])
+  return crop, {"orig_size": orig_size, "crop_top_left": np.asarray([top, left], np.int32)}
+
+
+def center_crop(image, size: int) -> np.ndarray:
+  """ADM's `center_crop_arr`: a PIL image -> uint8 (size, size, 3)."""
+  return center_crop_coords(image, size)[0]
+
+
+def _cropped(image, size: int) -> dict[str, Any]:
+  """An input's example fields of one PIL image: `image` and its crop coordinates."""
+  crop, coords = center_crop_coords(image, size)
+  return {"image": crop, **coords}
 
 
 def _open(path: str):
@@ -77,7 +98,7 @@ class ImageFolder:
 
   def get(self, i: int) -> dict[str, Any]:
     path, label = self.items[i]
-    out = {"image": center_crop(_open(path), self.size)}
+    out = _cropped(_open(path), self.size)
     if label is not None:
       out["label"] = int(label)
     return out
@@ -113,7 +134,7 @@ class CaptionJsonl:
 
   def get(self, i: int) -> dict[str, Any]:
     path, caption_id = self.items[i]
-    return {"image": center_crop(_open(path), self.size), "caption_id": caption_id}
+    return {**_cropped(_open(path), self.size), "caption_id": caption_id}
 
   def describe(self) -> dict[str, Any]:
     return {"input": "jsonl", "path": os.path.abspath(self.path)}
@@ -143,7 +164,7 @@ class TfdsImages:
     arr = np.asarray(ex["image"])
     if arr.ndim == 3 and arr.shape[-1] == 1:  # greyscale
       arr = arr[..., 0]
-    out = {"image": center_crop(Image.fromarray(arr), self.size)}
+    out = _cropped(Image.fromarray(arr), self.size)
     if self.num_classes:
       out["label"] = int(ex["label"])
     return out

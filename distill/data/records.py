@@ -3,6 +3,7 @@
     <dir>/meta.json                          {"format": "distill-latents/1", "count": N,
                                               "shape": [h, w, c], "kind": "mean_std" | "sample",
                                               "num_classes": K, "flip": bool, "fields": [...],
+                                              "size": image side, "dtype": ...,
                                               "shards": ["latents-00000-of-00004.array_record",
                                                          ...], "vae": {...}, "source": {...}}
     <dir>/latents-00000-of-00004.array_record   one record per example, in example order
@@ -11,9 +12,13 @@ A record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays and
 `mean` and `std` (kind "mean_std", the VAE posterior already in the denoiser's scaled units, so
 a training latent is `mean + std * noise`) or `sample` (kind "sample"), their horizontally
 flipped twins `mean_flip`/`std_flip`/`sample_flip` when `flip`, `label` (class index) and/or
-`caption_id` (row of the text-embedding arrays), and `index` (the example's position in its
-source). Records are read by position through grain's `ArrayRecordDataSource` (random access,
-each process opens only what it reads).
+`caption_id` (row of the text-embedding arrays), `index` (the example's position in its
+source), and SDXL's crop conditioning `orig_size` (int32 (2,): the original image's height and
+width) and `crop_top_left` (int32 (2,): the crop's top and left in the pixels of the image
+resized to short side `meta["size"]`; distill/data/image_inputs.py). Records written before those
+two fields existed lack them (readers fall back to an uncropped `size` x `size` image). Records
+are read by position through grain's `ArrayRecordDataSource` (random access, each process opens
+only what it reads).
 
 Shards are written to `<name>.partial` and renamed when complete, so a killed precompute leaves
 only whole shards behind and resumes at the first missing one; `meta.json` is written last.
@@ -29,6 +34,7 @@ from flax import serialization
 
 FORMAT = "distill-latents/1"
 META = "meta.json"
+CROP_FIELDS = ("orig_size", "crop_top_left")  # SDXL micro-conditioning of the crop (optional)
 
 
 def shard_name(i: int, n: int) -> str:
