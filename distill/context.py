@@ -91,6 +91,28 @@ def null_condition(info: "NetInfo", cond: Optional[Mapping], where=None) -> dict
   return cond
 
 
+# Guidance embedding: a student that takes the CFG scale w as an input. Each model class says
+# how (`GUIDANCE_EMBED`: the constructor options that add the input; `guidance_inputs(w)`: the
+# call keywords); the default is DiT's / the toy MLP's `guidance_embed` + `guidance=w`.
+DEFAULT_GUIDANCE_EMBED = {"guidance_embed": True}
+
+
+def guidance_embed_kwargs(model_cls) -> dict:
+  """The constructor options that give a model of `model_cls` a w input."""
+  return dict(getattr(model_cls, "GUIDANCE_EMBED", DEFAULT_GUIDANCE_EMBED))
+
+
+def embeds_guidance(module) -> bool:
+  """Whether a module takes the CFG scale as an input."""
+  return all(getattr(module, k, None) for k in guidance_embed_kwargs(type(module)))
+
+
+def guidance_inputs(module, w) -> dict:
+  """The call keywords that give `module` the CFG scale w (per sample or scalar)."""
+  fn = getattr(module, "guidance_inputs", None)
+  return fn(w) if fn is not None else {"guidance": w}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NetInfo:
   """Static facts about one network."""
@@ -184,6 +206,10 @@ class Context:
   def eps(self, name: str, x_t, t, cond=None, *, params=None, **extras):
     out = self.apply(name, x_t, t, cond, params=params, **extras)
     return to_kind(self.nets[name], out, "eps", x_t, t)
+
+  def guidance_inputs(self, name: str, w) -> dict:
+    """The call keywords that give network `name` the CFG scale w (`guidance_inputs`)."""
+    return guidance_inputs(self.nets[name].module, w)
 
   def null_labels(self, name: str, batch_size: int):
     return jnp.full((batch_size,), self.nets[name].num_classes, jnp.int32)

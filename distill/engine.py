@@ -135,11 +135,26 @@ def num_classes_of(cfg: Mapping[str, Any]) -> int:
   return 0
 
 
-def check_network_kwargs(net: Network, model: str) -> None:
+def network_kwargs(net: Network, mcfg: Mapping[str, Any]) -> dict:
+  """A network's constructor overrides for its model: `guidance_embed=True` (an objective's
+  "this student takes the CFG scale w as an input") becomes the model's own way of embedding w
+  (`context.guidance_embed_kwargs`: DiT guidance_embed, SANA guidance_embeds, UNet LCM's
+  time_cond_proj_dim; a value the model config already sets is kept)."""
+  kwargs = dict(net.kwargs)
+  if kwargs.pop("guidance_embed", False):
+    for k, v in ctx_lib.guidance_embed_kwargs(MODELS.get(mcfg["name"])).items():
+      kwargs[k] = mcfg.get(k) or v
+  return kwargs
+
+
+def check_network_kwargs(net: Network, mcfg) -> None:
   """An objective's constructor overrides must be options of the network's model (a silently
-  dropped option, e.g. an adapter the model does not have, would train something else)."""
+  dropped option, e.g. an adapter the model does not have, would train something else).
+  `mcfg`: the model config, or just the model's registry name."""
+  mcfg = {"name": mcfg} if isinstance(mcfg, str) else mcfg
+  model = mcfg["name"]
   fields = module_fields(MODELS.get(model))
-  unknown = sorted(k for k in net.kwargs if k not in fields)
+  unknown = sorted(k for k in network_kwargs(net, mcfg) if k not in fields)
   if unknown:
     raise ValueError(f"network {net.name!r}: model {model!r} has no option {unknown}; the "
                      f"objective needs a model that has it")
@@ -147,8 +162,8 @@ def check_network_kwargs(net: Network, model: str) -> None:
 
 def with_network_kwargs(net: Network, mcfg: dict) -> dict:
   """The model config `mcfg` with the network's constructor overrides applied (checked)."""
-  check_network_kwargs(net, mcfg["name"])
-  return {**mcfg, **dict(net.kwargs)}
+  check_network_kwargs(net, mcfg)
+  return {**mcfg, **network_kwargs(net, mcfg)}
 
 
 def module_from_config(cfg: Mapping[str, Any]):

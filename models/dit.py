@@ -504,6 +504,12 @@ class DiT(nn.Module):
   scan_blocks: bool = False
 
   diffusers_class = "DiTTransformer2DModel"
+  # How a student of this model embeds the CFG scale w (the objectives' `guidance_embed`).
+  GUIDANCE_EMBED = {"guidance_embed": True}
+
+  def guidance_inputs(self, w) -> dict:
+    """The call keywords for CFG scale w (scaled by `guidance_embed_scale` inside)."""
+    return {"guidance": w}
 
   # -- derived sizes ---------------------------------------------------------------------------
   @property

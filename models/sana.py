@@ -416,6 +416,13 @@ class Sana(nn.Module):
   remat: str = "none"
 
   diffusers_class = "SanaTransformer2DModel"
+  # How a student of this model embeds the CFG scale w (the objectives' `guidance_embed`).
+  GUIDANCE_EMBED = {"guidance_embeds": True}
+
+  def guidance_inputs(self, w) -> dict:
+    """The call keywords for CFG scale w: `guidance = w * guidance_embeds_scale`, as diffusers'
+    SANA-Sprint pipeline scales it before the transformer (cfg_embed_scale 0.1)."""
+    return {"guidance": jnp.asarray(w, jnp.float32) * self.guidance_embeds_scale}
 
   # -- derived sizes ---------------------------------------------------------------------------
   @property

@@ -533,6 +533,20 @@ class UNet(nn.Module):
           if self.class_embed_type == "projection" else jnp.zeros((batch,), jnp.int32))
     return tuple(args), kwargs
 
+  # How a student of this model embeds the CFG scale w (the objectives' `guidance_embed`):
+  # LCM's `time_cond_proj` (a new 256-d input, randomly initialised as LCM does).
+  GUIDANCE_EMBED = {"time_cond_proj_dim": 256}
+
+  def guidance_inputs(self, w) -> dict:
+    """The call keywords for CFG scale w: LCM's `timestep_cond`, the 1000 (w - 1) sinusoid of
+    diffusers' `get_guidance_scale_embedding` (LCM writes eps_c + w' (eps_c - eps_null) with
+    w' = w - 1, and diffusers' LCM pipeline embeds guidance_scale - 1 the same way)."""
+    if not self.time_cond_proj_dim:
+      raise ValueError("guidance given but the UNet has no time_cond_proj_dim (no w input)")
+    w = jnp.asarray(w, jnp.float32).reshape(-1)
+    return {"timestep_cond": timestep_embedding(1000.0 * (w - 1.0), self.time_cond_proj_dim,
+                                                flip_sin_to_cos=False, downscale_freq_shift=1.0)}
+
   def scan_layout(self, params: dict, scan: bool) -> dict:
     """`params` of this module in the layout of `scan_blocks=scan` (stacked or per block)."""
     if scan == self.scan_blocks:

@@ -325,3 +325,27 @@ def test_scanned_transformer_stacks_compute_the_same_function():
   # Integer features index the forward order (integer-keyed objective settings work).
   assert module.feature_names == ["down_0", "down_1", "down_2", "mid", "up_0", "up_1", "up_2"]
   assert module._feature_name(3) == "mid" and module._feature_name(-1) == "up_2"
+
+
+def test_guidance_input_is_diffusers_lcm_w_embedding():
+  """A guidance-embedded UNet student takes CFG scale w as LCM's `timestep_cond`: diffusers'
+  get_guidance_scale_embedding of w - 1 (LCM's eps_c + w' (eps_c - eps_null), w' = w - 1, as its
+  pipeline embeds guidance_scale - 1), 256-d; the engine adds that input for `guidance_embed`."""
+  from diffusers import LatentConsistencyModelPipeline
+  from distill import context as ctx_lib
+  from distill.engine import network_kwargs
+  from distill.objective import Network
+  w = np.array([1.0, 4.5, 9.0], np.float32)
+  module = UNet(time_cond_proj_dim=256)
+  got = ctx_lib.guidance_inputs(module, jnp.asarray(w))["timestep_cond"]
+  want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+      None, torch.tensor(w - 1.0), embedding_dim=256, dtype=torch.float32).numpy()
+  # Arguments reach 1000 (w - 1) = 8000 rad: one float32 rounding of the argument (or of a
+  # frequency) moves sin/cos by up to 8000 * 6e-8 = 5e-4, so 1e-3 absolute.
+  np.testing.assert_allclose(got, want, atol=1e-3)
+  student = Network("student", init="teacher", kwargs={"guidance_embed": True})
+  assert network_kwargs(student, {"name": "unet"}) == {"time_cond_proj_dim": 256}
+  assert network_kwargs(student, {"name": "unet", "time_cond_proj_dim": 64}) == {
+      "time_cond_proj_dim": 64}
+  assert ctx_lib.embeds_guidance(module) and not ctx_lib.embeds_guidance(UNet())
+  assert network_kwargs(student, {"name": "sana"}) == {"guidance_embeds": True}

@@ -64,7 +64,8 @@ def agd_loss_given(trainable, ctx, batch, draws: dict, *, student: str, teacher:
     alpha, sigma = process.alpha_sigma(t)
     x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * draws["eps"]
   target = jax.lax.stop_gradient(guided(ctx, teacher, x_t, t, cond, w, kind="eps"))
-  out = ctx.apply(student, x_t, t, cond, params=trainable[student], guidance=w)
+  out = ctx.apply(student, x_t, t, cond, params=trainable[student],
+                  **ctx.guidance_inputs(student, w))
   eps = to_kind(ctx.nets[student], out, "eps", x_t, t)
   mse = per_example_mean(jnp.square(jnp.asarray(eps, jnp.float32) - target))
   return jnp.mean(mse), {"t_mean": jnp.mean(t)}

@@ -78,7 +78,8 @@ def guidance_loss_given(trainable, ctx, batch, draws: dict, *, student: str, tea
   z_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * draws["eps"]
   cond = step_cond(ctx, batch, draws, teacher)
   target = jax.lax.stop_gradient(guided(ctx, teacher, z_t, t, cond, w, kind="x0"))
-  out = ctx.apply(student, z_t, t, cond, params=trainable[student], guidance=w)
+  out = ctx.apply(student, z_t, t, cond, params=trainable[student],
+                  **ctx.guidance_inputs(student, w))
   x_hat = to_kind(ctx.nets[student], out, "x0", z_t, t)
   weight = progressive.WEIGHTINGS[weighting](jnp.square(alpha) / jnp.square(sigma))
   mse = per_example_mean(jnp.square(jnp.asarray(x_hat, jnp.float32) - target))

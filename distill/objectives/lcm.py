@@ -131,7 +131,7 @@ def draw_inputs(rng, x0, *, num_steps: int, guidance_range=(1.0, 1.0),
 def teacher_ddim_step(ctx, teacher: str, x_t, t, t_next, cond, w, guidance: bool,
                       extras=None):
   """One DDIM step t -> t_next of the teacher with CFG u + w (c - u) on x0 and eps; with
-  `extras` (a w-conditioned teacher's inputs, e.g. {"guidance": w}) one plain pass instead."""
+  `extras` (a w-conditioned teacher's inputs, `ctx.guidance_inputs`) one plain pass instead."""
   info = ctx.nets[teacher]
   if extras:
     raw = ctx.apply(teacher, x_t, t, cond, **extras)
@@ -208,7 +208,7 @@ def discrete_cm_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   x_next = jax.lax.stop_gradient(
       teacher_ddim_step(ctx, teacher, x_t, t, t_next, cond, w, guidance))
 
-  extras = {"guidance": w} if guidance_embed else {}
+  extras = ctx.guidance_inputs(student, w) if guidance_embed else {}
   f = functools.partial(CONSISTENCY[kind], **scalings)
   edge_kw = {}
   if kind == "segmented_cm":

@@ -92,7 +92,7 @@ def progressive_loss_given(trainable, ctx, batch, draws: dict, *, student: str, 
   z_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
   use_cfg = guidance != 1.0
   w = jnp.full((x0.shape[0],), guidance, jnp.float32)
-  extras = {"guidance": draws["w"]} if embed_w else {}
+  extras = ctx.guidance_inputs(student, draws["w"]) if embed_w else {}
   z_mid = teacher_ddim_step(ctx, teacher, z_t, t, t_mid, cond, w, use_cfg, extras)
   z_end = teacher_ddim_step(ctx, teacher, z_mid, t_mid, t_end, cond, w, use_cfg, extras)
   alpha_end, sigma_end = process.alpha_sigma(t_end)

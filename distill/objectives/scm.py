@@ -90,7 +90,7 @@ DEFAULTS = {
     # uniform in [min, max] ("uniform"); guidance = u + w (c - u). (1.0,) = no guidance.
     "guidance_scales": (1.0,),
     "guidance_sampling": "choice",
-    # Feed w to the student (model kwarg guidance_embed=True, called with guidance=w).
+    # Feed w to the student (its model's w input: `context.guidance_embed_kwargs`).
     "guidance_embed": False,
     # Probability of dropping a sample's condition: class label -> null class, prompt -> the
     # data's null prompt (teacher and student alike, so the student also learns the
@@ -263,7 +263,7 @@ def scm_loss_given(trainable, ctx, batch, draws: dict, r, *, student: str, teach
   else:
     dxdt = teacher_velocity(ctx, teacher, x_t, t, cond, w, sd, guided=guided)
   dxdt = jax.lax.stop_gradient(dxdt)
-  extras = {"guidance": w} if guidance_embed else {}
+  extras = ctx.guidance_inputs(student, w) if guidance_embed else {}
 
   frozen = _f32_tree(jax.lax.stop_gradient(trainable[student]))
   tctx = tangent_context(ctx, student)
