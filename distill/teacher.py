@@ -48,16 +48,22 @@ def is_run_dir(path: str) -> bool:
       os.path.join(path, "checkpoints"))
 
 
-def load_teacher(path: str, params_role: str = "ema") -> Teacher:
+def load_teacher(path: str, params_role: str = "ema", process: Optional[str] = None) -> Teacher:
+  """The teacher at `path`. `process` (diffusers directories only): a process spec such as
+  "rectified_flow(timestep_scale=1.0)" or "vp_discrete(beta_schedule='scaled_linear')" with an
+  optional `prediction=` (eps | v | x0 | flow) that replaces what the scheduler config says
+  (a dense-time flow teacher whose directory carries another scheduler, or none)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config key 'teacher.checkpoint': {path!r} does not exist")
   if is_run_dir(path):
+    if process:
+      raise ValueError(f"--process: {path!r} is a run directory; its process is recorded")
     return _load_run_dir(path, params_role)
   cfg_file = os.path.join(_model_dir(path)[0], "config.json")
   if os.path.isfile(cfg_file):
     with open(cfg_file) as f:
       if "_class_name" in json.load(f):
-        return _load_diffusers_dir(path)
+        return _load_diffusers_dir(path, process)
   raise ValueError(f"config key 'teacher.checkpoint': {path!r} is neither a run directory "
                    "(config.json + checkpoints/) nor a diffusers-layout directory")
 
@@ -110,9 +116,29 @@ FAMILY_DEFAULTS = {
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
+def process_from_spec(spec: str) -> tuple[dict, Optional[str]]:
+  """"name(key=value, ...)" -> (process config, prediction or None); `prediction=` is taken
+  out of the keys. The process is built once here, so a bad key fails with one line."""
+  from distill.registry import parse_spec
+  name, kwargs = parse_spec(spec, "process")
+  prediction = kwargs.pop("prediction", None)
+  if prediction is not None and prediction not in ("eps", "v", "x0", "flow"):
+    raise ValueError(f"--process {spec!r}: prediction must be eps, v, x0 or flow, got "
+                     f"{prediction!r}")
+  try:
+    procs.make_process(name=name, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"--process {spec!r}: {e}") from None
+  return {"name": name, **kwargs}, prediction
+
+
 def process_from_scheduler(cfg: dict) -> tuple[dict, str]:
   """(process config, prediction kind) from a diffusers scheduler_config.json."""
   cls = cfg.get("_class_name", "")
+  if cls == "SCMScheduler":
+    # SANA-Sprint: its pipeline feeds the transformer flow inputs at dense time s in [0, 1]
+    # (timestep = s, not 1000 s) and reads a flow velocity, converting TrigFlow around it.
+    return {"name": "rectified_flow", "timestep_scale": 1.0}, "flow"
   if "FlowMatch" in cls:
     return {"name": "rectified_flow", "shift": float(cfg.get("shift", 1.0))}, "flow"
   schedule = cfg.get("beta_schedule", "linear")
@@ -151,7 +177,7 @@ def module_config(module) -> dict:
   return cfg
 
 
-def _load_diffusers_dir(path: str) -> Teacher:
+def _load_diffusers_dir(path: str, process: Optional[str] = None) -> Teacher:
   from distill.engine import num_classes_of
   from models import convert
   model_path, sched_path = _model_dir(path)
@@ -159,14 +185,22 @@ def _load_diffusers_dir(path: str) -> Teacher:
     class_name = json.load(f)["_class_name"]
   module, variables = convert.load_diffusers_dir(model_path)
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  override, override_kind = process_from_spec(process) if process else (None, None)
+  proc_cfg, prediction = None, None
   if sched_path is not None:
     with open(sched_path) as f:
       proc_cfg, prediction = process_from_scheduler(json.load(f))
   elif class_name in FAMILY_DEFAULTS:
     proc_cfg, prediction = FAMILY_DEFAULTS[class_name]
-  else:
+  elif override is None:
     raise ValueError(f"config key 'teacher.checkpoint': {path!r} holds a {class_name} without a "
-                     "scheduler/scheduler_config.json beside it: its noise process is unknown")
+                     "scheduler/scheduler_config.json beside it: its noise process is unknown "
+                     "(launch.convert --process names it)")
+  proc_cfg = override or proc_cfg
+  prediction = override_kind or prediction
+  if prediction is None:
+    raise ValueError(f"--process {process!r}: {path!r} has no scheduler config to give the "
+                     "prediction kind; add prediction=eps|v|x0|flow")
   model_config = module_config(module)
   model_config["prediction"] = prediction
   in_ch = getattr(module, "in_channels", None)

@@ -2,6 +2,9 @@
 
     # diffusers/PyTorch -> a converted teacher (Orbax, loads with teacher.checkpoint=OUT)
     python -m launch.convert --diffusers path/to/DiT-XL-2-256 --out teachers/dit_xl2
+    # ... naming the noise process where the scheduler config does not (dense-time flow)
+    python -m launch.convert --diffusers path/to/sana_sprint_teacher --out teachers/sprint \
+        --process "rectified_flow(timestep_scale=1.0, prediction='flow')"
     # a run's network -> a diffusers pipeline-layout directory: transformer/ (or unet/),
     # scheduler/ (its few-step sampler), lora/ (PEFT adapter of LoRA students), export.json;
     # with --vae also vae/ + model_index.json (DiTPipeline.from_pretrained(OUT) loads it)
@@ -35,13 +38,17 @@ def main(argv: list[str]) -> int:
   p.add_argument("--vae", default=None,
                  help="export: a diffusers AutoencoderKL directory to ship beside the network "
                       "(writes model_index.json: a loadable pipeline)")
+  p.add_argument("--process", default=None,
+                 help="with --diffusers: the teacher's noise process when its scheduler config "
+                      "is missing or does not say it, e.g. \"rectified_flow(timestep_scale=1.0, "
+                      "prediction='flow')\" (a dense-time flow teacher such as SANA-Sprint's)")
   p.add_argument("--log_level", default="WARNING")
   args = p.parse_args(argv)
   cli.setup(args)
   from distill import teacher as teacher_lib
   try:
     if args.diffusers:
-      t = teacher_lib.load_teacher(args.diffusers, "raw")
+      t = teacher_lib.load_teacher(args.diffusers, "raw", process=args.process)
       out = teacher_lib.write_converted(t, args.out)
       print(f"converted {t.model_config['name']} ({t.reference['hash'][:12]}) -> {out}")
       return 0

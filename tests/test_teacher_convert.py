@@ -134,3 +134,23 @@ def test_teacher_runtime_changes_how_not_what_it_computes(pipeline_dir):
   c = config_lib.apply_overrides(config_lib.base_config(),
                                  ["teacher.runtime.dtype=bfloat16", "teacher.runtime.scan_blocks=True"])
   assert c.teacher.runtime.to_dict() == {"dtype": "bfloat16", "scan_blocks": True}
+
+
+def test_process_override_and_scm_scheduler(pipeline_dir, tmp_path):
+  """`--process` replaces what the scheduler config says (and supplies it where there is
+  none, keeping the family's prediction kind); SANA-Sprint's SCMScheduler means a dense-time
+  flow transformer; a bad spec is one line."""
+  t = teacher_lib.load_teacher(str(pipeline_dir), process="rectified_flow(timestep_scale=1.0, "
+                                                          "prediction='flow')")
+  assert t.process.name == "rectified_flow" and t.process.timestep_scale == 1.0
+  assert t.prediction == "flow" and t.model_config["prediction"] == "flow"
+  keep = teacher_lib.load_teacher(str(pipeline_dir), process="vp_discrete(beta_schedule='linear')")
+  assert keep.prediction == "v" and keep.process.beta_schedule == "linear"
+  assert teacher_lib.process_from_scheduler({"_class_name": "SCMScheduler"}) == (
+      {"name": "rectified_flow", "timestep_scale": 1.0}, "flow")
+  with pytest.raises(ValueError, match="--process 'rectified_flow\\(nope=1\\)'"):
+    teacher_lib.load_teacher(str(pipeline_dir), process="rectified_flow(nope=1)")
+  (tmp_path / "m").mkdir()
+  _tiny_dit().save_pretrained(tmp_path / "m" / "transformer", safe_serialization=True)
+  bare = teacher_lib.load_teacher(str(tmp_path / "m"), process="rectified_flow(shift=3.0)")
+  assert bare.process.shift == 3.0 and bare.prediction == "eps"  # DiT's family default kind
