@@ -231,6 +231,7 @@ class Engine:
     self.total_steps = self.stage_bounds[-1]
     self.plans = self._plan_networks()
     self.nets = {n: p.info for n, p in self.plans.items()}
+    self._check_promotions()
     self.trained = [n for n in self.objective.trained]
     self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
     self._abstract = {}
@@ -264,6 +265,15 @@ class Engine:
           c[k] = v
       out.append(self.entry.build(c))
     return out
+
+  def _check_promotions(self) -> None:
+    """A LoRA network promoted into its own base would carry its adapter twice afterwards."""
+    for stage in self.stages:
+      for target, source in stage.promote.items():
+        if self.nets[source].base == target:
+          raise ValueError(f"stage promotion {source!r} -> {target!r}: {target!r} is the base "
+                           f"of the LoRA network {source!r} (give the adapter its own frozen "
+                           "base network)")
 
   def _stage_bounds(self) -> list[int]:
     stages = self.stages
@@ -715,12 +725,18 @@ class Engine:
     return local
 
   # ------------------------------------------------------------------ stages
+  def full_params(self, name: str, params: dict, frozen: dict):
+    """Network `name`'s full weights from a state's `params` and the `frozen` networks (a LoRA
+    network's adapter merged into its base): what a stage promotes."""
+    value = params[name] if name in params else frozen[name]
+    return ctx_lib.merge_params(self.nets[name], value, {**frozen, **params})
+
   def enter_stage(self, state: TrainState, frozen: dict, stage: int) -> tuple[TrainState, dict]:
     """Applies a stage's promotions and resets (at the first step of `stage`)."""
     spec: Stage = self.stages[stage]
     params = dict(state.params)
     for target, source in spec.promote.items():
-      value = params[source] if source in params else frozen[source]
+      value = self.full_params(source, params, frozen)
       copy = jax.tree_util.tree_map(jnp.copy, value)
       if target in frozen:
         frozen = dict(frozen)

@@ -456,7 +456,7 @@ def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
     b_state, _ = ckpt.restore(boundary, ckpt_lib.abstract_of(state))
     for target, source in spec.promote.items():
       if target in frozen:
-        src = b_state.params[source] if source in b_state.params else frozen[source]
+        src = engine.full_params(source, b_state.params, frozen)
         frozen = dict(frozen)
         frozen[target] = jax.device_put(src, engine.frozen_shardings[target])
   return frozen

@@ -3,6 +3,7 @@ student weight, EMA and online targets, squared error and pseudo-Huber), the dis
 solver's consistency function as the loss's exact fixed point on Gaussian data, a toy run whose
 4-step student closes the teacher's gap, staged (8 -> 4 -> 2 -> 1 segment) training, and the
 sharded run (8 fake CPU devices)."""
+import dataclasses
 import os
 
 import jax
@@ -317,3 +318,29 @@ def test_sharded_run_matches_single_device(tmp_path):
           "--config.objective.guidance_range=(1.0,2.0)",
           "--config.objective.segment_stages=(4,2)", "--config.objective.stage_steps=5"]
   mu.check_sharded_losses(SEG_CONFIG, tmp_path, args, mu.phase_losses, ["segmented_cm/loss"])
+
+
+def test_lora_stages_promote_the_merged_student_and_keep_the_original_base():
+  """Hyper-SD with a LoRA: each stage's teacher is the previous stage's merged student (base +
+  adapter), while the adapter keeps the original weights as its own frozen base; promoting a
+  LoRA network into its own base is refused."""
+  teacher = mu.make_teacher(num_classes=4, seed=0)
+  engine, state, frozen = mu.make_engine("segmented_cm", teacher, batch=B, lora_rank=4,
+                                         target="online", num_ddim_steps=8,
+                                         lora_pattern=r"block_\d+", segment_stages=(4, 2),
+                                         stage_steps=1)
+  assert engine.nets["student"].base == "base" and set(frozen) == {"teacher", "base"}
+  original = jax.device_get(frozen["base"])
+  state, frozen, _ = engine.train_step(state, frozen, 0)
+  lora_after = jax.device_get(state.params["student"])
+  state, frozen = engine.enter_stage(state, frozen, 1)
+  want = ctx_lib.merge_params(engine.nets["student"], lora_after, {"base": original})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen["teacher"]),
+                         jax.device_get(want))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen["base"]), original)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(jax.device_get(frozen["teacher"])),
+      jax.tree_util.tree_leaves(original)))
+  engine.nets["student"] = dataclasses.replace(engine.nets["student"], base="teacher")
+  with pytest.raises(ValueError, match="is the base of the LoRA network 'student'"):
+    engine._check_promotions()  # pylint: disable=protected-access

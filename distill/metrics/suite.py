@@ -45,8 +45,8 @@ generated for) or read from `eval.clip_tokens` (a .npy, row i the prompt of samp
 with the prompt embeddings the sampler uses). Without either the metric stops with one line
 naming `eval.clip_tokens`. `distill.evaluation` samples text-to-image data with the prompts of
 `Source.conditions` (sample i from prompt i) and passes the `clip_tokens` the data gives for
-them as `prompt_tokens` (unless `eval.clip_tokens` is set). The config-time file check
-(`check_files`, before the data is opened) still asks for `eval.clip_tokens`.
+them as `prompt_tokens` (unless `eval.clip_tokens` is set); so prompts are checked when the
+evaluation starts (`check`), not by the config-time file check.
 """
 from __future__ import annotations
 
@@ -201,10 +201,8 @@ class MetricSetup:
         raise MetricError("metric 'clip' needs eval.clip: a transformers CLIPModel directory")
       if not os.path.isdir(self.clip):
         raise MetricError(f"eval.clip: {self.clip!r} is not a directory")
-      if self.prompt_tokens is None and not self.clip_tokens:
-        raise MetricError("metric 'clip' needs prompts: set eval.clip_tokens to a .npy of CLIP "
-                          "token ids (N, 77), row i the prompt of sample i")
-      if self.prompt_tokens is None and not os.path.isfile(self.clip_tokens):
+      if (self.prompt_tokens is None and self.clip_tokens
+          and not os.path.isfile(self.clip_tokens)):
         raise MetricError(f"eval.clip_tokens: {self.clip_tokens!r} does not exist")
     if self.vae and not os.path.isfile(os.path.join(self.vae, "config.json")):
       raise MetricError(f"eval.vae: {self.vae!r} is not a diffusers AutoencoderKL directory "
@@ -226,6 +224,11 @@ class MetricSetup:
         raise MetricError(f"eval.num_samples: metric {m!r} needs at least {_MIN_SAMPLES[m]} "
                           f"samples, got {num_samples}")
     if "clip" in names:
+      if self.prompt_tokens is None and not self.clip_tokens:
+        raise MetricError("metric 'clip' needs prompts: the data's CLIP token ids "
+                          "(clip_tokens.npy in the caption-embedding directory) or "
+                          "eval.clip_tokens, a .npy of token ids (N, 77), row i the prompt of "
+                          "sample i")
       tokens = self.tokens()
       if len(tokens) < num_samples:
         raise MetricError(f"eval.clip_tokens: {len(tokens)} prompts for {num_samples} samples "

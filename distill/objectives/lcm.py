@@ -275,8 +275,14 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
       loss=choice(cfg, "loss", ("l2", "huber")), huber_c=float(cfg.huber_c),
       states=choice(cfg, "states", ("data", "teacher")),
       label_dropout=float(cfg.label_dropout), **(scalings or {}))
+  networks = [Network("teacher", init="checkpoint", trainable=None)]
   if lora:
-    student = Network("student", init="teacher", base="teacher",
+    # With stages the teacher becomes each stage's merged student, so the adapter keeps the
+    # original weights as its own frozen base (one LoRA over the original model at the end).
+    base = "base" if stages else "teacher"
+    if stages:
+      networks.append(Network("base", init="checkpoint", trainable=None))
+    student = Network("student", init="teacher", base=base,
                       adapter=LoRA(str(cfg.lora_pattern), rank=int(cfg.lora_rank),
                                    alpha=float(cfg.lora_alpha) or None))
   else:
@@ -284,7 +290,7 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
     student = Network("student", init="teacher", kwargs=kwargs)
   ema = {"student": {"eval": float(cfg.target_decay)}} if target == "ema" else {}
   return Objective(
-      networks=(Network("teacher", init="checkpoint", trainable=None), student),
+      networks=tuple(networks) + (student,),
       phases=(Phase(kind, loss=loss, trains=("student",)),), ema=ema, stages=stages,
       student="student", sampler=sampler, evaluates_as="student")
 
