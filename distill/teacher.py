@@ -224,8 +224,7 @@ def from_config(config) -> Optional[Teacher]:
   """The teacher a run's config names (`teacher.checkpoint`, `teacher.params`,
   `teacher.runtime`), or None without a checkpoint."""
   t = config.teacher
-  runtime = t.runtime.to_dict() if "runtime" in t else None
-  return maybe_load(t.checkpoint, t.params, runtime)
+  return maybe_load(t.checkpoint, t.params, runtime_of(config))
 
 
 # Module fields that change how a network computes, not what it computes: a loaded teacher (and
@@ -235,15 +234,15 @@ def from_config(config) -> Optional[Teacher]:
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "jvp_attention", "scan_blocks")
 
 
-def with_runtime(teacher: Teacher, runtime: Optional[Mapping[str, Any]]) -> Teacher:
-  """`teacher` with the `teacher.runtime` overrides applied (module, weights layout / dtype and
-  recorded model config); its reference (path, hash) stays the checkpoint's."""
+def runtime_of(config) -> dict:
+  """A run config's `teacher.runtime` options (empty when it has none)."""
+  return config.teacher.runtime.to_dict() if "runtime" in config.teacher else {}
+
+
+def check_runtime(model_cls, model_name: str, runtime: Mapping[str, Any]) -> None:
+  """Raises one line for a `teacher.runtime` key that is not a runtime option of the model."""
   from distill.engine import module_fields
-  runtime = dict(runtime or {})
-  if not runtime:
-    return teacher
-  module = teacher.module
-  fields = module_fields(type(module))
+  fields = module_fields(model_cls)
   for key in runtime:
     if key not in RUNTIME_FIELDS:
       raise ValueError(f"config key 'teacher.runtime.{key}': not a runtime option (known: "
@@ -251,7 +250,17 @@ def with_runtime(teacher: Teacher, runtime: Optional[Mapping[str, Any]]) -> Teac
                        "checkpoint")
     if key not in fields:
       raise ValueError(f"config key 'teacher.runtime.{key}': the teacher's model "
-                       f"{teacher.model_config.get('name')!r} has no option {key!r}")
+                       f"{model_name!r} has no option {key!r}")
+
+
+def with_runtime(teacher: Teacher, runtime: Optional[Mapping[str, Any]]) -> Teacher:
+  """`teacher` with the `teacher.runtime` overrides applied (module, weights layout / dtype and
+  recorded model config); its reference (path, hash) stays the checkpoint's."""
+  runtime = dict(runtime or {})
+  if not runtime:
+    return teacher
+  module = teacher.module
+  check_runtime(type(module), teacher.model_config.get("name"), runtime)
   kwargs = {k: jax.numpy.dtype(v) if k in ("dtype", "param_dtype") else v
             for k, v in runtime.items()}
   params = teacher.params

@@ -44,7 +44,11 @@ def random_teacher(config, abstract: bool = False):
   from distill.engine import (init_inputs, module_from_config, num_classes_of,
                               resolve_model_config)
   source = sources.make_source(config.data, config.seed)
+  from models.registry import MODELS
   mcfg = resolve_model_config(config.model.to_dict(), source)
+  runtime = teacher_lib.runtime_of(config)   # built in its runtime layout directly
+  teacher_lib.check_runtime(MODELS.get(mcfg["name"]), mcfg["name"], runtime)
+  mcfg = {**mcfg, **runtime}
   module = module_from_config(mcfg)
   args, kw = init_inputs(module, source, num_classes_of(mcfg))
   init = lambda r: meta.unbox(module.init(r, *args, **kw)["params"])

@@ -25,35 +25,16 @@ variant (channels 32/64/64, depths 1/2/3) did not finish compiling its two phase
 minutes (10 GB host memory), so the SDXL AOT row of docs/performance.md is still open.
 """
 from configs.common import distill_config
+from configs.t2i import common
 
 OBJECTIVES = ("denoise", "dmd2")
 
 
 def sdxl_unet(c, latent: int = 128):
-  c.model.name = "unet"
-  c.model.prediction = "eps"
-  c.model.sample_size = latent
-  c.model.in_channels = 4
-  c.model.out_channels = 4
-  c.model.block_out_channels = (320, 640, 1280)
-  c.model.layers_per_block = 2
-  c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-  c.model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
-  c.model.transformer_layers_per_block = (1, 2, 10)
-  c.model.num_attention_heads = (5, 10, 20)
-  c.model.cross_attention_dim = 2048
-  c.model.use_linear_projection = True
-  c.model.addition_embed_type = "text_time"
-  c.model.addition_time_embed_dim = 256
-  c.model.projection_class_embeddings_input_dim = 2816
-  c.model.dtype = "bfloat16"
+  """The SDXL UNet (configs/t2i/common.py) on synthetic SDXL-shaped prompt batches."""
+  common.sdxl_unet(c, latent)
   c.model.scan_blocks = True
   c.model.remat = "full"
-  c.model.attention = "xla"
-  c.process.name = "vp_discrete"
-  c.process.beta_schedule = "scaled_linear"
-  c.process.beta_start = 0.00085
-  c.process.beta_end = 0.012
   c.data.name = "synthetic"
   c.data.height = c.data.width = latent
   c.data.channels = 4

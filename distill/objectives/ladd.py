@@ -97,13 +97,18 @@ def generator_input_times(process, rng, batch: int, max_time_prob: float, num_st
 
 
 def sample_draws(process, rng, shape, *, max_time_prob: float, num_steps: int, p_mean: float,
-                 p_std: float, null_prob: float = 0.0) -> dict:
-  """One student sample and its re-noising: t_G, the input noise, D's noising, null mask."""
+                 p_std: float, null_prob: float = 0.0, guidance=None) -> dict:
+  """One student sample and its re-noising: t_G, the input noise, D's noising, null mask; with
+  `guidance` ((scales, sampling) of a student that embeds the CFG scale) its w, as sCM draws
+  it."""
   k_t, k_n, k_d, k_c = jax.random.split(rng, 4)
-  return {"t": generator_input_times(process, k_t, shape[0], max_time_prob, num_steps),
-          "noise": jax.random.normal(k_n, shape, jnp.float32),
-          "d": renoise_draws(k_d, shape, p_mean, p_std),
-          "null": jax.random.bernoulli(k_c, null_prob, (shape[0],))}
+  draws = {"t": generator_input_times(process, k_t, shape[0], max_time_prob, num_steps),
+           "noise": jax.random.normal(k_n, shape, jnp.float32),
+           "d": renoise_draws(k_d, shape, p_mean, p_std),
+           "null": jax.random.bernoulli(k_c, null_prob, (shape[0],))}
+  if guidance is not None:
+    draws["w"] = scm.draw_guidance(jax.random.fold_in(rng, 4), shape[0], *guidance)
+  return draws
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +122,8 @@ def student_x0(ctx, params, x_real, cond, draws, student: str = STUDENT):
   process = ctx.nets[student].process
   alpha, sigma = process.alpha_sigma(draws["t"])
   x_t = bcast(alpha, x_real) * x_real + bcast(sigma, x_real) * draws["noise"]
-  return ctx.x0(student, x_t, draws["t"], cond, params=params)
+  extras = ctx.guidance_inputs(student, draws["w"]) if "w" in draws else {}
+  return ctx.x0(student, x_t, draws["t"], cond, params=params, **extras)
 
 
 def teacher_features(ctx, x0, cond, draws, *, blocks: tuple, teacher: str = TEACHER):
@@ -208,8 +214,11 @@ def disc_loss_given(trainable, ctx, batch, draws, *, blocks, adv_loss: str,
 
 
 def _draw_keys(cfg, num_steps: int) -> dict:
-  return {"max_time_prob": float(cfg.max_time_prob), "num_steps": num_steps,
+  keys = {"max_time_prob": float(cfg.max_time_prob), "num_steps": num_steps,
           "p_mean": float(cfg.d_p_mean), "p_std": float(cfg.d_p_std)}
+  if cfg.get("guidance_embed", False):   # scm_ladd with a guidance-embedded student
+    keys["guidance"] = (tuple(float(w) for w in cfg.guidance_scales), str(cfg.guidance_sampling))
+  return keys
 
 
 def disc_phase_loss(trainable, ctx, batch, rng, t, *, draw_keys: dict, null_prob: float,

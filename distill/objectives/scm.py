@@ -158,16 +158,20 @@ def draw_inputs(rng, x0, *, sigma_data: float, p_mean: float, p_std: float,
   sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_t, (b,), jnp.float32))
   t = jnp.arctan(sigma / sigma_data)
   z = sigma_data * jax.random.normal(k_z, x0.shape, jnp.float32)
-  scales = jnp.asarray(tuple(guidance_scales), jnp.float32)
-  if guidance_sampling == "uniform":
-    w = jax.random.uniform(k_w, (b,), jnp.float32, jnp.min(scales), jnp.max(scales))
-  elif guidance_sampling == "choice":
-    w = scales[jax.random.randint(k_w, (b,), 0, scales.shape[0])]
-  else:
-    raise ValueError(f"config key 'objective.guidance_sampling': expected 'choice' or "
-                     f"'uniform', got {guidance_sampling!r}")
+  w = draw_guidance(k_w, b, guidance_scales, guidance_sampling)
   drop = jax.random.bernoulli(k_d, label_dropout, (b,))
   return {"t": t, "z": z, "w": w, "drop": drop}
+
+
+def draw_guidance(rng, batch: int, guidance_scales, guidance_sampling: str = "choice"):
+  """CFG scales w (B,): one of `guidance_scales` each ("choice") or uniform over their range."""
+  scales = jnp.asarray(tuple(guidance_scales), jnp.float32)
+  if guidance_sampling == "uniform":
+    return jax.random.uniform(rng, (batch,), jnp.float32, jnp.min(scales), jnp.max(scales))
+  if guidance_sampling == "choice":
+    return scales[jax.random.randint(rng, (batch,), 0, scales.shape[0])]
+  raise ValueError(f"config key 'objective.guidance_sampling': expected 'choice' or "
+                   f"'uniform', got {guidance_sampling!r}")
 
 
 def scm_tangent(F_fn, x_t, t, dxdt, *, sigma_data: float, r):
