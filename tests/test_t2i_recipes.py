@@ -119,3 +119,15 @@ def test_recipe_phase_steps_trace(family, recipe):
       assert jax.tree_util.tree_structure(out_state.params) == jax.tree_util.tree_structure(
           state.params)
       assert metrics, (recipe, phase.name)
+
+
+@pytest.mark.parametrize("recipe", ["teacher", "scm", "dmd2", "sid", "guided"])
+def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
+  """configs/imagenet/dit_xl2.py: every recipe validates and builds its objective (guided: stage
+  1 then three progressive stages 16 -> 8 -> 4 -> 2 steps, 80k steps in all)."""
+  from distill.objective import OBJECTIVES
+  c = trainer.prepare_config(trainer.load_config(f"configs/imagenet/dit_xl2.py:{recipe}", []))
+  objective = OBJECTIVES.get(c.objective.name).build(c.objective)
+  if recipe == "guided":
+    assert len(objective.stages) == 4 and sum(s.steps for s in objective.stages) == 80_000
+    assert c.eval.class_conditional and c.eval.guidance == 1.5

@@ -1,7 +1,7 @@
 """DiT-XL/2 on ImageNet 256x256 from precomputed SD-VAE latents: fine-tune the public DiT teacher to
 a dense-time flow model, then distil it into a 1-4 step student with sCD, DMD2 or SiD.
 
-arg: `teacher` | `scm` | `dmd2` | `sid`.
+arg: `teacher` | `scm` | `dmd2` | `sid` | `guided`.
 
     # 1. Latents (once): center crop 256, SD-VAE (ft-EMA) posterior mean/std + the flipped twin.
     python -m launch.precompute --input folder:$IMAGENET/train --vae $SD_VAE_FT_EMA \
@@ -14,6 +14,9 @@ arg: `teacher` | `scm` | `dmd2` | `sid`.
     # 3. A student from the fine-tuned teacher.
     python -m launch.train --config configs/imagenet/dit_xl2.py:scm --workdir runs/in256_scd \
         --config.data.path=$LATENTS --config.teacher.checkpoint=runs/in256_fm
+    # Guided distillation (Meng et al.) needs no fine-tune: it distils the converted VP teacher.
+    python -m launch.train --config configs/imagenet/dit_xl2.py:guided --workdir runs/in256_gd \
+        --config.data.path=$LATENTS --config.teacher.checkpoint=teachers/dit_xl2_vp
     # multi-host (TPU pods, SLURM): launch/tpu_pod.sh, launch/slurm_gpu.sh; each process reads
     # only its rows of every global batch (distill/data/latents.py).
 
@@ -33,6 +36,12 @@ Settings per objective (batch sizes are global; learning rates for those batches
 - dmd2: 5 critic updates per generator update, GAN head on block 13 (weight 3e-3), lr 2e-6 (the
   DMD2 ImageNet-64 recipe), batch 256.
 - sid: alpha 1.2, one critic update per generator update, lr 1e-5, batch 256.
+- guided: Meng et al. on the VP teacher as converted (eps, DDIM): stage 1 distils CFG over
+  w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
+  (20k steps, v-loss weighting), then three progressive stages 16 -> 8 -> 4 -> 2 DDIM steps
+  with w kept (20k steps each, lr 5e-5 annealed linearly to 0 within every stage, optimizer
+  restarted), batch 256; evaluated class-conditionally at w = 1.5, the student taking w as
+  its input.
 
 Expected results: none measured here (no ImageNet and no accelerator on the CI machine). The
 full-size sCD and DMD2 steps compile for TPU v5p 4x4x4 and v6e 8x8 and fit
@@ -43,10 +52,12 @@ full-size sCD and DMD2 steps compile for TPU v5p 4x4x4 and v6e 8x8 and fit
 from configs.bench.dit_xl2 import dit_xl2, objective_settings
 from configs.common import distill_config
 
-OBJECTIVES = {"teacher": "denoise", "scm": "scm", "dmd2": "dmd2", "sid": "sid"}
+OBJECTIVES = {"teacher": "denoise", "scm": "scm", "dmd2": "dmd2", "sid": "sid",
+              "guided": "guided"}
 # objective -> (steps, global batch, lr, b2)
 SCHEDULE = {"teacher": (100_000, 256, 1e-4, 0.999), "scm": (100_000, 256, 1e-4, 0.99),
-            "dmd2": (200_000, 256, 2e-6, 0.999), "sid": (100_000, 256, 1e-5, 0.999)}
+            "dmd2": (200_000, 256, 2e-6, 0.999), "sid": (100_000, 256, 1e-5, 0.999),
+            "guided": (80_000, 256, 5e-5, 0.999)}
 
 
 def get_config(arg: str = "scm"):
@@ -73,4 +84,15 @@ def get_config(arg: str = "scm"):
     c.teacher.params = "raw"
   elif recipe == "scm":
     c.objective.guidance_scales = (1.5,)
+  elif recipe == "guided":
+    c.optim.schedule = "linear"
+    c.objective.part = "both"
+    c.objective.guidance_range = (1.0, 5.0)
+    c.objective.guidance_steps = 20_000
+    c.objective.student_steps = 16
+    c.objective.num_stages = 3
+    c.objective.stage_steps = 20_000
+    c.objective.label_dropout = 0.1
+    c.eval.class_conditional = True
+    c.eval.guidance = 1.5
   return c
