@@ -37,6 +37,11 @@ Extras for newer DiTs and students (all off by default, so the default is diffus
   of every block (and so to the final layer's); `timestep2_embed=True`: the same for a second
   time input (same units as `timestep`). A missing `guidance` / `timestep2` counts as 0, so a
   fresh model computes exactly what the plain model does.
+- `guidance_adapter=H` (> 0): AGD's additive adapter in every block (after its MLP residual):
+  h += Dense(D)(silu(Dense(H)(silu(c)))) broadcast over the tokens, with c the block's
+  conditioning (time + class + guidance embeddings) and the last layer zero-initialised, so a
+  fresh adapter leaves the model unchanged (`transformer_blocks_i/guidance_adapter`; not part
+  of diffusers' DiT, so a model with adapters does not export).
 - `return_features`: block indices (negative ones count from the end) whose outputs (B, L, D)
   are returned beside the output in a dict keyed by the requested indices (for adversarial
   heads). With `scan_blocks` this stacks every block's output first (memory L x activations)
@@ -266,8 +271,23 @@ class BlockConfig:
   mlp: str = "gelu"
   mlp_hidden: int = 0
   attention: str = "xla"
+  guidance_adapter: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+
+class GuidanceAdapter(nn.Module):
+  """AGD's additive block adapter: Dense(D)(silu(Dense(H)(silu(c)))) of the block's
+  conditioning c, the last layer zero-initialised."""
+  cfg: BlockConfig
+
+  @nn.compact
+  def __call__(self, c):
+    cfg = self.cfg
+    y = _dense(cfg.guidance_adapter, ("embed", "mlp"), "fc1", cfg.dtype,
+               cfg.param_dtype)(nn.silu(c))
+    return _dense(cfg.dim, ("mlp", "embed"), "fc2", cfg.dtype, cfg.param_dtype,
+                  init="zeros")(nn.silu(y))
 
 
 class TimestepEmbedding(nn.Module):
@@ -450,6 +470,8 @@ class DiTBlock(nn.Module):
                    name="norm3")(h)
     x = x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     h = h + gate_mlp[:, None] * MLPS.get(cfg.mlp)(cfg, self.deterministic, name="mlp")(x)
+    if cfg.guidance_adapter:
+      h = h + GuidanceAdapter(cfg, name="guidance_adapter")(c)[:, None, :].astype(h.dtype)
     return h, (c, h if self.collect else None)
 
 
@@ -493,6 +515,7 @@ class DiT(nn.Module):
   guidance_embed: bool = False
   guidance_embed_scale: float = 1000.0
   timestep2_embed: bool = False
+  guidance_adapter: int = 0    # AGD: per-block adapter hidden width (0: none)
   # Execution.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -538,8 +561,8 @@ class DiT(nn.Module):
         dropout=self.dropout, gelu_approximate=self.activation_fn == "gelu-approximate",
         norm=self.norm, norm_eps=self.norm_eps,
         norm_elementwise_affine=self.norm_elementwise_affine, qk_norm=self.qk_norm,
-        mlp=self.mlp, mlp_hidden=self.mlp_hidden, attention=self.attention, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        mlp=self.mlp, mlp_hidden=self.mlp_hidden, attention=self.attention,
+        guidance_adapter=self.guidance_adapter, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def dummy_inputs(self, batch: int = 1):
     """Inputs of the right shapes for `init` / `jax.eval_shape`."""
@@ -676,7 +699,8 @@ def flops_per_example(model: DiT, height: Optional[int] = None,
   """Forward FLOPs per example: 2*m*n*k for every matmul/conv plus attention's QK^T and PV.
 
   Counts the patch-embed conv, every block's timestep MLP and adaLN modulation, q/k/v/out,
-  attention, the MLP, the guidance / timestep2 MLPs and the final layer. Elementwise work
+  attention, the MLP, the guidance / timestep2 MLPs, AGD adapters and the final layer.
+  Elementwise work
   (norms, softmax, activations, biases, RoPE) and gathers are not counted: XLA's
   `cost_analysis()` of the unscanned forward is 1-3% higher for realistic widths (tested). With
   `scan_blocks` XLA counts the loop body once, so compare against the unscanned model.
@@ -687,8 +711,9 @@ def flops_per_example(model: DiT, height: Optional[int] = None,
   n = (height // p) * (width // p)
   time_mlp = 2 * (TIME_FREQ_DIM * d + d * d)
   patch = 2 * n * p * p * model.in_channels * d
+  adapter = 2 * 2 * d * model.guidance_adapter   # two per-example matmuls (AGD adapter)
   block = (time_mlp + 2 * d * 6 * d + 4 * 2 * n * d * d + 2 * 2 * n * n * d
-           + _MLP_MATMULS[model.mlp] * 2 * n * d * model.mlp_hidden)
+           + _MLP_MATMULS[model.mlp] * 2 * n * d * model.mlp_hidden + adapter)
   extras = (int(model.guidance_embed) + int(model.timestep2_embed)) * time_mlp
   final = 2 * d * 2 * d + 2 * n * d * p * p * model.output_channels
   return int(patch + model.num_layers * block + extras + final)

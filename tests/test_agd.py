@@ -130,9 +130,9 @@ def test_student_starts_as_the_conditional_teacher():
   assert any(k.startswith("guidance_adapter_") for k in mu.flat_params(state.params["student"]))
   from distill.engine import check_network_kwargs
   from distill.objective import Network
-  with pytest.raises(ValueError, match=r"network 'student': model 'dit' has no option "
+  with pytest.raises(ValueError, match=r"network 'student': model 'unet' has no option "
                                        r"\['guidance_adapter'\]"):
-    check_network_kwargs(Network("student", kwargs={"guidance_adapter": 8}), "dit")
+    check_network_kwargs(Network("student", kwargs={"guidance_adapter": 8}), "unet")
 
 
 @pytest.mark.slow
@@ -163,3 +163,41 @@ def test_toy_run_one_pass_student_matches_the_cfg_teacher(tmp_path):
   guided_teacher = gen("teacher", 2.0)
   assert swd(gen("student", 2.0), guided_teacher) < 0.4 * swd(gen("teacher", 1.0),
                                                                guided_teacher)
+
+
+def test_dit_student_gets_block_adapters_and_starts_as_the_teacher():
+  """AGD on a DiT: the student gains the guidance embedding and an adapter in every block
+  (`guidance_adapter`, zero-initialised output), so at any w the fresh student is the
+  conditional teacher; a train step changes only those parameters; the adapters' FLOPs count."""
+  from distill import config as config_lib
+  from distill.engine import Engine
+  from launch.bench import random_teacher
+  from models.dit import DiT
+  c = mu.tiny_config("agd", batch=4, adapter_hidden=8, trajectory_steps=4)
+  c.data = config_lib.ConfigDict(dict(name="synthetic", height=8, width=8, channels=4,
+                                      num_classes=4))
+  c.model = config_lib.ConfigDict(dict(name="dit", prediction="flow", num_attention_heads=2,
+                                       attention_head_dim=8, in_channels=4, num_layers=2,
+                                       sample_size=8, patch_size=2, num_embeds_ada_norm=4))
+  teacher = random_teacher(c)
+  teacher.params = jax.device_get(mu.perturb(teacher.params, 0, scale=0.2))
+  engine = Engine(c, teacher=teacher)
+  state, frozen = engine.init_state()
+  student = engine.nets["student"].module
+  assert student.guidance_adapter == 8 and student.guidance_embed
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 4))
+  t, cond = jnp.linspace(0.1, 0.9, 4), {"class_labels": jnp.arange(4)}
+  want = ctx.apply("teacher", x, t, cond)
+  got = ctx.apply("student", x, t, cond, **ctx.guidance_inputs("student", jnp.linspace(1, 5, 4)))
+  assert float(jnp.abs(want).max()) > 1e-2
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  before = mu.flat_params(jax.device_get(state.params["student"]))
+  state, frozen, _ = engine.train_step(state, frozen, 0)
+  after = mu.flat_params(jax.device_get(state.params["student"]))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert any("/guidance_adapter/" in k for k in changed), sorted(changed)
+  assert all("guidance_embedder/" in k or "/guidance_adapter/" in k for k in changed), changed
+  plain = DiT(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8)
+  adapted = plain.clone(guidance_adapter=8)
+  assert adapted.flops_per_example() - plain.flops_per_example() == 2 * 2 * 2 * 16 * 8

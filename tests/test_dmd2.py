@@ -280,6 +280,29 @@ def test_ttur_counts_in_engine():
   assert _opt_count(state.opt_state["student"]) == 2
 
 
+@pytest.mark.parametrize("objective", ["dmd2", "sid"])
+def test_fake_score_as_lora_trains_only_its_adapter(objective):
+  """`fake_lora_rank` > 0: the fake score is a LoRA over the frozen teacher (no second full
+  copy); the critic step changes only adapter leaves, the GAN head reads the merged network's
+  features, and the fresh fake equals the teacher."""
+  teacher = mu.make_teacher(4)
+  engine, state, frozen = mu.make_engine(objective, teacher, batch=8, fake_lora_rank=4,
+                                         gan_weight=0.1, gan_feature_dim=16, gan_hidden=8)
+  fake = engine.nets["fake_score"]
+  assert fake.base == "teacher" and "fake_score" in state.params
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  x, t = jax.random.normal(jax.random.PRNGKey(0), (8, 2)), jnp.linspace(0.1, 0.9, 8)
+  cond = {"class_labels": jnp.arange(8) % 4}
+  np.testing.assert_allclose(ctx.apply("fake_score", x, t, cond), ctx.apply("teacher", x, t, cond),
+                             rtol=1e-6, atol=1e-6)
+  before = mu.flat_params(jax.device_get(state.params["fake_score"]))
+  state, frozen, metrics = engine.train_step(state, frozen, 0)
+  assert "critic/loss" in metrics
+  after = mu.flat_params(jax.device_get(state.params["fake_score"]))
+  assert set(after) == set(before) and all("lora" in k for k in after)
+  assert any(not np.array_equal(before[k], after[k]) for k in after)
+
+
 # --------------------------------------------------------------------------------------------
 # Subprocess runs (slow)
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ DEFAULTS = {
     "fake_weighting": "none",     # x0-space weighting of the fake's denoising loss ("none": MSE)
     "fake_label_dropout": 0.0,    # label dropout when training the fake score
     "gan_weight": 0.0,            # generator's non-saturating GAN weight (0: no GAN head at all)
+    **m.FAKE_LORA_DEFAULTS,       # fake_lora_{rank,pattern,alpha}: the fake score as a LoRA
     **m.GAN_DEFAULTS,             # gan_d_weight, gan_t_{min,max}_frac, gan_feature_{block,dim},
                                   # gan_hidden: see distill/objectives/matching.py
     "regression_weight": 0.0,     # DMD1 regression on fixed teacher pairs (0: off)
@@ -243,7 +244,7 @@ def build(cfg) -> Objective:
       gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block))
   networks = [Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER),
-              Network(m.FAKE, init=m.TEACHER)]
+              m.fake_network_from(cfg)]
   trains = (m.FAKE,)
   if gan:
     networks.append(m.gan_head_network(cfg))

@@ -332,6 +332,30 @@ def student_ema(decay: float) -> dict:
 
 
 
+# The fake score as a LoRA adapter over the frozen teacher's weights (a memory option: no second
+# full copy, optimizer state for the adapter only), rank 0: a full trainable copy.
+FAKE_LORA_DEFAULTS = {
+    "fake_lora_rank": 0,
+    "fake_lora_pattern": r"block_\d+",   # regex over kernel paths (configs/t2i: UNet modules)
+    "fake_lora_alpha": 0.0,               # multiplier alpha / rank (0: alpha = rank)
+}
+
+
+def fake_network(rank: int, pattern: str, alpha: float = 0.0):
+  """The "fake_score" Network: a copy of the teacher, or with rank > 0 a LoRA over it."""
+  from distill.objective import LoRA, Network
+  if rank <= 0:
+    return Network(FAKE, init=TEACHER)
+  return Network(FAKE, init=TEACHER, base=TEACHER,
+                 adapter=LoRA(str(pattern), rank=int(rank), alpha=float(alpha) or None))
+
+
+def fake_network_from(cfg):
+  """`fake_network` from an objective config with FAKE_LORA_DEFAULTS' keys."""
+  return fake_network(int(cfg.fake_lora_rank), cfg.fake_lora_pattern,
+                      float(cfg.fake_lora_alpha))
+
+
 def gan_head_network(cfg):
   """The "gan_head" Network (model "gan_head" reading the fake network's features)."""
   from distill.objective import Network

@@ -77,6 +77,7 @@ DEFAULTS = {
     "logit_std": 1.0,
     "loss_scale": 1.0,            # multiplies L_G (SiD-EDM: 100; irrelevant under Adam)
     "gan_weight": 0.0,            # SiDA-style adversarial term (0: off, no head)
+    **m.FAKE_LORA_DEFAULTS,       # fake_lora_{rank,pattern,alpha}: the fake score as a LoRA
     **m.GAN_DEFAULTS,
     "ema_decay": 0.0,             # `eval` EMA of the student (0: none)
 }
@@ -224,7 +225,7 @@ def build(cfg) -> Objective:
       num_steps=steps, fake_weighting=cfg.fake_weighting, train_guidance=k_train,
       gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block))
   networks = [Network(m.TEACHER, init="checkpoint", trainable=None),
-              Network(m.STUDENT, init=m.TEACHER), Network(m.FAKE, init=m.TEACHER)]
+              Network(m.STUDENT, init=m.TEACHER), m.fake_network_from(cfg)]
   trains = (m.FAKE,)
   if gan:
     networks.append(m.gan_head_network(cfg))

@@ -39,7 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from distill.objective import LoRA, Network, Objective, register_objective
+from distill.objective import Network, Objective, register_objective
 from distill.objectives import matching as m
 
 DEFAULTS = {
@@ -166,12 +166,8 @@ def build(cfg) -> Objective:
       draw=functools.partial(critic_draws, num_steps=steps, null_prob=null_prob,
                              label_dropout=float(cfg.fake_label_dropout)),
       num_steps=steps, fake_weighting=cfg.fake_weighting)
-  if cfg.fake_lora:
-    alpha = float(cfg.lora_alpha) or None
-    fake = Network(m.FAKE, init=m.TEACHER, base=m.TEACHER,
-                   adapter=LoRA(cfg.lora_pattern, rank=int(cfg.lora_rank), alpha=alpha))
-  else:
-    fake = Network(m.FAKE, init=m.TEACHER)
+  fake = m.fake_network(int(cfg.lora_rank) if cfg.fake_lora else 0, cfg.lora_pattern,
+                        float(cfg.lora_alpha))
   networks = (Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER), fake)
   return Objective(networks=networks, phases=m.ttur_phases(critic, generator, (m.FAKE,), k),

@@ -42,7 +42,7 @@ _CONFIG_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "o
 # Our fields diffusers cannot express, with the value they must have for export.
 _EXPORTABLE = {"norm": "layer", "qk_norm": False, "pos_embed": "sincos", "rope": False,
                "mlp": "gelu", "mlp_ratio": 4.0, "guidance_embed": False,
-               "timestep2_embed": False}
+               "timestep2_embed": False, "guidance_adapter": 0}
 
 
 # ----------------------------------------------------------------------------------------------
