@@ -338,15 +338,33 @@ def train_tiny_teacher(workdir, data: str = "gmm", steps: int = 20, *extra):
   return str(workdir)
 
 
+_SHARED_TEACHERS: dict = {}
+
+
+def shared_tiny_teacher(data: str = "gmm", steps: int = 20, *extra) -> str:
+  """`train_tiny_teacher`'s run directory, trained once per test process for these arguments
+  and shared by every test asking for the same teacher (they only read it as
+  `teacher.checkpoint`); removed when the process exits."""
+  key = (data, int(steps)) + tuple(extra)
+  if key not in _SHARED_TEACHERS:
+    import atexit  # pylint: disable=import-outside-toplevel
+    import shutil  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    root = tempfile.mkdtemp(prefix="shared_teacher_")
+    atexit.register(shutil.rmtree, root, True)
+    _SHARED_TEACHERS[key] = train_tiny_teacher(os.path.join(root, "teacher"), data, steps,
+                                               *extra)
+  return _SHARED_TEACHERS[key]
+
+
 def check_toy_run(config: str, tmp_path, steps: int, *extra, min_fraction: float = 0.6,
                   student_steps: int = 1, teacher_steps: int = 600):
   """Trains a small spiral teacher (hidden 64, `teacher_steps` steps), distils it for `steps`
   steps and checks the `student_steps`-step student closes `min_fraction` of the teacher's 1 vs
   16-step SWD gap and that its weights differ from the teacher's. Returns the eval results."""
   from distill import checkpoint as ckpt
-  teacher = train_tiny_teacher(tmp_path / "teacher", "spiral", teacher_steps,
-                               "--config.model.hidden=64",
-                               "--config.optim.lr=2e-3")
+  teacher = shared_tiny_teacher("spiral", teacher_steps, "--config.model.hidden=64",
+                                "--config.optim.lr=2e-3")
   w = tmp_path / "student"
   run_train(f"{config}:spiral", w, f"--config.teacher.checkpoint={teacher}",
             f"--config.train.steps={steps}", "--config.train.batch_size=128",

@@ -392,7 +392,7 @@ def test_toy_run_one_step_student_closes_the_gap(kind, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tmp_path):
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  teacher = mu.shared_tiny_teacher()
   args = [f"--config.teacher.checkpoint={teacher}", "--config.train.steps=10",
           "--config.train.log_every=5", "--config.train.batch_size=64",
           "--config.eval.at_end=false", "--config.checkpoint.every_steps=0",

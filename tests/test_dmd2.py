@@ -315,7 +315,7 @@ SMALL = ["--config.train.batch_size=64", "--config.eval.num_samples=256",
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-  return mu.train_tiny_teacher(tmp_path_factory.mktemp("dmd2") / "teacher", "gmm", 20)
+  return mu.shared_tiny_teacher("gmm", 20)
 
 
 def losses(rows):

@@ -198,7 +198,7 @@ def test_toy_run_closes_the_guided_teachers_gap(tmp_path):
   """gmm (classes), evaluated class-conditionally at w = 2: the 4-step student closes >= 70% of
   the gap between the guided teacher's 1 and 16 Euler steps."""
   import json
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher", "gmm", 800)
+  teacher = mu.shared_tiny_teacher("gmm", 800)
   w = tmp_path / "student"
   mu.run_train(f"{CONFIG}:gmm", w, f"--config.teacher.checkpoint={teacher}",
                "--config.objective.guidance_steps=300", "--config.objective.stage_steps=200",
@@ -216,7 +216,7 @@ def test_toy_run_closes_the_guided_teachers_gap(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tmp_path):
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  teacher = mu.shared_tiny_teacher()
   args = [f"--config.teacher.checkpoint={teacher}", "--config.train.log_every=5",
           "--config.train.batch_size=64", "--config.eval.at_end=false",
           "--config.checkpoint.every_steps=0", "--config.objective.guidance_steps=5",

@@ -143,7 +143,7 @@ def test_kill_between_and_inside_stages_resumes_exactly(tmp_path):
   and 12. One run is killed after the boundary checkpoint of step 6 (between stages), resumed,
   killed again after step 16 (inside stage 2, past a promotion), resumed: it logs exactly the
   losses of an uninterrupted run, and its eval teacher rows are the original teacher's."""
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  teacher = mu.shared_tiny_teacher()
   args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.objective.num_stages=3",
           "--config.objective.stage_steps=6", "--config.train.log_every=1",
           "--config.checkpoint.every_steps=4"]
@@ -174,7 +174,7 @@ def test_kill_between_and_inside_stages_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tmp_path):
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher")
+  teacher = mu.shared_tiny_teacher()
   args = [f"--config.teacher.checkpoint={teacher}", "--config.train.log_every=5",
           "--config.train.batch_size=64", "--config.eval.at_end=false",
           "--config.checkpoint.every_steps=0", "--config.objective.student_steps=4",

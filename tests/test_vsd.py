@@ -174,7 +174,7 @@ def losses(rows):
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tmp_path):
-  teacher = mu.train_tiny_teacher(tmp_path / "teacher", "gmm", 20)
+  teacher = mu.shared_tiny_teacher("gmm", 20)
   args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.train.steps=10",
           "--config.train.log_every=5", "--config.checkpoint.every_steps=0",
           "--config.eval.at_end=false", "--config.objective.random_guidance=true",
