@@ -211,8 +211,6 @@ class Context:
     """The call keywords that give network `name` the CFG scale w (`guidance_inputs`)."""
     return guidance_inputs(self.nets[name].module, w)
 
-  def null_labels(self, name: str, batch_size: int):
-    return jnp.full((batch_size,), self.nets[name].num_classes, jnp.int32)
 
 
 def to_kind(info: NetInfo, out, kind: str, x_t, t):
