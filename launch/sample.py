@@ -39,7 +39,7 @@ def _extra(p):
   p.add_argument("--out", default="")
 
 
-# Batch key -> its file in a caption-embedding directory.
+# Batch key -> its file in a caption-embedding directory (distill/data/latents.py).
 PROMPT_FILES = {"text_embeds": "embeds.npy", "text_mask": "mask.npy",
                 "pooled_text_embeds": "pooled.npy"}
 
@@ -57,9 +57,9 @@ def parse_rows(rows: str, count: int, path: str) -> np.ndarray:
   return np.asarray(idx, np.int64)
 
 
-def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+def _load_npy(path: str) -> np.ndarray:
   try:
-    return np.load(path, mmap_mode="r" if mmap else None)
+    return np.load(path)
   except (ValueError, OSError) as e:
     raise ValueError(f"--prompt_embeds: {path} is not a readable .npy file ({e})") from None
 
@@ -79,21 +79,11 @@ def load_prompt_embeds(path: str, rows: str = "", num: int = 1) -> dict[str, np.
       raise ValueError(f"--prompt_embeds: {path} has shape {x.shape}, expected (L, D) for one "
                        "prompt or (n, L, D)")
     return {"text_embeds": x[None] if x.ndim == 2 else x}
-  files = {k: os.path.join(path, f) for k, f in PROMPT_FILES.items()}
-  if not os.path.isfile(files["text_embeds"]):
-    raise ValueError(f"--prompt_embeds: {path} has no embeds.npy (a caption-embedding directory: "
-                     "embeds.npy (C, L, D), optional mask.npy (C, L) and pooled.npy (C, Dp))")
-  arrays = {k: _load_npy(f, mmap=True) for k, f in files.items() if os.path.isfile(f)}
-  embeds = arrays["text_embeds"]
-  expected = {"text_embeds": "(C, L, D)", "text_mask": f"(C, L) = {embeds.shape[:2]}",
-              "pooled_text_embeds": f"(C, Dp) with C = {len(embeds)}"}
-  for k, v in arrays.items():
-    ok = {"text_embeds": v.ndim == 3, "text_mask": v.shape == embeds.shape[:2],
-          "pooled_text_embeds": v.ndim == 2 and len(v) == len(embeds)}[k]
-    if not ok:
-      raise ValueError(f"--prompt_embeds: {files[k]} has shape {v.shape}, expected {expected[k]}")
-  idx = parse_rows(rows, len(embeds), path) if rows else np.arange(min(num, len(embeds)))
-  return {k: np.asarray(v[idx]) for k, v in arrays.items()}
+  from distill.data.latents import load_text_embeds, text_rows  # pylint: disable=import-outside-toplevel
+  text = load_text_embeds(path, null_prompt="zeros", key="--prompt_embeds")
+  count = len(text["embeds"])
+  idx = parse_rows(rows, count, path) if rows else np.arange(min(num, count))
+  return text_rows(text, idx)
 
 
 def prompt_conditions(prompts: dict, need: dict, path: str, num: int) -> dict[str, np.ndarray]:

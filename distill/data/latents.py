@@ -97,24 +97,27 @@ def _npy(path: str, name: str, mmap: bool = True):
   return np.load(file, mmap_mode="r" if mmap else None) if os.path.isfile(file) else None
 
 
-def _check_shape(name: str, arr: np.ndarray, want: tuple, what: str) -> None:
+def _check_shape(name: str, arr: np.ndarray, want: tuple, what: str,
+                 key: str = "data.text_embeds") -> None:
   """One line naming the file when `arr`'s shape is not `want` (ints must match; a str names an
   axis of any size)."""
   if arr.ndim == len(want) and all(isinstance(w, str) or a == w for a, w in zip(arr.shape, want)):
     return
   shown = "(" + ", ".join(map(str, want)) + ("," if len(want) == 1 else "") + ")"
-  raise ValueError(f"data.text_embeds: {name} has shape {arr.shape}, expected {shown} ({what})")
+  raise ValueError(f"{key}: {name} has shape {arr.shape}, expected {shown} ({what})")
 
 
-def load_text_embeds(path: str, null_prompt: str = "file") -> dict[str, np.ndarray]:
+def load_text_embeds(path: str, null_prompt: str = "file",
+                     key: str = "data.text_embeds") -> dict[str, np.ndarray]:
   """The arrays of a caption-embedding directory (module docstring) by short name: `embeds`,
   and when present `mask`, `pooled`, `clip_tokens` (memory-mapped) and, with `null_prompt`
-  "file", `null`, `null_mask`, `null_pooled`. Every shape is checked against embeds.npy."""
+  "file", `null`, `null_mask`, `null_pooled`. Every shape is checked against embeds.npy; errors
+  name `key` (the config key or flag that gave `path`)."""
   embeds = _npy(path, "embeds.npy")
   if embeds is None:
-    raise ValueError(f"data.text_embeds: {path!r} has no embeds.npy (expected embeds.npy of "
+    raise ValueError(f"{key}: {path!r} has no embeds.npy (expected embeds.npy of "
                      "shape (captions, tokens, width) and optional mask.npy (captions, tokens))")
-  _check_shape("embeds.npy", embeds, ("captions", "tokens", "width"), "one row per caption")
+  _check_shape("embeds.npy", embeds, ("captions", "tokens", "width"), "one row per caption", key)
   c, l, d = embeds.shape
   out = {"embeds": embeds}
   per_caption = (("mask", (c, l), "embeds.npy's captions, tokens"),
@@ -123,27 +126,28 @@ def load_text_embeds(path: str, null_prompt: str = "file") -> dict[str, np.ndarr
   for name, want, what in per_caption:
     arr = _npy(path, name + ".npy")
     if arr is not None:
-      _check_shape(name + ".npy", arr, want, what)
+      _check_shape(name + ".npy", arr, want, what, key)
       out[name] = arr
   if null_prompt != "file":
     return out
   null = _npy(path, "null.npy", mmap=False)
   if null is None:
-    raise ValueError(f"data.text_embeds: {path!r} has no null.npy (the encoded empty prompt, "
+    raise ValueError(f"{key}: {path!r} has no null.npy (the encoded empty prompt, "
                      f"shape ({l}, {d})); set data.null_prompt = \"zeros\" for the all-zero null "
                      "prompt of DMD2-SDXL")
-  _check_shape("null.npy", null, (l, d), "embeds.npy's tokens, width")
+  _check_shape("null.npy", null, (l, d), "embeds.npy's tokens, width", key)
   out["null"] = null
   null_mask = _npy(path, "null_mask.npy", mmap=False)
   if null_mask is not None:
-    _check_shape("null_mask.npy", null_mask, (l,), "embeds.npy's tokens")
+    _check_shape("null_mask.npy", null_mask, (l,), "embeds.npy's tokens", key)
     out["null_mask"] = null_mask
   null_pooled = _npy(path, "null_pooled.npy", mmap=False)
   if "pooled" in out:
     if null_pooled is None:
-      raise ValueError(f"data.text_embeds: {path!r} has pooled.npy but no null_pooled.npy (the "
+      raise ValueError(f"{key}: {path!r} has pooled.npy but no null_pooled.npy (the "
                        f"empty prompt's pooled embedding, shape ({out['pooled'].shape[1]},))")
-    _check_shape("null_pooled.npy", null_pooled, (out["pooled"].shape[1],), "pooled.npy's width")
+    _check_shape("null_pooled.npy", null_pooled, (out["pooled"].shape[1],),
+                 "pooled.npy's width", key)
     out["null_pooled"] = null_pooled
   return out
 
