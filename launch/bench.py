@@ -63,6 +63,11 @@ def random_teacher(config, abstract: bool = False):
                              reference={"abstract" if abstract else "random": True})
 
 
+def _progress(line: str) -> None:
+  """One progress line on stderr (a run killed at its time limit shows where it was)."""
+  print(f"launch.bench: {line}", file=sys.stderr, flush=True)
+
+
 def peak_memory_bytes():
   import jax
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -88,9 +93,11 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
     fn = engine.phase_step(0, i)
     batch = engine.global_batch(0, phase.data)
     t = make_time(phase.start, 0, 0, 0)
+    _progress(f"{phase.name}: compiling")
     t0 = time.perf_counter()
     compiled = fn.lower(state, frozen, batch, t).compile()
     compile_s = time.perf_counter() - t0
+    _progress(f"{phase.name}: compiled in {compile_s:.0f} s; timing {warmup} + {steps} steps")
     try:
       xla_flops = float(compiled.cost_analysis().get("flops", 0.0))
     except Exception:  # noqa: BLE001 - not every backend reports it

@@ -12,17 +12,24 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #         ml_collections==1.1.0 tensorboardX==2.6.5
 #
-# What it runs (four compiled DiT-XL/2 steps, blocks scanned, each in its own process with a
-# time limit, then the kernel checks; about 4 minutes on an H200):
-#   1. plain train step, 256 px (256 tokens), per-device batch 128, cuDNN attention
-#   2. sCD step (configs/bench/dit_xl2.py:scm), 256 px, batch 128: cuDNN for the gradient pass,
-#      the fused Pallas JVP attention for the tangent (the config's XLA tangent if that fails)
-#   3. plain train step, 512 px (1024 tokens), batch 32, cuDNN attention
-#   4. sCD step, 512 px, batch 32, fused JVP attention
-#   5. pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA attention in
-#      forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
-# Environment: PYTHON (the interpreter, default python3), WHEELS, STEPS (timed steps, 10), SCAN,
-# EXTRA_ARGS (below).
+# What it runs (compiled DiT-XL/2 steps, blocks scanned, each in its own process with a time
+# limit, then the kernel checks; about 6 minutes on an H200), by name:
+#   plain256   plain train step, 256 px (256 tokens), per-device batch 128, cuDNN attention
+#   scm256     sCD step (configs/bench/dit_xl2.py:scm), 256 px, batch 128: cuDNN for the gradient
+#              pass, the fused Pallas JVP attention for the tangent (the config's XLA tangent if
+#              that fails)
+#   plain512   plain train step, 512 px (1024 tokens), batch 32, cuDNN attention
+#   scm512     sCD step, 512 px, batch 32, fused JVP attention
+#   dmd2_256   DMD2 generator and fake-score steps (student, fake score + GAN head, teacher),
+#              256 px, per-device batch 32, blocks rematerialised (the config's remat=full)
+#   sid_256    SiD generator and fake-score steps, 256 px, batch 32
+#   plain256_unrolled, scm256_unrolled   the 256-px steps with the blocks unrolled (not in the
+#              default list: each compiles for 1-3 minutes)
+#   kernels    pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA
+#              attention in forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
+# Environment: PYTHON (the interpreter, default python3), WHEELS, RUNS (the names above, in
+# order; default "plain256 scm256 plain512 scm512 dmd2_256 sid_256 kernels"), STEPS (timed
+# steps, 10), SCAN, EXTRA_ARGS (below).
 # Output: OUTDIR/bench.md (the table), OUTDIR/bench.jsonl (launch.bench's JSON per run),
 # OUTDIR/<run>.log, OUTDIR/kernels.log, OUTDIR/device.txt.
 set -u
@@ -67,7 +74,10 @@ bench() {
   local json
   json=$(tail -n 1 "$OUTDIR/$name.log")
   if [ $rc -ne 0 ] || [ "${json:0:1}" != "{" ]; then
-    echo "   FAILED (exit $rc): $(grep -m1 -E 'Error|error|RESOURCE_EXHAUSTED' "$OUTDIR/$name.log" | cut -c1-300)"
+    local why
+    why=$(grep -m1 -E 'Error|error|RESOURCE_EXHAUSTED' "$OUTDIR/$name.log")
+    [ $rc -eq 124 ] && why="time limit ${limit} s; last line: $(tail -n 1 "$OUTDIR/$name.log")"
+    echo "   FAILED (exit $rc): $(echo "$why" | cut -c1-300)"
     echo "| $name | $* | - | failed (exit $rc) | | | | |" >> "$OUTDIR/bench.md"
     return 1
   fi
@@ -79,7 +89,8 @@ with open('$OUTDIR/bench.jsonl', 'a') as f:
   f.write(json.dumps(r) + '\\n')
 peak = r.get('peak_memory_bytes') or 0
 m = r.get('model', {})
-attn = f\"attn={m.get('attention')} jvp={m.get('jvp_attention')} {m.get('dtype', '')}\"
+attn = (f\"attn={m.get('attention')} jvp={m.get('jvp_attention')} {m.get('dtype', '')} \"
+        f\"{'scanned' if m.get('scan_blocks') else 'unrolled'} remat={m.get('remat', 'none')}\")
 for phase, p in r['phases'].items():
   mfu = f\"{100 * p['mfu']:.1f}%\" if 'mfu' in p else '-'
   print(f\"| $name | {attn} | {phase} | {p['step_ms']:.1f} | \"
@@ -87,16 +98,35 @@ for phase, p in r['phases'].items():
 " "$@" | tee -a "$OUTDIR/bench.md"
 }
 
-bench plain256 150 denoise
-bench scm256 180 scm --config.model.jvp_attention=pallas_jvp || bench scm256_xla_jvp 180 scm
-bench plain512 150 denoise,512
-bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp
+kernels() {
+  echo "== kernels: pytest tests/test_attention.py -k on_gpu"
+  timeout 240 "$PYTHON" -m pytest tests/test_attention.py -k on_gpu -q -s -p no:cacheprovider \
+    > "$OUTDIR/kernels.log" 2>&1
+  echo "   exit $?: $(tail -n 1 "$OUTDIR/kernels.log")"
+  grep '^{' "$OUTDIR/kernels.log" || true
+}
 
-echo "== kernels: pytest tests/test_attention.py -k on_gpu"
-timeout 240 "$PYTHON" -m pytest tests/test_attention.py -k on_gpu -q -s -p no:cacheprovider \
-  > "$OUTDIR/kernels.log" 2>&1
-echo "   exit $?: $(tail -n 1 "$OUTDIR/kernels.log")"
-grep '^{' "$OUTDIR/kernels.log" || true
+# run NAME: one of the runs listed at the top (NAME LIMIT_S CONFIG_ARG [--config.k=v ...]).
+run() {
+  case $1 in
+    plain256) bench plain256 150 denoise ;;
+    scm256) bench scm256 180 scm --config.model.jvp_attention=pallas_jvp \
+              || bench scm256_xla_jvp 180 scm ;;
+    plain512) bench plain512 150 denoise,512 ;;
+    scm512) bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp ;;
+    dmd2_256) bench dmd2_256 200 dmd2 ;;
+    sid_256) bench sid_256 200 sid ;;
+    plain256_unrolled) SCAN=False bench plain256_unrolled 240 denoise ;;
+    scm256_unrolled) SCAN=False bench scm256_unrolled 360 scm ;;
+    kernels) kernels ;;
+    *) echo "launch/gpu_bench.sh: unknown run '$1' in RUNS (expected plain256, scm256, plain512," \
+         "scm512, dmd2_256, sid_256, plain256_unrolled, scm256_unrolled or kernels)"; return 2 ;;
+  esac
+}
+
+for name in ${RUNS:-plain256 scm256 plain512 scm512 dmd2_256 sid_256 kernels}; do
+  run "$name"
+done
 
 echo
 cat "$OUTDIR/bench.md"

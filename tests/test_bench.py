@@ -48,7 +48,7 @@ TINY_DIT = ["--config.model.num_layers=2", "--config.model.num_attention_heads=2
 
 
 @pytest.mark.parametrize("arg,latent,batch", [("denoise", 32, 128), ("scm", 32, 128),
-                                              ("dmd2,512", 64, 32), ("sid,256", 32, 128)])
+                                              ("dmd2,512", 64, 8), ("sid,256", 32, 32)])
 def test_bench_dit_xl2_configs_are_dit_xl2(arg, latent, batch):
   from distill import trainer
   c = trainer.load_config(f"{BENCH_DIT}:{arg}", [])
@@ -71,18 +71,25 @@ def test_bench_dit_xl2_rejects_unknown_arg():
 
 @pytest.mark.slow
 def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
-  """launch/gpu_bench.sh end to end on CPU with a shrunk network: four bench rows in its table
-  and JSON lines, and the kernel tests (skipped off GPU) reported."""
+  """launch/gpu_bench.sh end to end on CPU with a shrunk network: one run of each objective
+  (plain, sCD, DMD2, SiD) in its table and JSON lines, an unknown run named, and the kernel
+  tests (skipped off GPU) reported."""
   e = env() | {"STEPS": "1", "EXTRA_ARGS": " ".join(TINY_DIT), "PYTHON": sys.executable,
-               "WHEELS": str(tmp_path / "no_wheels")}   # this interpreter has every package
+               "WHEELS": str(tmp_path / "no_wheels"),   # this interpreter has every package
+               "RUNS": "plain512 scm256 bogus dmd2_256 sid_256 kernels"}
   p = subprocess.run(["bash", "launch/gpu_bench.sh", str(tmp_path)], cwd=ROOT,
                      capture_output=True, text=True, timeout=1200, env=e)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
   assert (tmp_path / "bench.jsonl").exists(), p.stdout[-3000:]
   rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
-  assert [r["run"] for r in rows] == ["plain256", "scm256", "plain512", "scm512"]
+  assert [r["run"] for r in rows] == ["plain512", "scm256", "dmd2_256", "sid_256"]
   assert [r["batch_size"] for r in rows] == [2, 2, 2, 2]
+  assert [sorted(r["phases"]) for r in rows] == [["denoise"], ["scm"], ["critic", "generator"],
+                                                 ["critic", "generator"]]
   assert all(p["img_per_s"] > 0 for r in rows for p in r["phases"].values())
   table = (tmp_path / "bench.md").read_text()
-  assert table.count("| attn=xla jvp=xla bfloat16 |") == 4 and "failed" not in table
+  assert table.count("| attn=xla jvp=xla bfloat16 scanned remat=none |") == 4, table
+  assert table.count("| dmd2_256 | attn=xla jvp=xla bfloat16 scanned remat=full |") == 2, table
+  assert "failed" not in table
+  assert "unknown run 'bogus' in RUNS" in p.stdout
   assert "skipped" in p.stdout   # the on_gpu kernel tests ran (and skip on CPU)

@@ -8,7 +8,10 @@ arg: "<objective>[,<resolution>]". objective: `denoise` (the plain train step a 
 with), `scm` (sCD: teacher forward, jax.jvp tangent of the student, student forward+backward),
 `dmd2`, `sid`. resolution: 256 (32x32x4 latents, 256 tokens, per-device batch 128, the batch of
 the PyTorch and plain-JAX anchors in ../shared/reference/README.md) or 512 (64x64x4 latents,
-1024 tokens, per-device batch 32).
+1024 tokens, per-device batch 32). DMD2 and SiD run three networks (student, fake score,
+teacher) and take a quarter of that batch (32 at 256 px); DMD2 rematerialises its blocks
+(`model.remat=full`): without it its generator step asks for 88 GiB at batch 32, with it
+both phases peak at 31 GiB on an H100 (docs/performance.md).
 
 The network is DiT-XL/2 (28 blocks, 16 heads of 72, patch 2, 1000 classes + null) as a
 rectified-flow model with a dense time input (process.timestep_scale = 1, as sCM needs), no
@@ -33,6 +36,7 @@ from configs.common import distill_config
 
 RESOLUTIONS = {256: (32, 128), 512: (64, 32)}   # resolution -> (latent size, per-device batch)
 OBJECTIVES = ("denoise", "scm", "dmd2", "sid")
+MATCHING = ("dmd2", "sid")   # three networks: a quarter of the per-device batch
 
 
 def parse_arg(arg: str) -> tuple[str, int]:
@@ -75,10 +79,14 @@ def objective_settings(c, name: str):
     c.objective.guidance_scales = (1.0,)
     c.objective.ema_decay = 0.9999
   elif name == "dmd2":
+    c.model.remat = "full"   # measured: 31 GiB at per-device batch 32, 88 GiB without
     c.objective.fake_updates = 5
     c.objective.gan_weight = 3e-3
-    c.objective.gan_feature_block = 13
-    c.objective.gan_feature_dim = 1152
+    # The head reads the middle block's output (13 of DiT-XL/2's 28 blocks, width 1152); both are
+    # references, so a shrunk network's `--config.model.*` moves them too.
+    c.objective.gan_feature_block = c.model.get_ref("num_layers") // 2 - 1
+    c.objective.gan_feature_dim = (c.model.get_ref("num_attention_heads")
+                                   * c.model.get_ref("attention_head_dim"))   # 1152
   elif name == "sid":
     c.objective.alpha = 1.2
     c.objective.fake_updates = 1
@@ -88,6 +96,8 @@ def objective_settings(c, name: str):
 def get_config(arg: str = ""):
   name, res = parse_arg(arg)
   latent, batch = RESOLUTIONS[res]
+  if name in MATCHING:
+    batch //= 4
   c = distill_config(name, teacher="", steps=1000, batch_size=batch, lr=1e-4, b1=0.9,
                      grad_clip=1.0)
   c.teacher.params = "raw"

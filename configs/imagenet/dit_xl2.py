@@ -34,7 +34,8 @@ Settings per objective (batch sizes are global; learning rates for those batches
   tangent warm-up and normalisation, adaptive weighting, lr 1e-4 (b1 0.9, b2 0.99), batch 256,
   EMA 0.9999 for evaluation.
 - dmd2: 5 critic updates per generator update, GAN head on block 13 (weight 3e-3), lr 2e-6 (the
-  DMD2 ImageNet-64 recipe), batch 256.
+  DMD2 ImageNet-64 recipe), batch 256, blocks rematerialised (`model.remat=full`: per-device
+  batch 32 then peaks at 31 GiB on an H100, 88 GiB without; docs/performance.md).
 - sid: alpha 1.2, one critic update per generator update, lr 1e-5, batch 256.
 - guided: Meng et al. on the VP teacher as converted (eps, DDIM): stage 1 distils CFG over
   w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
