@@ -59,6 +59,7 @@ def base_config() -> ConfigDict:
   c.optim.warmup_steps = 0
   c.optim.schedule = "constant"     # constant | cosine | linear (decay over the stage)
   c.optim.grad_clip = 0.0           # global-norm clip; 0 = off
+  c.optim.grad_clip_value = 0.0     # element-wise clip (before the norm clip); 0 = off
   c.optim.param_dtype = "float32"   # dtype trained parameters are kept in
   # Per-network overrides of any key above, e.g. optim.networks.fake_score.lr = 4e-5.
   c.optim.networks = ConfigDict()

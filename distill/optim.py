@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZER_KEYS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "warmup_steps", "schedule",
-                  "grad_clip", "param_dtype")
+                  "grad_clip", "grad_clip_value", "param_dtype")
 
 
 def network_settings(optim_cfg: Mapping[str, Any], name: str) -> dict:
   """The optimizer settings of one network: the defaults with its overrides applied."""
-  settings = {k: optim_cfg[k] for k in OPTIMIZER_KEYS}
+  # Configs saved before a key existed (resumed runs) lack it: its default is off.
+  settings = {k: optim_cfg[k] if k in optim_cfg else 0.0 for k in OPTIMIZER_KEYS}
   overrides = optim_cfg.get("networks", {}).get(name, {}) if optim_cfg.get("networks") else {}
   for k, v in dict(overrides).items():
     if k not in settings:
@@ -40,9 +41,12 @@ def _base_tx(name: str, learning_rate, s: Mapping[str, Any]) -> optax.GradientTr
 
 
 def make_optimizer(s: Mapping[str, Any]) -> optax.GradientTransformation:
-  """clip -> optimizer, with the learning rate injected (set each step by `set_lr`)."""
+  """clip by value -> clip by global norm -> optimizer, with the learning rate injected (set
+  each step by `set_lr`)."""
   def build(learning_rate):
     parts = []
+    if s["grad_clip_value"] and s["grad_clip_value"] > 0:
+      parts.append(optax.clip(s["grad_clip_value"]))   # element-wise (SiDA's fake network: 1)
     if s["grad_clip"] and s["grad_clip"] > 0:
       parts.append(optax.clip_by_global_norm(s["grad_clip"]))
     parts.append(_base_tx(s["name"], learning_rate, s))

@@ -177,6 +177,168 @@ def test_fake_loss_matches_torch(setup):
                     {k: mu.t2n(v.grad) for k, v in p_f.items()}, rtol=2e-4, what="d/dfake")
 
 
+# --------------------------------------------------------------------------------------------
+# SiDA: the fake network's encoder as the discriminator
+# --------------------------------------------------------------------------------------------
+
+GAN_W, GAN_D_W, GAN_START, BLOCK = 0.05, 0.7, 3, 0
+
+
+@pytest.fixture(scope="module")
+def sida(setup):
+  teacher, _, state, _, _ = setup
+  engine, _, frozen = mu.make_engine(
+      "sid", teacher, batch=B, null_label_prob=0.3, guidance_mode="custom",
+      real_guidance=K_REAL, fake_guidance=K_FAKE, fake_train_guidance=K_TRAIN,
+      fake_label_dropout=0.3, alpha=1.0, num_steps=2, t_min_frac=0.1, t_max_frac=0.9,
+      gan_weight=GAN_W, gan_d_weight=GAN_D_W, discriminator="encoder", gan_feature_block=BLOCK,
+      gan_start_step=GAN_START, generator_start_step=2)
+  batch = jax.device_get(engine.global_batch(0))
+  return teacher, engine, state, frozen, batch
+
+
+def test_sida_structure_and_schedule(sida):
+  """No head network (the discriminator is the fake network itself); the critic trains from
+  step 0, the generator from `generator_start_step` (its optimizer counts only those steps)."""
+  _, engine, state, frozen, _ = sida
+  state, frozen = jax.tree_util.tree_map(jnp.array, (state, frozen))   # steps donate buffers
+  assert [n.name for n in engine.objective.networks] == ["teacher", "student", "fake_score"]
+  critic, gen = engine.objective.phases
+  assert critic.trains == ("fake_score",) and gen.start == 2
+  ran = []
+  for step in range(4):
+    state, frozen, metrics = engine.train_step(state, frozen, step)
+    ran.append("generator/loss" in metrics)
+    assert {"critic/d", "critic/p_real", "critic/p_fake"} <= set(metrics)
+  assert ran == [False, False, True, True]
+  from tests.test_dmd2 import _opt_count
+  assert (_opt_count(state.opt_state["fake_score"]), _opt_count(state.opt_state["student"])) == (
+      4, 2)
+  import ml_collections
+  from distill.objective import OBJECTIVES
+  for key, value, match in [("discriminator", "nope", "objective.discriminator"),
+                            ("gan_start_step", -1, "objective.gan_start_step")]:
+    cfg = ml_collections.ConfigDict(dict(sid.DEFAULTS))
+    cfg[key] = value
+    with pytest.raises(ValueError, match=match):
+      OBJECTIVES.get("sid").build(cfg)
+
+
+def test_sida_discriminator_learns_real_from_fake():
+  """The critic alone (generator held back) on real gmm points against the untrained student's
+  samples: the fake network's channel-mean logits come to separate them (over the last 40 of
+  100 steps at lr 1e-2 the D loss is below log 2 and p_real above p_fake; measured ~0.64 and
+  0.52 vs 0.44), while the fake score's own loss falls."""
+  c = mu.tiny_config("sid", "gmm", 64, gan_weight=0.01, gan_d_weight=1.0,
+                     discriminator="encoder", gan_feature_block=0, generator_start_step=10**6,
+                     null_label_prob=0.0)
+  c.optim.lr = 1e-2
+  from distill.engine import Engine
+  engine = Engine(c, teacher=mu.make_teacher(4))
+  state, frozen = engine.init_state()
+  rows = []
+  for step in range(100):
+    state, frozen, metrics = engine.train_step(state, frozen, step)
+    rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+  assert not any("generator/loss" in r for r in rows)
+  mean = lambda k: float(np.mean([r[k] for r in rows[-40:]]))
+  assert mean("critic/d") < math.log(2) - 0.02, mean("critic/d")
+  assert mean("critic/p_real") - mean("critic/p_fake") > 0.04
+  assert mean("critic/fake") < float(np.mean([r["critic/fake"] for r in rows[:10]]))
+
+
+def _torch_cfg_features(net, p, x_t, t, labels, scale):
+  """CFG x0 prediction and the conditional pass's block-BLOCK features."""
+  c, feats = net(p, x_t, 1000.0 * t, labels, feature_block=BLOCK)
+  u = net(p, x_t, 1000.0 * t, torch.full_like(labels, 4))
+  return mu.rf_x0(u + scale * (c - u), x_t, t), feats
+
+
+@pytest.mark.parametrize("step", [GAN_START - 1, GAN_START])
+def test_sida_generator_loss_matches_torch(sida, step):
+  """Before `gan_start_step` the SiD loss alone; from it 0.5 L_G + 0.5 gan_weight L_GAN with
+  L_GAN = dim(x) mean_b(1/w_b) BCE(clip(mean_channels h_fake(x_t)), 1), h from the very forward
+  that gives y_fake (CFG's conditional half). Value and student gradient."""
+  teacher, engine, state, frozen, batch = sida
+  draw, kw = phase_kwargs(engine, "generator")
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(18), batch["x"].shape)
+  fn = lambda tr: sid.generator_loss_given(tr, ctx, batch, draws, step=step, **kw)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
+
+  net = mu.torch_mlp(teacher)
+  p_s = mu.torch_params(state.params["student"], requires_grad=True)
+  p_t = mu.torch_params(frozen["teacher"])
+  p_f = mu.torch_params(state.params["fake_score"])
+  labels = mu.step_labels(batch, draws["gen"])
+  x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
+  t, eps = mu.n2t(draws["t"]), mu.n2t(draws["eps"])
+  x_t = (1 - t)[:, None] * x + t[:, None] * eps
+  y_r = _torch_cfg(net, p_t, x_t, t, labels, K_REAL)
+  y_f, feats = _torch_cfg_features(net, p_f, x_t, t, labels, K_FAKE)
+  w = torch.clamp(torch.mean(torch.abs(x - y_r), dim=1), min=1e-5).detach()
+  l_sid = (torch.sum((y_r - y_f) * ((y_r - x) - 1.0 * (y_r - y_f)), dim=1) / w).mean()
+  logits = torch.clamp(feats.mean(dim=-1), -10, 10)
+  bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+  l_gan = x.shape[1] * (1.0 / w).mean() * bce
+  ref = 0.5 * l_sid + 0.5 * GAN_W * l_gan if step >= GAN_START else l_sid
+  ref.backward()
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["gan"]), float(l_gan.detach()), rtol=1e-5)
+  assert_close_tree(mu.flat_params(grads["student"]), {k: mu.t2n(v.grad) for k, v in p_s.items()},
+                    rtol=2e-4, what="d/dstudent")
+
+
+def test_sida_critic_loss_matches_torch(sida):
+  """L_fake + gan_d_weight 1/2 [BCE(D(x_real), 1) + BCE(D(x_g), 0)]: D(x_g) from the fake
+  loss's own (guided, label-dropped) forward, x_real noised with the same t and eps under the
+  same condition. Value and fake-network gradient."""
+  teacher, engine, state, frozen, batch = sida
+  draw, kw = phase_kwargs(engine, "critic")
+  trainable, ctx = mu.phase_context(engine, state, frozen, ("fake_score",))
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(19), batch["x"].shape)
+  fn = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, **kw)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
+
+  net = mu.torch_mlp(teacher)
+  p_s = mu.torch_params(state.params["student"])
+  p_f = mu.torch_params(state.params["fake_score"], requires_grad=True)
+  labels = mu.step_labels(batch, draws["gen"])
+  with torch.no_grad():
+    x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
+  f = draws["fake"]
+  t, eps = mu.n2t(f["t"]), mu.n2t(f["eps"])
+  lab = torch.where(mu.n2t(f["drop"]).bool(), torch.full_like(labels, 4), labels)
+  x_t = (1 - t)[:, None] * x + t[:, None] * eps
+  c, feats_fake = net(p_f, x_t, 1000.0 * t, lab, feature_block=BLOCK)
+  u = net(p_f, x_t, 1000.0 * t, torch.full_like(labels, 4))
+  l_fake = torch.mean(torch.mean((u + K_TRAIN * (c - u) - (eps - x)) ** 2, dim=1))
+  x_real = mu.n2t(batch["x"])
+  _, feats_real = net(p_f, (1 - t)[:, None] * x_real + t[:, None] * eps, 1000.0 * t, lab,
+                      feature_block=BLOCK)
+  bce = torch.nn.functional.binary_cross_entropy_with_logits
+  lr, lf = feats_real.mean(-1), feats_fake.mean(-1)
+  l_d = 0.5 * (bce(lr, torch.ones_like(lr)) + bce(lf, torch.zeros_like(lf)))
+  ref = l_fake + GAN_D_W * l_d
+  ref.backward()
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["d"]), float(l_d.detach()), rtol=1e-5)
+  assert_close_tree(mu.flat_params(grads["fake_score"]),
+                    {k: mu.t2n(v.grad) for k, v in p_f.items()}, rtol=2e-4, what="d/dfake")
+
+
+def test_grad_clip_value_clips_each_entry():
+  """`optim.grad_clip_value` (SiDA clips the fake network's gradients at 1): entries beyond
+  the bound are clipped before the optimizer, the rest pass unchanged."""
+  from distill import optim
+  s = {k: 0.0 for k in optim.OPTIMIZER_KEYS} | {"name": "sgd", "lr": 1.0, "b1": 0.0,
+                                                "grad_clip_value": 1.0}
+  tx = optim.make_optimizer(s)
+  g = {"w": jnp.array([-3.0, -0.5, 0.2, 7.0])}
+  updates, _ = tx.update(g, tx.init(g), g)
+  np.testing.assert_array_equal(updates["w"], np.float32([1.0, 0.5, -0.2, -1.0]))  # -lr clip(g)
+
+
 @pytest.mark.parametrize("t_value,delta,v", [(0.3, 0.4, 1.0), (0.6, -0.3, 1.6), (0.5, 0.2, 0.6)])
 def test_sid_gradient_gaussian_closed_form(t_value, delta, v):
   """SiD's generator gradient for Gaussian data (exact teacher and fake scores).
@@ -239,17 +401,23 @@ SMALL = ["--config.train.batch_size=64", "--config.eval.num_samples=256",
 
 
 def losses(rows):
-  return [{k: v for k, v in r.items() if k == "step" or k.endswith(("/loss", "/sid", "/fake"))}
-          for r in rows]
+  return [{k: v for k, v in r.items()
+           if k == "step" or k.endswith(("/loss", "/sid", "/fake", "/gan", "/d"))} for r in rows]
 
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tmp_path):
+  """The few-step mixture with SiDA's discriminator (its BCE means over the global batch, the
+  generator's GAN term switched on at step 3) logs the same losses on 8 devices as on 1."""
   teacher = mu.shared_tiny_teacher("gmm", 20)
   args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.train.steps=10",
           "--config.train.log_every=5", "--config.checkpoint.every_steps=0",
-          "--config.eval.at_end=false", "--config.objective.num_steps=2"]
-  mu.check_sharded_losses(CONFIG, tmp_path, args, losses, ("generator/sid",))
+          "--config.eval.at_end=false", "--config.objective.num_steps=2",
+          "--config.objective.gan_weight=0.05", "--config.objective.discriminator=encoder",
+          "--config.objective.gan_feature_block=0", "--config.objective.gan_d_weight=1.0",
+          "--config.objective.gan_start_step=3"]
+  mu.check_sharded_losses(CONFIG, tmp_path, args, losses, ("generator/sid", "critic/d",
+                                                           "generator/gan"))
 
 
 @pytest.mark.slow

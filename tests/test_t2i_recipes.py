@@ -124,7 +124,7 @@ def test_recipe_phase_steps_trace(family, recipe):
       assert metrics, (recipe, phase.name)
 
 
-@pytest.mark.parametrize("recipe", ["teacher", "scm", "dmd2", "sid", "guided"])
+@pytest.mark.parametrize("recipe", ["teacher", "scm", "dmd2", "sid", "sida", "guided"])
 def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
   """configs/imagenet/dit_xl2.py: every recipe validates and builds its objective (guided: stage
   1 then three progressive stages 16 -> 8 -> 4 -> 2 steps, 80k steps in all)."""
@@ -134,3 +134,10 @@ def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
   if recipe == "guided":
     assert len(objective.stages) == 4 and sum(s.steps for s in objective.stages) == 80_000
     assert c.eval.class_conditional and c.eval.guidance == 1.5
+  if recipe == "sida":   # 100k / 200k images at batch 256; no head: the fake network is D
+    from distill import optim
+    assert [p.start for p in objective.phases] == [0, 391]
+    assert c.objective.gan_start_step == 782
+    assert [n.name for n in objective.networks] == ["teacher", "student", "fake_score"]
+    assert optim.network_settings(c.optim, "fake_score")["grad_clip_value"] == 1.0
+    assert optim.network_settings(c.optim, "student")["grad_clip_value"] == 0.0

@@ -1,7 +1,7 @@
 """DiT-XL/2 on ImageNet 256x256 from precomputed SD-VAE latents: fine-tune the public DiT teacher to
 a dense-time flow model, then distil it into a 1-4 step student with sCD, DMD2 or SiD.
 
-arg: `teacher` | `scm` | `dmd2` | `sid` | `guided`.
+arg: `teacher` | `scm` | `dmd2` | `sid` | `sida` | `guided`.
 
     # 1. Latents (once): center crop 256, SD-VAE (ft-EMA) posterior mean/std + the flipped twin.
     python -m launch.precompute --input folder:$IMAGENET/train --vae $SD_VAE_FT_EMA \
@@ -37,6 +37,12 @@ Settings per objective (batch sizes are global; learning rates for those batches
   DMD2 ImageNet-64 recipe), batch 256, blocks rematerialised (`model.remat=full`: per-device
   batch 32 then peaks at 31 GiB on an H100, 88 GiB without; docs/performance.md).
 - sid: alpha 1.2, one critic update per generator update, lr 1e-5, batch 256.
+- sida: sid with SiDA's adversarial term (Zhou et al. ICLR'25): the fake network's block-13
+  features (channel mean per token) as the discriminator on real latents, D weight 1, the
+  generator's 0.5 / 0.5 mix with GAN weight 0.01 after 200k images (782 steps), no generator
+  update in the first 100k (391 steps), the fake network's gradients clipped by value at 1,
+  alpha 1. (SiD2A, SiDA started from a trained SiD student, needs a student initialised from
+  another run's checkpoint, which the engine does not offer yet.)
 - guided: Meng et al. on the VP teacher as converted (eps, DDIM): stage 1 distils CFG over
   w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
   (20k steps, v-loss weighting), then three progressive stages 16 -> 8 -> 4 -> 2 DDIM steps
@@ -50,14 +56,17 @@ full-size sCD and DMD2 steps compile for TPU v5p 4x4x4 and v6e 8x8 and fit
 (1.5B EDM2 teacher), DMD2 1-step FID 1.28 on ImageNet-64. Evaluate with
 `python -m launch.evaluate --workdir W`.
 """
+import ml_collections
+
 from configs.bench.dit_xl2 import dit_xl2, objective_settings
 from configs.common import distill_config
 
-OBJECTIVES = {"teacher": "denoise", "scm": "scm", "dmd2": "dmd2", "sid": "sid",
+OBJECTIVES = {"teacher": "denoise", "scm": "scm", "dmd2": "dmd2", "sid": "sid", "sida": "sid",
               "guided": "guided"}
 # objective -> (steps, global batch, lr, b2)
 SCHEDULE = {"teacher": (100_000, 256, 1e-4, 0.999), "scm": (100_000, 256, 1e-4, 0.99),
             "dmd2": (200_000, 256, 2e-6, 0.999), "sid": (100_000, 256, 1e-5, 0.999),
+            "sida": (100_000, 256, 1e-5, 0.999),
             "guided": (80_000, 256, 5e-5, 0.999)}
 
 
@@ -85,6 +94,15 @@ def get_config(arg: str = "scm"):
     c.teacher.params = "raw"
   elif recipe == "scm":
     c.objective.guidance_scales = (1.5,)
+  elif recipe == "sida":
+    c.objective.alpha = 1.0
+    c.objective.discriminator = "encoder"
+    c.objective.gan_weight = 0.01
+    c.objective.gan_d_weight = 1.0
+    c.objective.gan_feature_block = 13
+    c.objective.gan_start_step = 200_000 // batch + 1
+    c.objective.generator_start_step = 100_000 // batch + 1
+    c.optim.networks.fake_score = ml_collections.ConfigDict({"grad_clip_value": 1.0})
   elif recipe == "guided":
     c.optim.schedule = "linear"
     c.objective.part = "both"

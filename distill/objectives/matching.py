@@ -36,7 +36,7 @@ hand the very same numbers to a PyTorch reference):
 """
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -98,34 +98,46 @@ def is_static(scale) -> bool:
 
 
 def guided(ctx, net: str, x_t: Array, t, cond: Mapping, scale: Scale, kind: str = "x0", *,
-           params=None) -> Array:
+           params=None, feature_block: Optional[int] = None):
   """CFG u + scale (c - u) of network `net` in prediction `kind` ("raw": its own output).
 
   A static scale of 1 makes one conditional pass and 0 one null pass; otherwise the conditional
   and null passes run as one call on a doubled batch. The null condition is
   `context.null_condition` (the null class; zero prompt embeddings). Without a condition to drop
   (no classes, no prompt) one plain pass whatever the scale.
+
+  With `feature_block` it returns (prediction, features): the network's features after that
+  block (`return_features`) from the same forward, the conditional pass's where both run (the
+  null pass's at a static scale 0): what SiDA's discriminator reads.
   """
   info = ctx.nets[net]
   b = x_t.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
 
   def out(x, tt, c):
-    raw = ctx.apply(net, x, tt, c, params=params)
-    return raw if kind == "raw" else to_kind(info, raw, kind, x, tt)
+    if feature_block is None:
+      raw, feats = ctx.apply(net, x, tt, c, params=params), None
+    else:
+      raw, f = ctx.apply(net, x, tt, c, params=params, return_features=(feature_block,))
+      feats = f[feature_block]
+    return (raw if kind == "raw" else to_kind(info, raw, kind, x, tt)), feats
+
+  def result(pred, feats):
+    return pred if feature_block is None else (pred, feats)
 
   if not conditional(info, cond):
-    return out(x_t, t, cond)
+    return result(*out(x_t, t, cond))
   null = null_condition(info, cond)
   if is_static(scale) and float(scale) == 1.0:
-    return out(x_t, t, cond)
+    return result(*out(x_t, t, cond))
   if is_static(scale) and float(scale) == 0.0:
-    return out(x_t, t, null)
-  both = out(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-             jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), dict(cond), null))
+    return result(*out(x_t, t, null))
+  both, feats = out(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                    jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), dict(cond),
+                                           null))
   c, u = both[:b], both[b:]
   s = scale if is_static(scale) else bcast(jnp.asarray(scale, jnp.float32), x_t)
-  return u + s * (c - u)
+  return result(u + s * (c - u), None if feats is None else feats[:b])
 
 
 def null_cond(ctx, net: str, cond: Mapping) -> dict:
@@ -206,12 +218,17 @@ def fake_draws(process, rng: Array, shape: tuple, label_dropout: float) -> dict:
 
 
 def fake_loss(ctx, net: str, params, x0: Array, cond: Mapping, draws: Mapping, *,
-              weighting: str = "none", train_guidance: float = 1.0) -> tuple[Array, Array]:
+              weighting: str = "none", train_guidance: float = 1.0,
+              feature_block: Optional[int] = None):
   """Denoising loss of the fake score on (stop-gradient) samples x0; returns (loss, mse).
 
   x_t = alpha x0 + sigma eps; the squared error of the network's prediction (its own kind,
   guided with `train_guidance` when != 1, labels dropped to null where `draws["drop"]`) against
   the kind's target, weighted by `weighting` as in the `denoise` objective.
+
+  With `feature_block` it returns (loss, mse, extra): extra["features"] are the forward's
+  features after that block, extra["weight"] the per-sample weights and extra["cond"] the
+  (label-dropped) condition: SiDA's discriminator reads the same forward (`sida_critic_term`).
   """
   info = ctx.nets[net]
   process = info.process
@@ -221,11 +238,17 @@ def fake_loss(ctx, net: str, params, x0: Array, cond: Mapping, draws: Mapping, *
   alpha, sigma = bcast(alpha, x0), bcast(sigma, x0)
   x_t = alpha * x0 + sigma * eps
   cond = null_condition(info, cond, where=draws["drop"])
-  pred = guided(ctx, net, x_t, t, cond, train_guidance, "raw", params=params)
+  pred = guided(ctx, net, x_t, t, cond, train_guidance, "raw", params=params,
+                feature_block=feature_block)
+  if feature_block is not None:
+    pred, feats = pred
   target = procs.encode(x0, eps, info.prediction, alpha, sigma)
   per = per_example_mean(jnp.square(pred - target))
   w = prediction_space_weight(process, t, weighting, info.prediction)
-  return jnp.mean(w * per), jnp.mean(per)
+  if feature_block is None:
+    return jnp.mean(w * per), jnp.mean(per)
+  extra = {"features": feats, "weight": jnp.broadcast_to(w, per.shape), "cond": cond}
+  return jnp.mean(w * per), jnp.mean(per), extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +326,50 @@ def gan_critic_term(trainable, ctx, x_fake, x_real, cond, draws_fake, draws_real
 
 
 # --------------------------------------------------------------------------------------------
+# SiDA's discriminator: the fake network's own encoder (no parameters of its own)
+# --------------------------------------------------------------------------------------------
+
+
+def encoder_logits(features: Array) -> Array:
+  """SiDA's discriminator logits: the channel mean of the fake network's features (its
+  "encoder output" at `gan_feature_block`), one logit per token / position: (B, ...)."""
+  return jnp.mean(features.astype(jnp.float32), axis=-1)
+
+
+def sida_critic_term(ctx, fake_params, x_real: Array, draws: Mapping, extra: Mapping, *,
+                     feature_block: int) -> tuple[Array, dict]:
+  """SiDA's discriminator loss mean_b(w_b) * 1/2 [BCE(D(x_real), 1) + BCE(D(x_g), 0)].
+
+  D(x_g) comes from the fake score's own denoising forward (`fake_loss(..., feature_block)`'s
+  `extra`); x_real is noised with the same t and eps and read under the same condition. Each
+  BCE is a mean over batch and positions; w_b are the fake loss's per-sample weights (1 for its
+  kind's own MSE; EDM's lambda(sigma) with that weighting), and as in the official code their
+  batch mean scales the batch-mean BCE.
+  """
+  info = ctx.nets[FAKE]
+  alpha, sigma = info.process.alpha_sigma(draws["t"])
+  x_real = x_real.astype(jnp.float32)
+  x_t = bcast(alpha, x_real) * x_real + bcast(sigma, x_real) * draws["eps"]
+  _, feats = ctx.apply(FAKE, x_t, draws["t"], extra["cond"], params=fake_params,
+                       return_features=(feature_block,))
+  lr = encoder_logits(feats[feature_block])
+  lf = encoder_logits(extra["features"])
+  bce = 0.5 * (jnp.mean(jax.nn.softplus(-lr)) + jnp.mean(jax.nn.softplus(lf)))
+  l_d = jnp.mean(extra["weight"]) * bce
+  return l_d, {"d": l_d, "p_real": jnp.mean(jax.nn.sigmoid(lr)),
+               "p_fake": jnp.mean(jax.nn.sigmoid(lf))}
+
+
+def sida_generator_term(features: Array, w: Array, data_size: int) -> Array:
+  """SiDA's generator GAN loss: BCE(clip(D(x_t), -10, 10), 1) (a mean over batch and
+  positions) times mean_b 1/w_b (SiD's per-sample normaliser, stop-gradient) and the number of
+  data dimensions, the official code's scaling. `features`: the fake network's features from
+  the forward that gave y_fake in the SiD loss (same x_t)."""
+  logits = jnp.clip(encoder_logits(features), -10.0, 10.0)
+  return data_size * jnp.mean(1.0 / w) * jnp.mean(jax.nn.softplus(-logits))
+
+
+# --------------------------------------------------------------------------------------------
 # Builder helpers
 # --------------------------------------------------------------------------------------------
 
@@ -320,10 +387,13 @@ def check_positive_int(cfg, key: str):
     raise ValueError(f"config key 'objective.{key}': must be >= 1, got {cfg[key]}")
 
 
-def ttur_phases(critic, generator, trains_critic, k: int) -> tuple[Phase, Phase]:
-  """Critic every step; generator every k-th step, after that step's critic update."""
+def ttur_phases(critic, generator, trains_critic, k: int,
+                generator_start: int = 0) -> tuple[Phase, Phase]:
+  """Critic every step; generator every k-th step, after that step's critic update (from step
+  `generator_start` on: SiDA trains the critic alone first)."""
   return (Phase("critic", loss=critic, trains=trains_critic, every=1),
-          Phase("generator", loss=generator, trains=(STUDENT,), every=k, offset=k - 1))
+          Phase("generator", loss=generator, trains=(STUDENT,), every=k, offset=k - 1,
+                start=int(generator_start)))
 
 
 def student_ema(decay: float) -> dict:

@@ -20,14 +20,26 @@ through x, and through x_t into both the teacher's and the fake network's inputs
     L_G = loss_scale * mean_b sum_dims (y_r - y_f) * ((y_r - x) - alpha (y_r - y_f)) / w
 
 (= [(1 - alpha) ||y_r - y_f||^2 + (y_r - y_f).(y_f - x)] / w; alpha = 1.2 is SiD's default.)
-Only w is stop-gradiented. With `gan_weight > 0` the generator adds gan_weight * mean
-softplus(-D(x noised)) (the DMD2-style head on the fake network's features; SiDA's own
-discriminator is the channel mean of the fake encoder output with a 0.5/0.5 mix and warm-up,
-which this toy port does not reproduce).
+Only w is stop-gradiented.
 
 Fake-score loss: the teacher's own denoising loss (kind, proposal) on sg(G(z)), labels dropped
 with `fake_label_dropout`, the network's output guided with k_train ("long" guidance of LSG;
-k_train = 0 trains the null-label output only); + gan_d_weight * D loss with a head.
+k_train = 0 trains the null-label output only).
+
+Adversarial term (`gan_weight > 0`; real images from the batch), by `discriminator`:
+- "encoder": SiDA (Zhou et al. ICLR'25). The discriminator has no parameters of its own: its
+  logit is the channel mean of the fake network's features after block `gan_feature_block`
+  (its encoder output; one logit per token), trained jointly with the fake score. Critic:
+  L_fake + gan_d_weight * mean_b(w_b) * 1/2 [BCE(D(x_real), 1) + BCE(D(x_g), 0)], D(x_g) from
+  the fake loss's own forward and x_real noised with the same t, eps (w_b: the fake loss's
+  weights). Generator, from step `gan_start_step`: 0.5 L_G + 0.5 gan_weight L_GAN with
+  L_GAN = dim(x) * mean_b(1/w_b) * BCE(clip(D(x_t), +-10), 1), D read from the forward that
+  gave y_f (matching.sida_*). SiDA's recipe: gan_weight 0.01, gan_d_weight 1, the mix after
+  200k images, no generator update before 100k (`generator_start_step`), the fake network's
+  gradients clipped by value at 1 (`optim.networks.fake_score.grad_clip_value`), alpha 1.
+- "head": a DMD2-style classifier head on the fake network's features (`gan_head`):
+  L_G + gan_weight * mean softplus(-D(x noised)) from `gan_start_step`, critic
+  + gan_d_weight * (the head's D loss).
 
 Conditioning: each step's labels are the batch's with a `null_label_prob` fraction replaced by
 the null class, for every network of the step (`matching.step_cond`), so the student learns the
@@ -53,6 +65,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill.objective import Network, Objective, register_objective
 from distill.objectives import matching as m
@@ -76,7 +89,10 @@ DEFAULTS = {
     "logit_mean": 0.0,
     "logit_std": 1.0,
     "loss_scale": 1.0,            # multiplies L_G (SiD-EDM: 100; irrelevant under Adam)
-    "gan_weight": 0.0,            # SiDA-style adversarial term (0: off, no head)
+    "gan_weight": 0.0,            # adversarial term (0: off; SiDA: 0.01)
+    "discriminator": "head",      # encoder (SiDA: the fake network's own features) | head
+    "gan_start_step": 0,          # the generator's GAN term from this step (SiDA: 200k images)
+    "generator_start_step": 0,    # the generator's first update (SiDA: 100k images)
     **m.FAKE_LORA_DEFAULTS,       # fake_lora_{rank,pattern,alpha}: the fake score as a LoRA
     **m.GAN_DEFAULTS,
     "ema_decay": 0.0,             # `eval` EMA of the student (0: none)
@@ -106,11 +122,15 @@ def sample_time(process, rng, b, *, time_dist, t_min_frac, t_max_frac, logit_mea
   return process.floor_time(process.t_min + (process.t_max - process.t_min) * u)
 
 
+def sid_weight(x, y_real):
+  """SiD's per-sample normaliser w = sg(max(mean_dims |x - y_r|, 1e-5))."""
+  return jax.lax.stop_gradient(jnp.maximum(m.per_example_mean(jnp.abs(x - y_real)), 1e-5))
+
+
 def sid_loss(x, y_real, y_fake, alpha: float):
   """Per-sample SiD loss sum_dims (y_r - y_f)((y_r - x) - alpha (y_r - y_f)) / sg(w)."""
-  w = jax.lax.stop_gradient(jnp.maximum(m.per_example_mean(jnp.abs(x - y_real)), 1e-5))
   d = y_real - y_fake
-  return m.per_example_sum(d * ((y_real - x) - alpha * d)) / w
+  return m.per_example_sum(d * ((y_real - x) - alpha * d)) / sid_weight(x, y_real)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +157,10 @@ def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, ga
 
 
 def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real_guidance,
-                         fake_guidance, loss_scale, gan_weight=0.0, gan_feature_block=-1):
-  """L_G of the module docstring for given draws (no stop-gradient on y_r, y_f)."""
+                         fake_guidance, loss_scale, gan_weight=0.0, gan_feature_block=-1,
+                         discriminator="head", gan_start=0, step=0):
+  """L_G of the module docstring for given draws (no stop-gradient on y_r, y_f), with the
+  adversarial term from step `gan_start` on."""
   params = trainable[m.STUDENT]
   cond = m.step_cond(ctx, batch, draws["gen"])
   process = ctx.nets[m.STUDENT].process
@@ -147,41 +169,57 @@ def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real
   a, s = process.alpha_sigma(t)
   x_t = m.bcast(a, x) * x + m.bcast(s, x) * draws["eps"]     # differentiable
   y_real = m.guided(ctx, m.TEACHER, x_t, t, cond, real_guidance)
-  y_fake = m.guided(ctx, m.FAKE, x_t, t, cond, fake_guidance)
+  encoder = bool(gan_weight) and discriminator == "encoder"
+  y_fake = m.guided(ctx, m.FAKE, x_t, t, cond, fake_guidance,
+                    feature_block=gan_feature_block if encoder else None)
+  if encoder:
+    y_fake, feats = y_fake
   per = sid_loss(x, y_real, y_fake, alpha)
   loss = loss_scale * jnp.mean(per)
   metrics = {"sid": jnp.mean(per),
              "score_diff": jnp.mean(m.per_example_mean(jnp.square(y_real - y_fake))),
              "x_std": jnp.mean(jnp.std(x, axis=0))}
   if gan_weight:
-    l_gan = m.gan_generator_term(ctx, x, cond, draws["gan"], feature_block=gan_feature_block)
-    loss = loss + gan_weight * l_gan
+    on = jnp.asarray(step) >= gan_start
+    if encoder:
+      l_gan = m.sida_generator_term(feats, sid_weight(x, y_real), int(np.prod(x.shape[1:])))
+      loss = jnp.where(on, 0.5 * loss + 0.5 * gan_weight * l_gan, loss)
+    else:
+      l_gan = m.gan_generator_term(ctx, x, cond, draws["gan"], feature_block=gan_feature_block)
+      loss = jnp.where(on, loss + gan_weight * l_gan, loss)
     metrics["gan"] = l_gan
   return loss, metrics
 
 
 def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting,
-                      train_guidance, gan_d_weight=0.0, gan_feature_block=-1):
-  """The fake score's loss (+ the D loss when "gan_head" trains) for given draws."""
+                      train_guidance, gan_d_weight=0.0, gan_feature_block=-1,
+                      discriminator="head", gan=False):
+  """The fake score's loss (+ the discriminator's with the adversarial term) for given draws."""
   cond = m.step_cond(ctx, batch, draws["gen"])
   x = jax.lax.stop_gradient(
       m.generate(ctx, m.STUDENT, ctx.params[m.STUDENT], cond, draws["gen"], num_steps))
-  l_fake, mse = m.fake_loss(ctx, m.FAKE, trainable[m.FAKE], x, cond, draws["fake"],
-                            weighting=fake_weighting, train_guidance=train_guidance)
+  encoder = gan and discriminator == "encoder"
+  out = m.fake_loss(ctx, m.FAKE, trainable[m.FAKE], x, cond, draws["fake"],
+                    weighting=fake_weighting, train_guidance=train_guidance,
+                    feature_block=gan_feature_block if encoder else None)
+  l_fake, mse = out[:2]
   loss, metrics = l_fake, {"fake": l_fake, "fake_mse": mse}
-  if m.HEAD in trainable:
+  if encoder:
+    l_d, more = m.sida_critic_term(ctx, trainable[m.FAKE], batch["x"], draws["fake"], out[2],
+                                   feature_block=gan_feature_block)
+  elif m.HEAD in trainable:
     l_d, more = m.gan_critic_term(trainable, ctx, x, batch["x"], cond, draws["gan_fake"],
                                   draws["gan_real"], feature_block=gan_feature_block)
-    loss = loss + gan_d_weight * l_d
-    metrics.update(more)
-  return loss, metrics
+  else:
+    return loss, metrics
+  metrics.update(more)
+  return loss + gan_d_weight * l_d, metrics
 
 
 def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
   """The "generator" phase loss: draws from `rng`, then `generator_loss_given`."""
-  del t
   draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
-  return generator_loss_given(trainable, ctx, batch, draws, **kw)
+  return generator_loss_given(trainable, ctx, batch, draws, step=t.step, **kw)
 
 
 def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
@@ -206,6 +244,12 @@ def build(cfg) -> Objective:
       float(cfg.fake_guidance), float(cfg.fake_train_guidance))
   steps, k = int(cfg.num_steps), int(cfg.fake_updates)
   null_prob = float(cfg.null_label_prob)
+  if cfg.discriminator not in ("encoder", "head"):
+    raise ValueError(f"config key 'objective.discriminator': unknown {cfg.discriminator!r} "
+                     "(known: encoder, head)")
+  for key in ("gan_start_step", "generator_start_step"):
+    if int(cfg[key]) < 0:
+      raise ValueError(f"config key 'objective.{key}': must be >= 0, got {cfg[key]}")
   gan = float(cfg.gan_weight) != 0.0
   gan_window = (float(cfg.gan_t_min_frac), float(cfg.gan_t_max_frac))
   time = functools.partial(sample_time, time_dist=cfg.time_dist,
@@ -217,18 +261,21 @@ def build(cfg) -> Objective:
                              gan_window=gan_window),
       num_steps=steps, alpha=float(cfg.alpha), real_guidance=k_real, fake_guidance=k_fake,
       loss_scale=float(cfg.loss_scale), gan_weight=float(cfg.gan_weight),
-      gan_feature_block=int(cfg.gan_feature_block))
+      gan_feature_block=int(cfg.gan_feature_block), discriminator=cfg.discriminator,
+      gan_start=int(cfg.gan_start_step))
   critic = functools.partial(
       critic_loss,
       draw=functools.partial(critic_draws, num_steps=steps, null_prob=null_prob,
                              label_dropout=float(cfg.fake_label_dropout), gan_window=gan_window),
       num_steps=steps, fake_weighting=cfg.fake_weighting, train_guidance=k_train,
-      gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block))
+      gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block),
+      discriminator=cfg.discriminator, gan=gan)
   networks = [Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER), m.fake_network_from(cfg)]
   trains = (m.FAKE,)
-  if gan:
+  if gan and cfg.discriminator == "head":
     networks.append(m.gan_head_network(cfg))
     trains = (m.FAKE, m.HEAD)
-  return Objective(networks=tuple(networks), phases=m.ttur_phases(critic, generator, trains, k),
+  phases = m.ttur_phases(critic, generator, trains, k, int(cfg.generator_start_step))
+  return Objective(networks=tuple(networks), phases=phases,
                    ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency")
