@@ -2,10 +2,14 @@
 network's *inputs*, no stop-gradient on their outputs) and of the fake-score loss (with LSG's
 guided-output training), the few-step mixture generator, the guidance modes, the SiD gradient on
 Gaussian data against its closed form, a toy run and the sharded run (8 fake CPU devices).
+SiDA (the fake network's encoder as discriminator): PyTorch parity of its critic and generator
+terms, their gradients on Gaussian data against closed forms, the schedule (generator held
+back, GAN term switched on), a discriminator that learns, and the same in the sharded run.
 
 Tolerances: float32 at the highest matmul precision on both sides: values to 1e-5 relative,
 gradients (backpropagated through three networks) to 2e-4 relative of the largest entry.
 """
+import functools
 import math
 import os
 
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 
 from distill import context as ctx_lib
+from distill import processes as procs
 from distill.objectives import matching as m
 from distill.objectives import sid
 from tests import _matching_utils as mu
@@ -325,6 +330,74 @@ def test_sida_critic_loss_matches_torch(sida):
   np.testing.assert_allclose(float(metrics["d"]), float(l_d.detach()), rtol=1e-5)
   assert_close_tree(mu.flat_params(grads["fake_score"]),
                     {k: mu.t2n(v.grad) for k, v in p_f.items()}, rtol=2e-4, what="d/dfake")
+
+
+def _sida_linear_ctx(c, student_m=None, A=None):
+  """Rectified flow, x0 networks: the teacher and the fake score both predict the constant c
+  (so y_r = y_f and the SiD term has no gradient, and the fake's denoising loss does not depend
+  on its features' weights); the fake network's block-0 features are x_t A (B, 3), so SiDA's
+  logit is x_t . a with a = A's row means; the student is the constant params["m"]."""
+  process = procs.make_process("rectified_flow")
+
+  def const_fn(variables, x, timestep, return_features=()):
+    out = jnp.broadcast_to(jnp.asarray(c, jnp.float32), x.shape)
+    return (out, {b: x @ variables["params"]["A"] for b in return_features}) if (
+        return_features) else out
+
+  def student_fn(variables, x, timestep):
+    return jnp.broadcast_to(variables["params"]["m"], x.shape)
+
+  info = lambda name, fn: ctx_lib.NetInfo(name=name, module=None, prediction="x0",
+                                          process=process, apply_fn=fn)
+  nets = {"teacher": info("teacher", const_fn), "fake_score": info("fake_score", const_fn),
+          "student": info("student", student_fn)}
+  params = {"teacher": {"A": jnp.zeros((2, 3))}}
+  if student_m is not None:
+    params["student"] = {"m": jnp.asarray(student_m, jnp.float32)}
+  if A is not None:
+    params["fake_score"] = {"A": jnp.asarray(A, jnp.float32)}
+  return process, ctx_lib.Context(params=params, ema={}, model_state={}, nets=nets)
+
+
+def test_sida_gradients_on_gaussian_data_closed_form():
+  """Real x ~ N(mu, 0.1^2 I), generator x_g = m, x_t = (1 - t) x + t eps, linear logit a . x_t.
+  Critic at a = 0 (every sigmoid is 1/2): d L_D / d a = E[alpha] (m - mu) / 4 (real and fake
+  share t and eps, so the noise cancels), spread evenly over the 3 feature channels.
+  Generator (from gan_start_step; y_r = y_f, so only the GAN term moves m): with
+  w = mean|m - c| and a ~ 1e-3 (sigmoid(-a . x_t) = 1/2 to 1e-3),
+  d L / d m = 0.5 gan_weight dim(x) / w * (-1/2) E[alpha] a. 200k samples (the Monte-Carlo
+  error of the critic's gradient is ~2e-4 relative)."""
+  n, mu, m, c, gw = 200_000, np.float32([0.3, -0.2]), np.float32([0.1, 0.25]), 0.7, 0.05
+  x_real = jnp.asarray(mu) + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
+  batch = {"x": x_real}
+  process, ctx = _sida_linear_ctx(c, student_m=m)
+  draws = sid.critic_draws(process, jax.random.PRNGKey(1), (n, 2), num_steps=1, null_prob=0.0,
+                           label_dropout=0.0, gan_window=(0.0, 1.0))
+  crit = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, num_steps=1,
+                                          fake_weighting="none", train_guidance=1.0,
+                                          gan_d_weight=1.0, gan_feature_block=0,
+                                          discriminator="encoder", gan=True)[0]
+  g_a = jax.grad(crit)({"fake_score": {"A": jnp.zeros((2, 3))}})["fake_score"]["A"]
+  e_alpha = 1.0 - float(np.mean(draws["fake"]["t"]))
+  want = e_alpha * (m - mu) / 4 / 3
+  np.testing.assert_allclose(np.asarray(g_a), np.repeat(want[:, None], 3, axis=1), rtol=0.01)
+
+  A = 1e-3 * np.float32([[1.0, 2.0, 0.0], [-1.5, 0.5, -2.0]])
+  process, gctx = _sida_linear_ctx(c, A=A)
+  gdraws = sid.generator_draws(process, jax.random.PRNGKey(2), (n, 2), num_steps=1,
+                               null_prob=0.0, time=functools.partial(
+                                   sid.sample_time, time_dist="window", t_min_frac=0.02,
+                                   t_max_frac=0.98, logit_mean=0.0, logit_std=1.0),
+                               gan_window=(0.0, 1.0))
+  gen = lambda tr: sid.generator_loss_given(
+      tr, gctx, batch, gdraws, num_steps=1, alpha=1.0, real_guidance=1.0, fake_guidance=1.0,
+      loss_scale=1.0, gan_weight=gw, gan_feature_block=0, discriminator="encoder",
+      gan_start=0, step=0)[0]
+  g_m = jax.grad(gen)({"student": {"m": jnp.asarray(m)}})["student"]["m"]
+  w = float(np.mean(np.abs(m - c)))
+  e_alpha = 1.0 - float(np.mean(gdraws["t"]))
+  want = 0.5 * gw * 2 / w * (-0.5) * e_alpha * A.mean(axis=1)
+  np.testing.assert_allclose(np.asarray(g_m), want, rtol=0.01)
 
 
 def test_grad_clip_value_clips_each_entry():
