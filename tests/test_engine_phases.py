@@ -290,9 +290,12 @@ def test_lora_student_shares_frozen_base_and_trains_only_adapters():
   n_base = sum(np.size(v) for v in jax.tree_util.tree_leaves(base0))
   assert n_lora < n_base / 4
   state, frozen, m = engine.train_step(state, frozen, 0)
-  assert float(m["p/diff_from_base"]) == 0.0  # B starts at zero: the student is the base
+  # B starts at zero: the student is the base (to float32 rounding: the merged and the plain
+  # forward are compiled separately and may tile their matmuls differently)
+  first = float(m["p/diff_from_base"])
+  assert first <= 1e-6
   state, frozen, m = engine.train_step(state, frozen, 1)
-  assert float(m["p/diff_from_base"]) > 0.0  # the adapters moved
+  assert float(m["p/diff_from_base"]) > 100 * max(first, 1e-7)  # the adapters moved
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen["base"]), base0)
 
 

@@ -232,10 +232,12 @@ _SHARDED = textwrap.dedent("""
     assert a.num_samples == b.num_samples == 203
     ref = np.tanh(x.reshape(203, -1) @ np.asarray(w))
     np.testing.assert_allclose(a.arrays["pool"], ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(a.arrays["pool"], b.arrays["pool"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(a.arrays["logits"], b.arrays["logits"], rtol=1e-6, atol=1e-7)
+    # 8-row shards and 60-row batches run differently tiled float32 matmuls: equal to float32
+    # rounding (measured up to 1e-7 absolute on Intel hosts, 1e-6 on AMD EPYC ones).
+    np.testing.assert_allclose(a.arrays["pool"], b.arrays["pool"], rtol=1e-5, atol=3e-6)
+    np.testing.assert_allclose(a.arrays["logits"], b.arrays["logits"], rtol=1e-5, atol=3e-6)
     for s, t in zip(a.stats("pool"), b.stats("pool")):
-      np.testing.assert_allclose(s, t, rtol=1e-6, atol=1e-9)
+      np.testing.assert_allclose(s, t, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a.stats("pool")[1], np.cov(a.arrays["pool"].astype(np.float64),
                                                           rowvar=False), rtol=1e-9, atol=1e-12)
     print("OK")
