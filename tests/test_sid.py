@@ -111,28 +111,37 @@ def _torch_generate(net, p_s, z, labels, gen):
   return _torch_x0(net, p_s, x_in, t_in, labels)
 
 
-def test_generator_loss_matches_torch(setup, monkeypatch):
-  """Value and student gradient; and a DMD-style stop-gradient on the network outputs would
-  give a different gradient (so this really checks the path through the networks' inputs)."""
-  teacher, engine, state, frozen, batch = setup
+def _generator_case(case, key: int, **extra):
+  """The generator loss of `case` (setup / sida) in JAX ((value, metrics), student gradients,
+  the loss function, its trainable params and draws) and the torch pieces of its reference:
+  the networks' params (the student's with gradients), the step's labels, the generated x and
+  its noised x_t (no detach: SiD backpropagates through both)."""
+  teacher, engine, state, frozen, batch = case
   draw, kw = phase_kwargs(engine, "generator")
   assert (kw["real_guidance"], kw["fake_guidance"]) == (K_REAL, K_FAKE)
   trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
-  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(8), batch["x"].shape)
-  ks = np.asarray(draws["gen"]["k"])
-  assert 0 < ks.sum() < B  # both mixture components present
-  fn = lambda tr: sid.generator_loss_given(tr, ctx, batch, draws, **kw)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
-
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(key), batch["x"].shape)
+  fn = lambda tr: sid.generator_loss_given(tr, ctx, batch, draws, **extra, **kw)
+  out, grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
   net = mu.torch_mlp(teacher)
   p_s = mu.torch_params(state.params["student"], requires_grad=True)
   p_t = mu.torch_params(frozen["teacher"])
   p_f = mu.torch_params(state.params["fake_score"])
   labels = mu.step_labels(batch, draws["gen"])
-  assert 0 < int(np.sum(draws["gen"]["null"])) < B  # some labels are null
   x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
   t, eps = mu.n2t(draws["t"]), mu.n2t(draws["eps"])
-  x_t = (1 - t)[:, None] * x + t[:, None] * eps            # no detach: SiD backprops through
+  x_t = (1 - t)[:, None] * x + t[:, None] * eps
+  return out, grads, fn, trainable, draws, net, p_s, p_t, p_f, labels, x, x_t
+
+
+def test_generator_loss_matches_torch(setup, monkeypatch):
+  """Value and student gradient; and a DMD-style stop-gradient on the network outputs would
+  give a different gradient (so this really checks the path through the networks' inputs)."""
+  (loss, metrics), grads, fn, trainable, draws, net, p_s, p_t, p_f, labels, x, x_t = (
+      _generator_case(setup, 8))
+  assert 0 < np.asarray(draws["gen"]["k"]).sum() < B  # both mixture components present
+  assert 0 < int(np.sum(draws["gen"]["null"])) < B  # some labels are null
+  t = mu.n2t(draws["t"])
   y_r = _torch_cfg(net, p_t, x_t, t, labels, K_REAL)
   y_f = _torch_cfg(net, p_f, x_t, t, labels, K_FAKE)
   w = torch.clamp(torch.mean(torch.abs(x - y_r), dim=1), min=1e-5).detach()
@@ -152,16 +161,17 @@ def test_generator_loss_matches_torch(setup, monkeypatch):
   assert np.linalg.norm(a - b) > 0.05 * np.linalg.norm(a)
 
 
-def test_fake_loss_matches_torch(setup):
-  """The fake score's loss with LSG's guided-output training (k_train) and label dropout."""
-  teacher, engine, state, frozen, batch = setup
+def _critic_case(case, key: int):
+  """The critic loss of `case` (setup / sida) in JAX (value, metrics, fake gradients) and the
+  torch pieces of its reference: the fake network's params, the generated x, the fake loss's
+  t, eps and (label-dropped) labels."""
+  teacher, engine, state, frozen, batch = case
   draw, kw = phase_kwargs(engine, "critic")
   assert kw["train_guidance"] == K_TRAIN
   trainable, ctx = mu.phase_context(engine, state, frozen, ("fake_score",))
-  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(9), batch["x"].shape)
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(key), batch["x"].shape)
   fn = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, **kw)
-  (loss, _), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
-
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
   net = mu.torch_mlp(teacher)
   p_s = mu.torch_params(state.params["student"])
   p_f = mu.torch_params(state.params["fake_score"], requires_grad=True)
@@ -171,9 +181,15 @@ def test_fake_loss_matches_torch(setup):
   f = draws["fake"]
   t, eps = mu.n2t(f["t"]), mu.n2t(f["eps"])
   lab = torch.where(mu.n2t(f["drop"]).bool(), torch.full_like(labels, 4), labels)
+  return loss, metrics, grads, net, p_f, x, t, eps, lab
+
+
+def test_fake_loss_matches_torch(setup):
+  """The fake score's loss with LSG's guided-output training (k_train) and label dropout."""
+  loss, _, grads, net, p_f, x, t, eps, lab = _critic_case(setup, 9)
   x_t = (1 - t)[:, None] * x + t[:, None] * eps
   c = net(p_f, x_t, 1000.0 * t, lab)
-  u = net(p_f, x_t, 1000.0 * t, torch.full_like(labels, 4))
+  u = net(p_f, x_t, 1000.0 * t, torch.full_like(lab, 4))
   pred = u + K_TRAIN * (c - u)
   ref = torch.mean(torch.mean((pred - (eps - x)) ** 2, dim=1))
   ref.backward()
@@ -264,21 +280,9 @@ def test_sida_generator_loss_matches_torch(sida, step):
   """Before `gan_start_step` the SiD loss alone; from it 0.5 L_G + 0.5 gan_weight L_GAN with
   L_GAN = dim(x) mean_b(1/w_b) BCE(clip(mean_channels h_fake(x_t)), 1), h from the very forward
   that gives y_fake (CFG's conditional half). Value and student gradient."""
-  teacher, engine, state, frozen, batch = sida
-  draw, kw = phase_kwargs(engine, "generator")
-  trainable, ctx = mu.phase_context(engine, state, frozen, ("student",))
-  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(18), batch["x"].shape)
-  fn = lambda tr: sid.generator_loss_given(tr, ctx, batch, draws, step=step, **kw)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
-
-  net = mu.torch_mlp(teacher)
-  p_s = mu.torch_params(state.params["student"], requires_grad=True)
-  p_t = mu.torch_params(frozen["teacher"])
-  p_f = mu.torch_params(state.params["fake_score"])
-  labels = mu.step_labels(batch, draws["gen"])
-  x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
-  t, eps = mu.n2t(draws["t"]), mu.n2t(draws["eps"])
-  x_t = (1 - t)[:, None] * x + t[:, None] * eps
+  (loss, metrics), grads, _, _, draws, net, p_s, p_t, p_f, labels, x, x_t = _generator_case(
+      sida, 18, step=step)
+  t = mu.n2t(draws["t"])
   y_r = _torch_cfg(net, p_t, x_t, t, labels, K_REAL)
   y_f, feats = _torch_cfg_features(net, p_f, x_t, t, labels, K_FAKE)
   w = torch.clamp(torch.mean(torch.abs(x - y_r), dim=1), min=1e-5).detach()
@@ -298,25 +302,11 @@ def test_sida_critic_loss_matches_torch(sida):
   """L_fake + gan_d_weight 1/2 [BCE(D(x_real), 1) + BCE(D(x_g), 0)]: D(x_g) from the fake
   loss's own (guided, label-dropped) forward, x_real noised with the same t and eps under the
   same condition. Value and fake-network gradient."""
-  teacher, engine, state, frozen, batch = sida
-  draw, kw = phase_kwargs(engine, "critic")
-  trainable, ctx = mu.phase_context(engine, state, frozen, ("fake_score",))
-  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(19), batch["x"].shape)
-  fn = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, **kw)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
-
-  net = mu.torch_mlp(teacher)
-  p_s = mu.torch_params(state.params["student"])
-  p_f = mu.torch_params(state.params["fake_score"], requires_grad=True)
-  labels = mu.step_labels(batch, draws["gen"])
-  with torch.no_grad():
-    x = _torch_generate(net, p_s, mu.n2t(draws["gen"]["z"]), labels, draws["gen"])
-  f = draws["fake"]
-  t, eps = mu.n2t(f["t"]), mu.n2t(f["eps"])
-  lab = torch.where(mu.n2t(f["drop"]).bool(), torch.full_like(labels, 4), labels)
+  loss, metrics, grads, net, p_f, x, t, eps, lab = _critic_case(sida, 19)
+  batch = sida[4]
   x_t = (1 - t)[:, None] * x + t[:, None] * eps
   c, feats_fake = net(p_f, x_t, 1000.0 * t, lab, feature_block=BLOCK)
-  u = net(p_f, x_t, 1000.0 * t, torch.full_like(labels, 4))
+  u = net(p_f, x_t, 1000.0 * t, torch.full_like(lab, 4))
   l_fake = torch.mean(torch.mean((u + K_TRAIN * (c - u) - (eps - x)) ** 2, dim=1))
   x_real = mu.n2t(batch["x"])
   _, feats_real = net(p_f, (1 - t)[:, None] * x_real + t[:, None] * eps, 1000.0 * t, lab,
