@@ -19,10 +19,11 @@ eps prediction). `--random_teacher` (bench) or launch.aot's abstract teacher sta
 weights; real runs set `--config.teacher.checkpoint` to a diffusers SDXL `unet/` directory and
 `data.name=latents` with caption embeddings (distill/data/latents.py).
 
-Status: measured on a 2-core CPU host through libtpu (docs/performance.md): the denoise step
-compiles for v5p 4x4x4 with fsdp 8 at global batch 64 in 776 s and needs 11.6 GiB per chip
-(2.567B parameters). The DMD2 steps (three UNets, two phases) have not been compiled yet: at
-that compile speed they need a bigger host than the CI machine.
+Status: measured on 2-core CPU hosts through libtpu (docs/performance.md), v5p 4x4x4 with
+fsdp 8 at global batch 64: the denoise step compiles in 776 s and needs 11.6 GiB per chip
+(2.567B parameters); the DMD2 steps (three UNets, two phases) compile in 503 s (critic) and
+565 s (generator) and need 28.9 and 20.3 GiB per chip, with about 16.5 GB of host memory: too
+long for CI, which compiles the DiT-XL/2 recipes instead.
 """
 from configs.common import distill_config
 from configs.t2i import common
