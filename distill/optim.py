@@ -16,8 +16,7 @@ OPTIMIZER_KEYS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "warmup_steps
 
 def network_settings(optim_cfg: Mapping[str, Any], name: str) -> dict:
   """The optimizer settings of one network: the defaults with its overrides applied."""
-  # Configs saved before a key existed (resumed runs) lack it: its default is off.
-  settings = {k: optim_cfg[k] if k in optim_cfg else 0.0 for k in OPTIMIZER_KEYS}
+  settings = {k: optim_cfg[k] for k in OPTIMIZER_KEYS}
   overrides = optim_cfg.get("networks", {}).get(name, {}) if optim_cfg.get("networks") else {}
   for k, v in dict(overrides).items():
     if k not in settings:
