@@ -82,6 +82,13 @@ def base_config() -> ConfigDict:
   # The student's sampler: "" = its objective's; else a solver name or spec with options,
   # e.g. "tcd(gamma=0.0)" (deterministic multistep consistency sampling).
   c.eval.sampler = ""
+  # Step counts of "ideal" rows: the student's sampler with the teacher's own ODE (teacher_steps
+  # steps) denoising every step, the score of an exact consistency student with that sampler
+  # (n * teacher_steps network calls per sample; frozen teachers' rows are cached). () = none.
+  c.eval.ideal_steps = ()
+  # Write rows computed for a frozen teacher back into its row cache file
+  # (<teacher>/teacher_eval.json, when it has one): for a shipped teacher such as the demo's.
+  c.eval.update_teacher_cache = False
   c.eval.at_end = True
   # Sample with uniformly drawn class labels (True) or unconditionally, with the null class
   # (False: the whole distribution, which one-step samplers find hardest).

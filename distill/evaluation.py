@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill import context as ctx_lib
+from distill import processes as procs
 from distill import runlog
 from distill import sharding as shd
 from distill import solvers
@@ -175,8 +176,64 @@ def embeds_guidance(ctx: ctx_lib.Context, net: str) -> bool:
   return ctx_lib.embeds_guidance(ctx.nets[net].module)
 
 
+def net_denoiser(ctx: ctx_lib.Context, net: str, params, cond, guidance: float) -> Callable:
+  """denoiser(x_t, t) -> x0 of network `net`: with the guidance scale as its input where it
+  embeds one, else classifier-free guidance against `context.null_condition`."""
+  from distill.objectives import matching  # pylint: disable=import-outside-toplevel
+  guidance = float(guidance)
+  if embeds_guidance(ctx, net):
+    def embedded(x_t, t):
+      w = jnp.full((x_t.shape[0],), guidance, jnp.float32)
+      return ctx.x0(net, x_t, t, cond, params=params, **ctx.guidance_inputs(net, w))
+    return embedded
+  return lambda x_t, t: matching.guided(ctx, net, x_t, t, cond, guidance, "x0", params=params)
+
+
+def matching_time(process, ratio: jax.Array) -> jax.Array:
+  """The time of `process` at which sigma / (alpha + sigma) equals `ratio` (in [0, 1]), i.e.
+  the time with another process's signal-to-noise ratio: bisection (40 halvings) over
+  [t_end, t_max], where that ratio increases."""
+  ratio = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    alpha, sigma = process.alpha_sigma(mid)
+    below = sigma / (alpha + sigma) < ratio
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+  lo, hi = jax.lax.fori_loop(0, 40, halve, (jnp.full_like(ratio, process.t_end),
+                                            jnp.full_like(ratio, process.t_max)))
+  return 0.5 * (lo + hi)
+
+
+def ode_denoiser(teacher_denoiser: Callable, teacher_process, process, steps: int) -> Callable:
+  """denoiser(x_t, t) -> x0 for states of `process`, by solving the teacher's own ODE: x_t moved
+  to the teacher's time u with the same signal-to-noise ratio (x scaled by (alpha' + sigma') /
+  (alpha + sigma)), then `steps` steps of the teacher's reference solver to its clean end, on
+  the teacher's own `steps`-step grid scaled from [t_max, t_end] onto [u, t_end] (from t_max:
+  exactly the teacher's reference sample).
+
+  Used as a consistency sampler's denoiser it is an exact consistency function of the teacher
+  (up to the solver's error): the "ideal" evaluation rows. The sampler's times are shared by
+  the batch (every solver here), so the grid follows the first sample's time."""
+  solver = teacher_solver(teacher_process)
+  t_end, t_max = teacher_process.t_end, teacher_process.t_max
+  shape = (jnp.asarray(teacher_process.timesteps(steps), jnp.float32) - t_end) / (t_max - t_end)
+
+  def denoiser(x_t, t):
+    alpha, sigma = process.alpha_sigma(t[0])
+    u = matching_time(teacher_process, sigma / (alpha + sigma))
+    alpha_u, sigma_u = teacher_process.alpha_sigma(u)
+    x_u = x_t * ((alpha_u + sigma_u) / (alpha + sigma)).astype(x_t.dtype)
+    grid = t_end + (u - t_end) * shape
+    return solvers.sample(teacher_denoiser, teacher_process, x_u, solver=solver,
+                          timesteps=grid)
+  return denoiser
+
+
 def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
-                 guidance: float = 1.0, **solver_kwargs) -> Callable:
+                 guidance: float = 1.0, ode_teacher: str = "", ode_steps: int = 0,
+                 **solver_kwargs) -> Callable:
   """jit(fn(params, noise, conds, rng) -> samples) for network `net` of `ctx`.
 
   `conds`: the conditioning as batch keys with the noise's rows ({"label": (B,)}, prompt
@@ -184,24 +241,23 @@ def make_sampler(ctx: ctx_lib.Context, net: str, *, solver: str, steps: int,
   `solver` is a solver name or a spec with solver options, e.g. "tcd(gamma=0.0)". `guidance`
   is the network's input where it embeds the scale, else classifier-free guidance against
   `context.null_condition` (one call on the doubled batch).
+
+  `ode_teacher`: sample `net`'s process with `solver`, but denoise each step by that network's
+  ODE (`ode_denoiser`, `ode_steps` steps; `params` are then its parameters).
   """
-  from distill.objectives import matching  # pylint: disable=import-outside-toplevel
   process = ctx.nets[net].process
   solver, spec_kwargs = parse_spec(solver, "sampler")
   solver_kwargs = {**spec_kwargs, **solver_kwargs}
-  embed = embeds_guidance(ctx, net)
-  guidance = float(guidance)
 
   def run(params, noise, conds, rng):
     if conds is not None and not isinstance(conds, Mapping):
       conds = {"label": conds}
     cond = ctx_lib.cond_from_batch(conds or {})
-
-    def denoiser(x_t, t):
-      if embed:
-        w = jnp.full((x_t.shape[0],), guidance, jnp.float32)
-        return ctx.x0(net, x_t, t, cond, params=params, **ctx.guidance_inputs(net, w))
-      return matching.guided(ctx, net, x_t, t, cond, guidance, "x0", params=params)
+    if ode_teacher:
+      denoiser = ode_denoiser(net_denoiser(ctx, ode_teacher, params, cond, guidance),
+                              ctx.nets[ode_teacher].process, process, int(ode_steps))
+    else:
+      denoiser = net_denoiser(ctx, net, params, cond, guidance)
     return solvers.sample(denoiser, process, noise, solver=solver, steps=steps, rng=rng,
                           **solver_kwargs)
   return jax.jit(run)
@@ -242,7 +298,8 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
              steps: int, shape: tuple, batch: int = 4096, guidance: float = 1.0,
              labels: Optional[np.ndarray] = None,
              conds: Optional[Mapping[str, np.ndarray]] = None, class_conditional: bool = False,
-             desc: str = "") -> tuple[np.ndarray, float]:
+             desc: str = "", ode_teacher: str = "", ode_steps: int = 0
+             ) -> tuple[np.ndarray, float]:
   """n samples (host numpy) and seconds per sample, from fixed noise of `seed`.
 
   `conds`: the conditioning, batch keys with (at least) n rows, row i for sample i (class
@@ -252,7 +309,7 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
   (chunk i's noise from `fold_in(PRNGKey(seed), i)`, independent of the device count) run
   data-parallel over the context's mesh (module docstring), each padded to one compiled size,
   their conditioning rows placed the same way. `desc`: show a progress bar with this title
-  (off with DISTILL_NO_PROGRESS=1).
+  (off with DISTILL_NO_PROGRESS=1). `ode_teacher`, `ode_steps`: as `make_sampler`.
   """
   process = ctx.nets[net].process
   num_classes = ctx.nets[net].num_classes
@@ -264,7 +321,8 @@ def generate(ctx: ctx_lib.Context, net: str, params: Any, *, n: int, seed: int, 
     if drawn is not None:
       conds["label"] = drawn
   conds = check_conditions(conds, n)
-  fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance)
+  fn = make_sampler(ctx, net, solver=solver, steps=steps, guidance=guidance,
+                    ode_teacher=ode_teacher, ode_steps=ode_steps)
   mesh = ctx.mesh
   dp = shd.data_parallel_size(mesh) if mesh is not None else 1
   rows = -(-min(batch, max(n, 1)) // dp) * dp  # the one compiled batch size
@@ -298,6 +356,14 @@ class _NoBar:
     del k
 
 
+def ideal_solver_id(solver: str, process, teacher_process, teacher_steps: int) -> str:
+  """The cache identity of an ideal row's sampler: the student's sampler spec on the student's
+  process, denoised by the teacher's solver at `teacher_steps` steps."""
+  return json.dumps({"ideal": solver, "process": procs.process_config(process),
+                     "teacher_solver": teacher_solver(teacher_process),
+                     "teacher_steps": int(teacher_steps)}, sort_keys=True)
+
+
 def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
                     seed: int, solver: str, steps: int, class_conditional: bool,
                     guidance: float = 1.0, metric_setup: str = "",
@@ -324,8 +390,15 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
              teacher_steps: int, num_samples: int, seed: int, metric: str = "",
              class_conditional: bool = False, teacher_cache: Optional[dict] = None,
              teacher_hash: str = "", guidance: float = 1.0, metrics: Sequence[str] = (),
-             setup: Optional[MetricSetup] = None, batch: int = 4096) -> dict:
+             setup: Optional[MetricSetup] = None, batch: int = 4096,
+             ideal_steps: Sequence[int] = ()) -> dict:
   """The eval.json dict: teacher (1 step, reference steps) and student rows.
+
+  `ideal_steps`: rows `ideal_steps_<n>`, the student's sampler at n steps with the teacher's own
+  ODE (`teacher_steps` steps of its reference solver) as the denoiser of every step: what an
+  exact consistency student would score with that sampler, so a student's multi-step gap can
+  be told apart from the sampler's (NFE: n * teacher_steps). They are teacher rows for the
+  cache (they depend on the teacher, the sampler and the student's process only).
 
   `metrics` (else `metric`, else the data's default): every row holds the values of all of
   them; the first is the report's `metric` and `data_floor`. `setup` carries what the image
@@ -383,38 +456,47 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
     floor = scores(metric, reference, source.floor_reference(num_samples, seed))[metric]
   results = {}
 
-  def row(net, p, solver, steps, name):
-    w = guidance if (net == teacher or embeds_guidance(ctx, net)) else 1.0
+  def row(net, p, solver, steps, name, ode_teacher=""):
+    w = guidance if (net == teacher or ode_teacher or embeds_guidance(ctx, net)) else 1.0
+    ode_steps = int(teacher_steps) if ode_teacher else 0
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
                             steps=steps, shape=source.shape, guidance=w, conds=conds,
                             class_conditional=class_conditional, batch=batch,
-                            desc=f"sample {name}")
-    return {**row_scores(samples), "nfe": nfe_of(solver, steps),
-            "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
+                            desc=f"sample {name}", ode_teacher=ode_teacher, ode_steps=ode_steps)
+    nfe = nfe_of(solver, steps) * (nfe_of(teacher_solver(ctx.nets[ode_teacher].process),
+                                          ode_steps) if ode_teacher else 1)
+    return {**row_scores(samples), "nfe": nfe, "num_samples": int(num_samples),
+            "sec_per_sample": float(sec), "solver": solver}
 
-  # (key, network, solver, steps, teacher row?) of every row, in eval.json's order.
+  # (key, network, solver, steps, teacher row?, ODE teacher) of every row, in eval.json's order.
   specs = []
   if teacher is not None:
     solver = teacher_solver(ctx.nets[teacher].process)
-    specs += [(f"teacher_steps_{n}", teacher, solver, n, True)
+    specs += [(f"teacher_steps_{n}", teacher, solver, n, True, "")
               for n in sorted({1, int(teacher_steps)})]
   if student is not None:
-    specs += [(f"{student_role}_steps_{int(n)}", student, student_solver, int(n), False)
+    specs += [(f"{student_role}_steps_{int(n)}", student, student_solver, int(n), False, "")
               for n in student_steps]
+    if teacher is not None:
+      specs += [(f"ideal_steps_{int(n)}", student, student_solver, int(n), True, teacher)
+                for n in ideal_steps]
   with runlog.progress_bar(len(specs), "eval") as bar:
-    for name, net, solver, steps, is_teacher in specs:
+    for name, net, solver, steps, is_teacher, ode_teacher in specs:
       key = None
       if is_teacher and use_cache:
+        solver_id = solver if not ode_teacher else ideal_solver_id(
+            solver, ctx.nets[net].process, ctx.nets[ode_teacher].process, int(teacher_steps))
         key = teacher_row_key(teacher_hash=teacher_hash, data_hash=data_hash,
                               metric=",".join(names), num_samples=num_samples, seed=seed,
-                              solver=solver, steps=steps, class_conditional=class_conditional,
+                              solver=solver_id, steps=steps, class_conditional=class_conditional,
                               guidance=guidance, metric_setup=setup_id,
                               conditions=conditions_hash(
-                                  conds, ctx.nets[net].null_inputs if guidance != 1 else None))
+                                  conds, ctx.nets[ode_teacher or net].null_inputs
+                                  if guidance != 1 else None))
       if key is not None and key in teacher_cache:
         results[name] = dict(teacher_cache[key])
       else:
-        results[name] = row(net, params[net], solver, steps, name)
+        results[name] = row(net, params[ode_teacher or net], solver, steps, name, ode_teacher)
         if key is not None:
           teacher_cache[key] = dict(results[name])
       bar.update(1)

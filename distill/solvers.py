@@ -28,6 +28,10 @@ Every solver is a `lax.scan` over the grid (one trace of the denoiser), pure and
 | `trigflow`    | sCM step-adaptive sampler; grid [pi/2, mids..., 0]             | n        |
 | `cm`          | consistency on the CM multistep grid (Karras times, then 0)    | n        |
 
+`consistency` and `tcd` take `grid_kwargs={"refine_from": r}` (`refine_grid`): one step from
+t_max to r, then even steps from r to the clean end, for teachers whose denoise / re-noise
+rounds drift (`evaluation`'s ideal rows measure that drift).
+
 Notes on matching diffusers: EulerDiscreteScheduler is Euler in the VE variable x / alpha and
 time sigma / alpha, i.e. our `ddim` (eta = 0) on `vp_discrete`, or our `euler` on `edm`.
 FlowMatchEulerDiscreteScheduler is our `euler` on `rectified_flow`. SCMScheduler is `trigflow`.
@@ -304,6 +308,21 @@ def _grid_through(process, steps: int, intermediate: Sequence[float]) -> np.ndar
   return np.asarray(grid, np.float32)
 
 
+def refine_grid(process, steps: int, refine_from: Optional[float] = None,
+                **grid_kwargs) -> np.ndarray:
+  """The process's default grid; with `refine_from` = r: [t_max, r, ..., t_end], one step from
+  t_max to r and steps - 1 evenly spaced steps from r to t_end (4 steps: r, 2r/3, r/3 on a
+  process ending at 0). A consistency sampler's later steps then re-noise only to low noise."""
+  if refine_from is None:
+    return process.timesteps(steps, **grid_kwargs)
+  r = float(refine_from)
+  if not process.t_end < r < process.t_max:
+    raise ValueError(f"sampler grid: refine_from={r} must lie between the process's clean end "
+                     f"{process.t_end} and t_max {process.t_max}")
+  return _grid_through(process, steps, np.linspace(r, process.t_end, steps)[:-1] if steps > 1
+                       else ())
+
+
 def trigflow_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None,
                   mid_t: float = 1.1) -> np.ndarray:
   """sCM grid [t_max, intermediate..., t_end]: 2 steps -> [pi/2, mid_t, 0] (sCM's 1.1;
@@ -331,8 +350,8 @@ SOLVERS.add("euler", Solver(_euler))
 SOLVERS.add("heun", Solver(_heun, nfe=lambda steps: 2 * steps - 1))
 SOLVERS.add("ddim", Solver(_ddim))
 SOLVERS.add("dpmpp_2m", Solver(_dpmpp_2m))
-SOLVERS.add("consistency", Solver(_consistency))
+SOLVERS.add("consistency", Solver(_consistency, grid=refine_grid))
 SOLVERS.add("lcm", Solver(_lcm))
-SOLVERS.add("tcd", Solver(_tcd))
+SOLVERS.add("tcd", Solver(_tcd, grid=refine_grid))
 SOLVERS.add("trigflow", Solver(_consistency, grid=trigflow_grid))
 SOLVERS.add("cm", Solver(_consistency, grid=cm_grid))

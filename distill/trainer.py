@@ -207,6 +207,19 @@ def load_teacher_cache(engine: Engine) -> dict:
     return json.load(f)
 
 
+def update_teacher_cache(engine: Engine, cache: Optional[dict]) -> None:
+  """Adds the rows of `cache` that its frozen teacher's cache file lacks to that file, when
+  `eval.update_teacher_cache` asks (a shipped teacher's cache then holds every row its runs
+  computed once, e.g. the demo's ideal rows); written atomically, existing rows kept."""
+  path = teacher_cache_file(engine)
+  if not (cache and path and engine.config.eval.get("update_teacher_cache", False)):
+    return
+  with open(path) as f:
+    on_disk = json.load(f)
+  if set(cache) - set(on_disk):
+    runlog.write_json(path, {**cache, **on_disk})
+
+
 def eval_metrics(engine: Engine) -> tuple[str, ...]:
   """The run's metric names: `eval.metrics`, else (`eval.metric` or the data's default)."""
   cfg = engine.config.eval
@@ -244,7 +257,8 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
       num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metrics=metrics,
       class_conditional=cfg.eval.class_conditional, teacher_cache=teacher_cache,
       teacher_hash=teacher_hash, guidance=float(cfg.eval.get("guidance", 1.0)), setup=setup,
-      batch=int(cfg.eval.get("batch_size", 4096)))
+      batch=int(cfg.eval.get("batch_size", 4096)),
+      ideal_steps=tuple(int(n) for n in cfg.eval.get("ideal_steps", ())))
 
 
 def student_sampler(engine: Engine) -> str:
@@ -408,6 +422,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
         report = run_evaluation(engine, state, frozen, step, teacher_cache=eval_cache)
         _write_eval(workdir, report, is_main)
+        if is_main:
+          update_teacher_cache(engine, eval_cache)
       if (config.sample.num and config.sample.every_steps
           and step % config.sample.every_steps == 0 and step < total):
         write_samples(engine, state, frozen, step, workdir) if is_main else None
@@ -425,6 +441,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.at_end:
       report = run_evaluation(engine, state, frozen, total, teacher_cache=eval_cache)
       _write_eval(workdir, report, is_main)
+      if is_main:
+        update_teacher_cache(engine, eval_cache)
       summary["eval"] = report
     if is_main and config.sample.num:  # sample.num = 0: no grids (e.g. latent data sets)
       summary["samples"] = write_samples(engine, state, frozen, total, workdir)

@@ -17,7 +17,7 @@ TINY_TEACHER = [f"--teacher_config.{o}" for o in [
     "model.attention_head_dim=16", "checkpoint.every_steps=0", "optim.warmup_steps=2", *EVAL]]
 TINY_STUDENT = [f"--config.{o}" for o in [
     "train.steps=4", "train.batch_size=16", "train.log_every=2", "checkpoint.every_steps=0",
-    "eval.steps=(1,2)", *EVAL]]
+    "eval.steps=(1,2)", "eval.ideal_steps=(1,2)", *EVAL]]
 
 
 def demo(*args, timeout=900):
@@ -42,16 +42,28 @@ def test_demo_ships_a_missing_teacher_then_distils_and_reports(tmp_path):
   assert shipped["provenance"]["trained_by"] == "configs/demo/teacher.py"
   assert shipped["provenance"]["config"]["model"]["num_layers"] == 1
   cache = json.load(open(teacher / "teacher_eval.json"))
-  assert len(cache) == 2 and all(json.loads(k)["num_samples"] == 64 for k in cache)
+  assert all(json.loads(k)["num_samples"] == 64 for k in cache)
+  teacher_rows = {k: r for k, r in cache.items() if r["solver"] == "euler"}
+  assert len(teacher_rows) == 2
 
   report = json.load(open(work / "scm" / "eval.json"))
+  results = report["results"]
   assert report["metric"] == "fd" and report["class_conditional"]
-  assert set(report["results"]) == {"teacher_steps_1", "teacher_steps_4", "student_steps_1",
-                                    "student_steps_2"}
+  assert set(results) == {"teacher_steps_1", "teacher_steps_4", "student_steps_1",
+                          "student_steps_2", "ideal_steps_1", "ideal_steps_2"}
   # The teacher rows are the shipped cache's, timings included (not recomputed).
-  cached_rows = sorted(cache.values(), key=lambda r: r["nfe"])
-  assert [report["results"]["teacher_steps_1"], report["results"]["teacher_steps_4"]] == \
-      cached_rows
+  cached_rows = sorted(teacher_rows.values(), key=lambda r: r["nfe"])
+  assert [results["teacher_steps_1"], results["teacher_steps_4"]] == cached_rows
+  # Ideal rows: the student's sampler with the teacher's 4-step ODE as its denoiser. One step
+  # from pure noise is the teacher's own 4-step sample (same noise, labels and grid; the fd
+  # agrees to float32 rounding of the time match); they were computed for this run and written
+  # into the shipped cache (eval.update_teacher_cache), so the next run reads them.
+  assert (results["ideal_steps_1"]["nfe"], results["ideal_steps_2"]["nfe"]) == (4, 8)
+  assert results["ideal_steps_1"]["fd"] == pytest.approx(results["teacher_steps_4"]["fd"],
+                                                         rel=1e-4)
+  assert results["ideal_steps_2"]["fd"] != results["ideal_steps_1"]["fd"]
+  assert len(cache) == 4
+  assert sorted(r["nfe"] for k, r in cache.items() if k not in teacher_rows) == [4, 8]
   for row in report["results"].values():
     assert row["fd"] > 0 and 0 <= row["coverage"] <= 1 and row["num_samples"] == 64
   assert report["data_floor"] > 0

@@ -24,7 +24,8 @@ def demo_eval(c):
 
 def demo_distill_config(objective: str, *, steps: int, lr: float, batch_size: int = 64,
                         b1: float = 0.9, warmup_steps: int = 0, grad_clip: float = 0.0):
-  return demo_eval(distill_config(objective, teacher=TEACHER, steps=steps,
-                                  batch_size=batch_size, lr=lr, b1=b1,
-                                  warmup_steps=warmup_steps, grad_clip=grad_clip, log_every=25,
-                                  checkpoint_every=100))
+  c = demo_eval(distill_config(objective, teacher=TEACHER, steps=steps, batch_size=batch_size,
+                               lr=lr, b1=b1, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                               log_every=25, checkpoint_every=100))
+  c.eval.update_teacher_cache = True   # teacher rows computed once go into the shipped cache
+  return c
