@@ -39,6 +39,12 @@ def base_config() -> ConfigDict:
   # teacher.runtime.dtype = "bfloat16", .remat = "full", .attention = "cudnn",
   # .scan_blocks = True, .param_dtype = "bfloat16" (distill/teacher.py RUNTIME_FIELDS).
   c.teacher = ConfigDict({"checkpoint": "", "params": "ema", "runtime": ConfigDict()})
+  # Networks that start from another run's weights instead of their objective's init:
+  # init.<network> = a run directory of this project, whose network of the same name is loaded
+  # at its latest checkpoint (its EMA weights when it has any), e.g. SiD2A's generator from a
+  # trained SiD run: --config.init.student=runs/sid. Only a fresh run reads it (a resumed run
+  # restores its own checkpoint), except for frozen networks, which are not checkpointed.
+  c.init = ConfigDict()
   c.data = ConfigDict({"name": "gmm"})
 
   c.train = ConfigDict()
@@ -247,7 +253,7 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
   return names, rest
 
 
-_OPEN_DICTS = (("ema",), ("optim", "networks"), ("teacher", "runtime"))
+_OPEN_DICTS = (("ema",), ("optim", "networks"), ("teacher", "runtime"), ("init",))
 
 
 def _is_open(prefix: list[str]) -> bool:

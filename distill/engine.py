@@ -27,6 +27,7 @@ from distill import context as ctx_lib
 from distill import optim as optim_lib
 from distill import processes as procs
 from distill import sharding as shd
+from distill import teacher as teacher_lib
 from distill.data import sources
 from distill.objective import OBJECTIVES, Network, Objective, Stage, Time, make_time
 from distill.state import TrainState, new_state
@@ -232,6 +233,7 @@ class Engine:
     self.plans = self._plan_networks()
     self.nets = {n: p.info for n, p in self.plans.items()}
     self._check_promotions()
+    self.init_runs = self._init_runs()
     self.trained = [n for n in self.objective.trained]
     self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
     self._abstract = {}
@@ -367,6 +369,18 @@ class Engine:
                                 frozen=frozen, trainable_regex=net.trainable, lora=net.adapter)
     return plans
 
+  def _init_runs(self) -> dict[str, str]:
+    """`init.<network>` -> run directory, checked against this objective's networks."""
+    runs = {k: str(v) for k, v in (self.config.get("init") or {}).items() if v}
+    for name in runs:
+      if name not in self.plans:
+        raise ValueError(f"config key 'init.{name}': the objective has no network {name!r} "
+                         f"(it has {', '.join(self.plans)})")
+      if self.plans[name].lora is not None:
+        raise ValueError(f"config key 'init.{name}': {name!r} is a LoRA adapter; initialise "
+                         f"its base {self.plans[name].info.base!r} instead")
+    return runs
+
   def _dummy_inputs(self, info: ctx_lib.NetInfo):
     return init_inputs(info.module, self.source, info.num_classes)
 
@@ -412,15 +426,22 @@ class Engine:
       v = meta.unbox(init(r))
       return v["params"], {k: c for k, c in v.items() if k != "params"}
 
-    if plan.init_from == "random":
+    run = self.init_runs.get(name)
+    if plan.init_from == "random" and not run:
       params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
     else:
-      if plan.init_from in self.plans:  # an earlier network
+      if run:  # init.<name>: the same network of another run
+        src = teacher_lib.load_run_network(run, name, key=f"init.{name}")
+        src_params, src_state, src_cfg = src.params, src.model_state or {}, src.model_config
+        source = run
+      elif plan.init_from in self.plans:  # an earlier network
         src_params, src_state = built[plan.init_from]
         src_cfg = self.plans[plan.init_from].model_config
+        source = plan.init_from
       else:  # the teacher checkpoint
         src_params, src_state = self.teacher.params, self.teacher.model_state or {}
         src_cfg = self.teacher.model_config
+        source = plan.init_from
       # Copies (jnp.array): a network initialised from another must not share its buffers
       # (the train state is donated to every step).
       src_params = jax.tree_util.tree_map(jnp.array, src_params)
@@ -430,7 +451,7 @@ class Engine:
       else:  # a changed architecture (e.g. an added time input): overlay the source weights
         params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
         params = jax.device_put(
-            overlay_params(params, src_params, f"network {name!r} from {plan.init_from!r}"),
+            overlay_params(params, src_params, f"network {name!r} from {source!r}"),
             shardings)
     dtype = self._param_dtype(name)
     if dtype is not None:

@@ -69,31 +69,48 @@ def load_teacher(path: str, params_role: str = "ema", process: Optional[str] = N
 
 
 def _load_run_dir(path: str, params_role: str) -> Teacher:
-  from distill import checkpoint as ckpt
-  from distill.engine import num_classes_of
-
   with open(os.path.join(path, "config.json")) as f:
-    run = json.load(f)
-  resolved = run["resolved"]
+    resolved = json.load(f)["resolved"]
   net = resolved["evaluated_network"]
   wrapper = ((resolved.get("networks") or {}).get(net) or {}).get("wrapper")
   if wrapper:
     raise ValueError(f"config key 'teacher.checkpoint': {path!r}: its network {net!r} is "
                      f"trained behind the wrapper {wrapper!r}; loading a wrapped network as a "
                      "teacher is not supported yet")
+  return load_run_network(path, net, params_role)
+
+
+def load_run_network(path: str, net: str, params_role: str = "ema",
+                     key: str = "teacher.checkpoint") -> Teacher:
+  """Network `net` of the run directory `path` at its latest checkpoint: its EMA weights
+  (`params_role` "ema": the `eval` role, else the first) when it has any, else its raw ones.
+  `key` names the config key in errors."""
+  from distill import checkpoint as ckpt
+  from distill.engine import module_from_config, num_classes_of
+
+  if not is_run_dir(path):
+    raise FileNotFoundError(f"config key {key!r}: {path!r} is not a run directory "
+                            "(config.json + checkpoints/)")
+  with open(os.path.join(path, "config.json")) as f:
+    resolved = json.load(f)["resolved"]
+  if net not in resolved["models"]:
+    raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
+                     f"{', '.join(sorted(resolved['models']))})")
   step, tree = ckpt.restore_raw(os.path.join(path, "checkpoints"))
   state = tree["state"]
   role = None
   if params_role == "ema":
     roles = (state.get("ema") or {}).get(net) or {}
     role = "eval" if "eval" in roles else (sorted(roles)[0] if roles else None)
-  params = state["ema"][net][role] if role else state["params"][net]
+  params = state["ema"][net][role] if role else (state.get("params") or {}).get(net)
+  if params is None:
+    raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is not in its "
+                     "checkpoint (a frozen network: load it from where that run did)")
   model_cfg = dict(resolved["models"][net])
   name = model_cfg.pop("name")
   prediction = model_cfg.pop("prediction")
   # The recorded model config also holds engine keys (attention, jvp_attention) and JSON lists:
   # build the module the way the engine does (constructor fields only, lists -> tuples).
-  from distill.engine import module_from_config
   module = module_from_config({"name": name, **model_cfg})
   process = procs.make_process(**resolved["processes"][net])
   model_state = (state.get("model_state") or {}).get(net) or None

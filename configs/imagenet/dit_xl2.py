@@ -41,8 +41,8 @@ Settings per objective (batch sizes are global; learning rates for those batches
   features (channel mean per token) as the discriminator on real latents, D weight 1, the
   generator's 0.5 / 0.5 mix with GAN weight 0.01 after 200k images (782 steps), no generator
   update in the first 100k (391 steps), the fake network's gradients clipped by value at 1,
-  alpha 1. (SiD2A, SiDA started from a trained SiD student, needs a student initialised from
-  another run's checkpoint, which the engine does not offer yet.)
+  alpha 1. SiD2A is this recipe started from a trained SiD run's student (its EMA weights):
+  add `--config.init.student=runs/in256_sid` (`init.<network>`, distill/config.py).
 - guided: Meng et al. on the VP teacher as converted (eps, DDIM): stage 1 distils CFG over
   w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
   (20k steps, v-loss weighting), then three progressive stages 16 -> 8 -> 4 -> 2 DDIM steps

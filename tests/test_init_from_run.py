@@ -1,0 +1,81 @@
+"""`init.<network>`: a network starts from the same network of another run (SiD2A: SiDA's
+generator from a trained SiD run) instead of its objective's init, at that run's EMA weights;
+bad values are one clear error, and a resumed run keeps its own checkpoint."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from distill import teacher as teacher_lib
+from distill import trainer
+from distill.engine import Engine
+from tests import _matching_utils as mu
+
+CONFIG = os.path.join(mu.ROOT, "configs", "toy", "sid.py")
+SMALL = ["train.batch_size=32", "eval.at_end=False", "sample.num=0",
+         "checkpoint.async_save=False", "train.log_every=2", "checkpoint.every_steps=0"]
+
+
+def _config(teacher, *extra):
+  return trainer.load_config(f"{CONFIG}:gmm", [*SMALL, f"teacher.checkpoint={teacher}", *extra])
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def _equal(a, b) -> bool:
+  la, lb = _leaves(a), _leaves(b)
+  return len(la) == len(lb) and all(x.shape == y.shape and np.array_equal(x, y)
+                                    for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def sid_run(tmp_path_factory):
+  teacher = mu.shared_tiny_teacher("gmm", 20)
+  work = str(tmp_path_factory.mktemp("runs") / "sid")
+  trainer.train(_config(teacher, "train.steps=4", "objective.ema_decay=0.5"), work)
+  return teacher, work
+
+
+def test_student_starts_from_the_other_runs_ema_and_trains_on(sid_run, tmp_path):
+  teacher, sid = sid_run
+  source = teacher_lib.load_run_network(sid, "student")
+  assert source.reference["params"] == "ema/eval" and source.reference["step"] == 4
+  config = _config(teacher, f"init.student={sid}", "train.steps=2",
+                   "objective.discriminator=encoder", "objective.gan_feature_block=0",
+                   "objective.gan_weight=0.05")
+  engine = Engine(config, teacher=teacher_lib.from_config(trainer.prepare_config(config)))
+  state, frozen = engine.init_state()
+  # The generator is the SiD run's EMA student; the fake score still starts from the teacher.
+  assert _equal(state.params["student"], source.params)
+  assert not _equal(state.params["student"], engine.teacher.params)
+  assert _equal(state.params["fake_score"], engine.teacher.params)
+  # ... and the SiDA run trains from there (finite losses, the weights move).
+  work = str(tmp_path / "sida")
+  trainer.train(config, work)
+  trained = teacher_lib.load_run_network(work, "student", "raw")
+  assert not _equal(trained.params, source.params)
+  rows = mu.metrics(work)
+  assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k.endswith("loss"))
+
+  # A resumed run restores its own checkpoint, whatever init says now.
+  engine2, state2, _, step = trainer.open_run(work, [])
+  assert step == 2 and _equal(state2.params["student"], trained.params)
+
+
+def test_bad_init_values_are_one_clear_error(sid_run, tmp_path):
+  teacher, sid = sid_run
+  cases = [
+      (f"init.nosuch={sid}", ValueError, "'init.nosuch': the objective has no network 'nosuch'"),
+      (f"init.student={tmp_path / 'missing'}", FileNotFoundError,
+       "'init.student': .* is not a run directory"),
+      (f"init.student={teacher}", ValueError, "the run .* has no network 'student'"),
+  ]
+  for override, error, message in cases:
+    config = _config(teacher, override)
+    with pytest.raises(error, match=message):
+      engine = Engine(config, teacher=teacher_lib.from_config(
+          trainer.prepare_config(config)))
+      engine.init_state()
