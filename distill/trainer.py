@@ -334,15 +334,23 @@ class _Stop:
 # ----------------------------------------------------------------------------- train
 
 
+class SetupError(ValueError):
+  """A run that cannot start (a missing teacher, an `init.<network>` run without that network,
+  an architecture the weights do not fit): one line, raised before anything is written."""
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a run in `workdir`; returns a summary dict."""
   config = prepare_config(config)
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
   is_main = jax.process_index() == 0
-  teacher = teacher_lib.from_config(config)
-  engine = Engine(config, teacher=teacher)
-  state, frozen = engine.init_state()
+  try:  # everything the config names must load before anything is written
+    teacher = teacher_lib.from_config(config)
+    engine = Engine(config, teacher=teacher)
+    state, frozen = engine.init_state()
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise SetupError(e.args[0] if e.args else str(e)) from e
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

@@ -150,7 +150,10 @@ def main(argv: list[str]) -> int:
   except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   workdir = os.path.join(args.workdir, args.objective)
-  summary = trainer.train(config, workdir)
+  try:
+    summary = trainer.train(config, workdir)
+  except trainer.SetupError as e:
+    return cli.fail(e)
   report = summary.get("eval")
   if report is None:
     with open(os.path.join(workdir, "eval.json")) as f:

@@ -20,7 +20,10 @@ def main(argv: list[str]) -> int:
     config = trainer.prepare_config(config)
   except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
-  summary = trainer.train(config, args.workdir)
+  try:
+    summary = trainer.train(config, args.workdir)
+  except trainer.SetupError as e:
+    return cli.fail(e)
   if "eval" in summary:
     cli.print_eval(summary["eval"])
   return 0

@@ -88,6 +88,8 @@ class _nullctx:
     (["--config.model.hidden=wide"], "model.hidden"),
     (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher.checkpoint"),
     (["--config.mesh.data=64"], "mesh"),
+    (["--config.init.model=/nonexistent/run"], "init.model"),   # found when the run starts
+    (["--config.init.nosuch=/nonexistent/run"], "init.nosuch"),
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, fragment):
   workdir = tmp_path / "run"
