@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from distill.context import to_kind
 from distill.objective import Network, Objective, Phase, Stage, register_objective
-from distill.objectives.lcm import choice, teacher_ddim_step
+from distill.objectives.lcm import choice, draw_inputs, teacher_ddim_step
 from distill.objectives.matching import bcast, per_example_mean, step_cond
 
 DEFAULTS = {
@@ -60,19 +60,6 @@ def pd_target(z_t, z_end, alpha, sigma, alpha_end, sigma_end):
   """The x0 that one DDIM step from (z_t, t) needs to reach z_end at t'' (per sample)."""
   r = bcast(sigma_end / sigma, z_t)
   return (z_end - r * z_t) / (bcast(alpha_end, z_t) - r * bcast(alpha, z_t))
-
-
-def draw_inputs(rng, x0, *, num_steps: int, label_dropout: float = 0.0,
-                guidance_range=(1.0, 1.0)) -> dict:
-  """Grid index n (B,), eps (like x0), null (B,; matching.step_cond) and the guidance scale
-  w ~ U[lo, hi] (B,)."""
-  b = x0.shape[0]
-  k_n, k_e, k_d, k_w = jax.random.split(rng, 4)
-  lo, hi = (float(v) for v in guidance_range)
-  return {"n": jax.random.randint(k_n, (b,), 0, num_steps),
-          "eps": jax.random.normal(k_e, x0.shape, jnp.float32),
-          "null": jax.random.bernoulli(k_d, label_dropout, (b,)),
-          "w": jax.random.uniform(k_w, (b,), jnp.float32, lo, hi)}
 
 
 def progressive_loss_given(trainable, ctx, batch, draws: dict, *, student: str, teacher: str,
