@@ -31,6 +31,7 @@ from models.convert import from_diffusers, load_diffusers_dir, to_diffusers  # n
 from models.convert import dcae as dcae_convert  # noqa: E402
 from models.dcae import AutoencoderDC, pixel_shuffle, pixel_unshuffle  # noqa: E402
 from models.registry import build_model  # noqa: E402
+from tests._torch_random import randomize_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -78,14 +79,7 @@ def random_dcae(name: str, seed: int = 0, std: float = 0.1):
   kwargs, _ = CONFIGS[name]
   torch.manual_seed(seed)
   model = diffusers.AutoencoderDC(**kwargs).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for key, p in list(model.named_parameters()) + list(model.named_buffers()):
-      if key.endswith("num_batches_tracked"):
-        continue
-      one = ("norm" in key and key.endswith("weight")) or key.endswith("running_var")
-      p.copy_((1.0 if one else 0.0) + std * torch.randn(p.shape, generator=gen))
-  return model
+  return randomize_torch(model, seed, std, buffers=True)
 
 
 @functools.lru_cache(maxsize=None)

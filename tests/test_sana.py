@@ -38,6 +38,7 @@ from models.convert import (from_diffusers, load_diffusers_dir, save_diffusers_d
 from models.convert import sana as sana_convert  # noqa: E402
 from models.convert.registry import CONVERTERS  # noqa: E402
 from models.registry import build_model  # noqa: E402
+from tests._torch_random import randomize_torch  # noqa: E402
 from models.sana import Sana, flops_per_example  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -79,12 +80,7 @@ def random_sana(name: str, seed: int = 0, std: float = 0.1):
   """A diffusers SanaTransformer2DModel of config `name`, every parameter drawn at random."""
   torch.manual_seed(seed)
   model = diffusers.SanaTransformer2DModel(**CONFIGS[name]).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      base = 1.0 if ("norm" in key and key.endswith("weight")) else 0.0
-      p.copy_(base + std * torch.randn(p.shape, generator=gen))
-  return model
+  return randomize_torch(model, seed, std)
 
 
 @functools.lru_cache(maxsize=None)

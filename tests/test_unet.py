@@ -38,6 +38,7 @@ diffusers = pytest.importorskip("diffusers")
 from models import convert  # noqa: E402
 from models.convert import unet as unet_convert  # noqa: E402
 from models.registry import build_model  # noqa: E402
+from tests._torch_random import randomize_torch  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -73,15 +74,7 @@ SIDE = 8
 def _torch_unet(name: str, seed: int = 0):
   """A diffusers UNet2DConditionModel of config `name` with every parameter randomised."""
   model = diffusers.UNet2DConditionModel(sample_size=SIDE, **CONFIGS[name]).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      if key == "class_embedding.weight":
-        p.copy_(torch.randn(p.shape, generator=gen))
-        continue
-      base = 1.0 if ("norm" in key and key.endswith("weight")) else 0.0
-      p.copy_(base + 0.05 * torch.randn(p.shape, generator=gen))
-  return model
+  return randomize_torch(model, seed, 0.05, unit_normal=("class_embedding.weight",))
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,6 +33,7 @@ from models.convert import vae as vae_convert  # noqa: E402
 from models.convert.registry import CONVERTERS  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from models.vae import AutoencoderKL, attend, blend  # noqa: E402
+from tests._torch_random import randomize_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -67,12 +68,7 @@ def _torch_vae(name: str, seed: int = 0):
   n = len(kwargs["block_out_channels"])
   model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n,
                                   up_block_types=("UpDecoderBlock2D",) * n, **kwargs).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      base = 1.0 if ("norm" in key and key.endswith("weight")) else 0.0
-      p.copy_(base + 0.05 * torch.randn(p.shape, generator=gen))
-  return model
+  return randomize_torch(model, seed, 0.05)
 
 
 @functools.lru_cache(maxsize=None)
