@@ -234,6 +234,7 @@ class Engine:
     self.nets = {n: p.info for n, p in self.plans.items()}
     self._check_promotions()
     self.init_runs = self._init_runs()
+    self._check_data_free()
     self.trained = [n for n in self.objective.trained]
     self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
     self._abstract = {}
@@ -368,6 +369,25 @@ class Engine:
       plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,
                                 frozen=frozen, trainable_regex=net.trainable, lora=net.adapter)
     return plans
+
+  def _check_data_free(self) -> None:
+    """A source without real data (`prompts`) feeds only data-free objectives and cannot be
+    evaluated against: one line naming the key otherwise."""
+    if self.source.real_data:
+      return
+    data = self.config.data.name
+    for objective in self.stage_objectives:
+      if objective.real_data:
+        raise ValueError(
+            f"config key 'data.name': {data!r} serves prompts without images, but objective "
+            f"{self.config.objective.name!r} with these settings reads real data (data-free: "
+            "vsd, and sid / dmd2 with gan_weight = 0)")
+    ev = self.config.eval
+    if ev.at_end or ev.every_steps:
+      raise ValueError(
+          f"config keys 'eval.at_end' / 'eval.every_steps': {data!r} has no reference images; "
+          "set eval.at_end=False and eval.every_steps=0, then evaluate the run with launch."
+          "evaluate --workdir W --config.data.name=latents --config.data.path=DIR")
 
   def _init_runs(self) -> dict[str, str]:
     """`init.<network>` -> run directory, checked against this objective's networks."""

@@ -416,6 +416,10 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   hash) supplies teacher rows computed before with identical settings (a frozen teacher's
   numbers never change); rows computed here are added to it.
   """
+  if not source.real_data:
+    raise suite.MetricError(f"the evaluation's data ({type(source).__name__}) has no reference "
+                            "images: evaluate against a data set that has them, e.g. "
+                            "--config.data.name=latents --config.data.path=DIR")
   names = resolve_metrics(source, metric, metrics)
   metric = names[0]
   setup = setup if setup is not None else MetricSetup()

@@ -126,6 +126,10 @@ class Objective:
   student: str = "student"
   sampler: str = "euler"
   evaluates_as: str = "student"
+  # Whether its losses read batch["x"] as real data. False: data-free (VSD, SiD and DMD2
+  # without their GAN terms read only the batch's shape and conditioning), so a prompts-only
+  # source (`prompts`) can feed it.
+  real_data: bool = True
 
   def network(self, name: str) -> Network:
     for n in self.networks:

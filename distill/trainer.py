@@ -303,8 +303,8 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
                                  steps=int(steps),
                                  shape=engine.source.shape, labels=labels, conds=conds)
       panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
-  real = engine.source.reference(cfg.sample.num, cfg.sample.seed)
-  panels.insert(0, ("data", real))
+  if engine.source.real_data:
+    panels.insert(0, ("data", engine.source.reference(cfg.sample.num, cfg.sample.seed)))
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
   images.save_panels(path, panels)

@@ -141,3 +141,36 @@ def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
     assert [n.name for n in objective.networks] == ["teacher", "student", "fake_score"]
     assert optim.network_settings(c.optim, "fake_score")["grad_clip_value"] == 1.0
     assert optim.network_settings(c.optim, "student")["grad_clip_value"] == 0.0
+
+
+def test_data_free_recipes_train_from_prompts_alone(tmp_path):
+  """`<recipe>,prompts`: SD1.5's SiD-LSG, SwiftBrush and DMD2 (no GAN) take the caption
+  embeddings alone (the `prompts` source, samples of the UNet's latent shape) and their phase
+  steps trace; a recipe that reads images (LCM) is refused with one line naming data.name."""
+  import numpy as np
+  d = tmp_path / "prompts"
+  d.mkdir()
+  np.save(d / "embeds.npy", np.ones((3, 5, 24), np.float32))
+  np.save(d / "null.npy", np.zeros((5, 24), np.float32))
+  for recipe in ("sid_lsg", "swiftbrush", "dmd2"):
+    full = _config("sd15", f"{recipe},prompts")
+    assert full.data.name == "prompts" and tuple(full.data.shape) == (64, 64, 4)
+    c = _narrow(_config("sd15", f"{recipe},prompts"), "sd15")
+    c.data = config_lib.ConfigDict(dict(full.data.to_dict(), text_embeds=str(d),
+                                        shape=(c.model.sample_size,) * 2 + (4,)))
+    c = trainer.prepare_config(c, num_devices=1)
+    engine = Engine(c, teacher=random_teacher(c, abstract=True))
+    state, frozen = engine.abstract_state()
+    batch = engine.abstract_batch()
+    assert set(batch) == {"x", "text_embeds"}
+    for i, phase in enumerate(engine.objective.phases):
+      _, metrics = jax.eval_shape(engine.phase_step(0, i), state, frozen, batch,
+                                  make_time(phase.start, 0, 0, 0))
+      assert metrics, (recipe, phase.name)
+  c = _narrow(_config("sd15", "lcm,prompts"), "sd15")
+  c.data = config_lib.ConfigDict(dict(_config("sd15", "lcm,prompts").data.to_dict(),
+                                      text_embeds=str(d), shape=(8, 8, 4)))
+  with pytest.raises(ValueError, match="'data.name': 'prompts' serves prompts without images"):
+    Engine(trainer.prepare_config(c, num_devices=1), teacher=random_teacher(c, abstract=True))
+  with pytest.raises(ValueError, match="optionally followed by ',prompts'"):
+    _config("sd15", "dmd2,images")

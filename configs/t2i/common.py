@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import ml_collections
+
 from configs.common import distill_config
 
 # SD1.5 / SD2 / SDXL: scaled-linear DDPM, 1000 steps (diffusers' scheduler config of the pipeline).
@@ -78,6 +80,19 @@ def caption_latents(c, *, time_ids: bool = False, null_prompt: str = "file"):
   return c
 
 
+def prompts_only(c):
+  """Data-free recipes (no image term: SiD-LSG, SwiftBrush, DMD2 without its GAN): the caption
+  embeddings alone (the `prompts` source, distill/data/prompts.py) instead of latents, with
+  the sample shape of the recipe's UNet latent (4 channels) and the same null prompt and SDXL
+  ids (at 8 pixels per latent)."""
+  side = int(c.model.sample_size)
+  c.data = ml_collections.ConfigDict({
+      "name": "prompts", "text_embeds": "",   # --config.data.text_embeds=$PROMPTS
+      "shape": (side, side, 4), "null_prompt": c.data.null_prompt,
+      "time_ids": 8 * side if c.data.time_ids else 0})
+  return c
+
+
 def teacher_runtime(c, **runtime):
   """How the loaded teacher (and the networks initialised from it) compute (teacher.runtime)."""
   for k, v in runtime.items():
@@ -102,13 +117,18 @@ def t2i_eval(c, *, guidance: float, steps=(1,), teacher_steps: int = 25):
 def recipe_config(path: str, recipes: dict[str, Callable], arg: str, default: str, *,
                   objective: dict[str, str], schedule: dict[str, tuple]):
   """The config of recipe `arg` (default `default`): `schedule[arg]` = (steps, global batch,
-  lr, warmup, grad clip), `objective[arg]` its objective name, `recipes[arg](c)` the rest."""
-  name = arg or default
-  if name not in recipes:
-    raise ValueError(f"{path}: expected one of {tuple(recipes)}, got {arg!r}")
+  lr, warmup, grad clip), `objective[arg]` its objective name, `recipes[arg](c)` the rest.
+  `arg` = "<recipe>,prompts": a data-free recipe trained from caption embeddings only
+  (`prompts_only`; the engine refuses recipes that read images)."""
+  name, _, variant = (arg or default).partition(",")
+  name = name or default
+  if name not in recipes or variant not in ("", "prompts"):
+    raise ValueError(f"{path}: expected one of {tuple(recipes)}, optionally followed by "
+                     f"',prompts', got {arg!r}")
   steps, batch, lr, warmup, clip = schedule[name]
   c = distill_config(objective[name], teacher="", steps=steps, batch_size=batch, lr=lr,
                      warmup_steps=warmup, grad_clip=clip, log_every=50,
                      checkpoint_every=1000)
   c.teacher.params = "raw"      # a diffusers teacher has only its weights
-  return recipes[name](c)
+  c = recipes[name](c)
+  return prompts_only(c) if variant == "prompts" else c

@@ -6,8 +6,9 @@ arg: `dmd2` | `sid_lsg` | `swiftbrush` | `lcm_lora` | `lcm` | `hyper_sd` (defaul
     #    + CLIP token ids (for the CLIP score), straight from the pipeline's text encoder.
     python -m launch.encode_prompts --kind sd15 --pipeline $SD15 --captions captions.jsonl \
         --out $PROMPTS
-    # 2. Latents (once; the matching family's GAN, LCM and Hyper-SD train on them; SiD-LSG and
-    #    SwiftBrush read only the prompts of the records): 512 px center crops, SD VAE.
+    # 2. Latents (once; the matching family's GAN, LCM and Hyper-SD train on them; SiD-LSG,
+    #    SwiftBrush and DMD2 without GAN read only the prompts: `<recipe>,prompts` trains them
+    #    from $PROMPTS alone, without this step): 512 px center crops, SD VAE.
     python -m launch.precompute --input captions:captions.jsonl --vae $SD15/vae --size 512 \
         --out $LATENTS --batch 64
     # 3. Distil (the teacher is the pipeline directory itself: unet/ + scheduler/).
@@ -21,6 +22,12 @@ arg: `dmd2` | `sid_lsg` | `swiftbrush` | `lcm_lora` | `lcm` | `hyper_sd` (defaul
         --config.eval.reference_stats=coco2014_30k.npz
     # 5. Export for diffusers (unet/ + the few-step scheduler; LoRA students also as PEFT LoRA).
     python -m launch.convert --workdir runs/sd15_dmd2 --out export/sd15_dmd2 --vae $SD15/vae
+
+Data-free, from the caption embeddings alone (the `prompts` source; evaluation still needs
+reference images or statistics: launch.evaluate with --config.data.name=latents ...):
+
+    python -m launch.train --config configs/t2i/sd15.py:sid_lsg,prompts --workdir runs/sid_lsg \
+        --config.teacher.checkpoint=$SD15 --config.data.text_embeds=$PROMPTS
 
 The caption JSONL has one {"image": path, "caption_id": int, "caption": str} per line (both tools
 read it). Teacher runtime: bf16 matmuls and full remat of every resnet / transformer block

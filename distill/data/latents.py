@@ -163,6 +163,17 @@ def text_rows(text: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndar
   return {key: np.asarray(text[name][ids], np.float32) for name, key in names if name in text}
 
 
+def null_prompt_inputs(text) -> dict[str, np.ndarray]:
+  """The encoded empty prompt of a caption directory's null.npy (and null_mask.npy /
+  null_pooled.npy) as batch keys without the batch axis, float32; empty with
+  `data.null_prompt = "zeros"` or without text (`Source.null_inputs`)."""
+  if text is None or "null" not in text:
+    return {}
+  names = (("null", "text_embeds"), ("null_mask", "text_mask"),
+           ("null_pooled", "pooled_text_embeds"))
+  return {key: np.asarray(text[name], np.float32) for name, key in names if name in text}
+
+
 def time_ids_of(records: list[dict], size: int) -> np.ndarray:
   """SDXL's (B, 6) float32 (orig_h, orig_w, crop_top, crop_left, size, size) of `records`
   (records without the crop fields: an uncropped size x size image)."""
@@ -239,14 +250,7 @@ class Latents(Source):
     return out
 
   def null_inputs(self) -> dict[str, np.ndarray]:
-    """The encoded empty prompt of null.npy (and null_mask.npy / null_pooled.npy), float32;
-    empty with `data.null_prompt = "zeros"` or without text."""
-    if self.text is None or "null" not in self.text:
-      return {}
-    names = (("null", "text_embeds"), ("null_mask", "text_mask"),
-             ("null_pooled", "pooled_text_embeds"))
-    return {key: np.asarray(self.text[name], np.float32) for name, key in names
-            if name in self.text}
+    return null_prompt_inputs(self.text)
 
   def reference_indices(self, n: int, seed: int) -> np.ndarray:
     """The record indices of `reference(n, seed)`'s rows, in order (`draw`'s first draw from

@@ -76,6 +76,9 @@ class Source:
   DEFAULTS: ClassVar[dict[str, Any]] = {}
   shape: tuple[int, ...] = ()
   num_classes: int = 0
+  # False: the batches' `x` carries only a shape (a prompts-only source); objectives that read
+  # real data (`Objective.real_data`) and evaluations against it are refused.
+  real_data: ClassVar[bool] = True
 
   def __init__(self, seed: int):
     self.seed = int(seed)
@@ -226,5 +229,6 @@ def make_source(data_config: Any, seed: int) -> Source:
 # The built-in datasets register themselves on import. Imported last: they import this module.
 from distill.data import digits as _digits  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 from distill.data import latents as _latents  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from distill.data import prompts as _prompts  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 from distill.data import synthetic as _synthetic  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 from distill.data import toy as _toy  # noqa: E402,F401  pylint: disable=g-import-not-at-top

@@ -250,4 +250,5 @@ def build(cfg) -> Objective:
     networks.append(m.gan_head_network(cfg))
     trains = (m.FAKE, m.HEAD)
   return Objective(networks=tuple(networks), phases=m.ttur_phases(critic, generator, trains, k),
-                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency")
+                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency",
+                   real_data=bool(gan))

@@ -278,4 +278,5 @@ def build(cfg) -> Objective:
     trains = (m.FAKE, m.HEAD)
   phases = m.ttur_phases(critic, generator, trains, k, int(cfg.generator_start_step))
   return Objective(networks=tuple(networks), phases=phases,
-                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency")
+                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency",
+                   real_data=bool(gan))

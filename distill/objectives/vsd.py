@@ -171,4 +171,5 @@ def build(cfg) -> Objective:
   networks = (Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER), fake)
   return Objective(networks=networks, phases=m.ttur_phases(critic, generator, (m.FAKE,), k),
-                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency")
+                   ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency",
+                   real_data=False)
