@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill.registry import Registry
+from models.adapters import GuidanceAdapter
 from models.registry import register_model
 
 Dtype = Any
@@ -276,20 +277,6 @@ class BlockConfig:
   param_dtype: Dtype = jnp.float32
 
 
-class GuidanceAdapter(nn.Module):
-  """AGD's additive block adapter: Dense(D)(silu(Dense(H)(silu(c)))) of the block's
-  conditioning c, the last layer zero-initialised."""
-  cfg: BlockConfig
-
-  @nn.compact
-  def __call__(self, c):
-    cfg = self.cfg
-    y = _dense(cfg.guidance_adapter, ("embed", "mlp"), "fc1", cfg.dtype,
-               cfg.param_dtype)(nn.silu(c))
-    return _dense(cfg.dim, ("mlp", "embed"), "fc2", cfg.dtype, cfg.param_dtype,
-                  init="zeros")(nn.silu(y))
-
-
 class TimestepEmbedding(nn.Module):
   """diffusers' TimestepEmbedding: Linear(256 -> D) -> SiLU -> Linear(D -> D)."""
   features: int
@@ -471,7 +458,8 @@ class DiTBlock(nn.Module):
     x = x * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     h = h + gate_mlp[:, None] * MLPS.get(cfg.mlp)(cfg, self.deterministic, name="mlp")(x)
     if cfg.guidance_adapter:
-      h = h + GuidanceAdapter(cfg, name="guidance_adapter")(c)[:, None, :].astype(h.dtype)
+      h = h + GuidanceAdapter(cfg.dim, cfg.guidance_adapter, cfg.dtype, cfg.param_dtype,
+                              name="guidance_adapter")(c)[:, None, :].astype(h.dtype)
     return h, (c, h if self.collect else None)
 
 

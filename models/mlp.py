@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from models.adapters import GuidanceAdapter
 from models.registry import register_model
 
 Dtype = Any
@@ -102,21 +103,6 @@ class ResidualBlock(nn.Module):
     y = y + _dense(self.inner, ("embed", "mlp"), "cond", self.dtype, self.param_dtype)(nn.silu(c))
     y = _dense(self.hidden, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(nn.silu(y))
     return h + y
-
-
-class GuidanceAdapter(nn.Module):
-  """AGD's additive adapter: an offset Dense(silu(Dense(silu(c)))) of the conditioning c, added
-  to a block's output; the last layer is zero-initialised (the model starts unchanged)."""
-  hidden: int
-  width: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, c):
-    y = _dense(self.width, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(nn.silu(c))
-    return _dense(self.hidden, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype,
-                  zero=True)(nn.silu(y))
 
 
 @register_model("mlp")

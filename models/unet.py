@@ -10,8 +10,8 @@
 Layer for layer the math of diffusers' UNet2DConditionModel (unets/unet_2d_condition.py and
 unets/unet_2d_blocks.py) for the configurations the SD family uses, NHWC in and out:
 - time: `Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)` sinusoids ->
-  `time_embedding` = linear_1 -> act -> linear_2 [-> post act], with LCM's `cond_proj` (no bias)
-  adding `timestep_cond` to the sinusoids first; optional class embedding (a table for
+  `time_embedding` = linear_1 -> act -> linear_2 [-> post act], with LCM's `cond_proj` (no bias,
+  zero-initialised here) adding `timestep_cond` to the sinusoids first; optional class embedding (a table for
   `num_class_embeds`, or "timestep" / "projection" MLPs) and SDXL's `text_time` added
   conditioning: sinusoids of the 6 `time_ids` (`addition_time_embed_dim` each) concatenated after
   the pooled `text_embeds` -> `add_embedding` MLP, added to the time embedding;
@@ -20,6 +20,9 @@ unets/unet_2d_blocks.py) for the configurations the SD family uses, NHWC in and 
   after norm2 ["scale_shift"], GroupNorm -> act -> conv3x3, 1x1 conv shortcut when channels
   change) then a Transformer2DModel; a stride-2 conv downsampler on all but the last block;
 - mid block `UNetMidBlock2DCrossAttn`: resnet, (transformer, resnet) x 1;
+- `guidance_adapter=H` (> 0, ours): AGD's adapter (models/adapters.py) of the time embedding
+  added to every resnet's output, so a student with `time_cond_proj_dim` learns CFG in its
+  adapters while the base stays frozen (`objective.name=agd`); it does not export to diffusers;
 - up blocks (`CrossAttnUpBlock2D` / `UpBlock2D`): `layers + 1` resnets, each on the channel
   concatenation [h, skip] of the matching down-path output, a transformer after each in the
   cross-attention blocks, nearest x2 upsampling + conv3x3 on all but the last block;
@@ -68,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.adapters import GuidanceAdapter
 from models.dit import attend_heads, timestep_embedding
 from models.registry import register_model
 from models.vae import activation, conv, dense, group_norm, rematted
@@ -107,6 +111,7 @@ class BlockSettings:
   scan: bool
   dtype: Dtype
   param_dtype: Dtype
+  guidance_adapter: int = 0
 
   @property
   def kw(self) -> dict:
@@ -115,7 +120,7 @@ class BlockSettings:
   def resnet(self, channels: int, name: str, output_scale_factor: float = 1.0):
     return rematted(ResnetBlock, self.remat)(
         channels, self.groups, self.eps, self.act_fn, self.time_scale_shift,
-        output_scale_factor, name=name, **self.kw)
+        output_scale_factor, self.guidance_adapter, name=name, **self.kw)
 
   def transformer(self, heads: int, depth: int, name: str):
     return rematted(Transformer2D, self.remat)(
@@ -127,13 +132,16 @@ class BlockSettings:
 # Layers.
 
 class ResnetBlock(nn.Module):
-  """diffusers' ResnetBlock2D with its time-embedding projection."""
+  """diffusers' ResnetBlock2D with its time-embedding projection; with `guidance_adapter` = H
+  AGD's adapter of the time embedding (which carries w through `time_cond_proj_dim`) added to
+  its output (`guidance_adapter`, zero-initialised: not part of diffusers)."""
   out_channels: int
   groups: int
   eps: float
   act_fn: str
   time_scale_shift: str
   output_scale_factor: float
+  guidance_adapter: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -155,7 +163,11 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
     out = x + h
-    return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+    out = out if self.output_scale_factor == 1 else out / self.output_scale_factor
+    if self.guidance_adapter:
+      out = out + GuidanceAdapter(self.out_channels, self.guidance_adapter, name="guidance_adapter",
+                                  **kw)(temb)[:, None, None, :].astype(out.dtype)
+    return out
 
 
 class Attention(nn.Module):
@@ -318,8 +330,12 @@ class TimestepEmbedding(nn.Module):
     if self.cond_proj_dim is not None:
       if condition is None:
         condition = jnp.zeros(sample.shape[:-1] + (self.cond_proj_dim,), sample.dtype)
-      sample = sample + dense(sample.shape[-1], name="cond_proj", use_bias=False,
-                              axes=(None, None), **kw)(condition)
+      # Zero-initialised (a w input added to a trained UNet starts without effect); converted
+      # checkpoints bring their own weights.
+      sample = sample + nn.Dense(
+          sample.shape[-1], name="cond_proj", use_bias=False, **kw,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None)))(
+              condition)
     h = dense(self.features, name="linear_1", axes=(None, "mlp"), **kw)(sample)
     h = dense(self.features, name="linear_2", axes=("mlp", "embed"),
               **kw)(activation(self.act_fn)(h))
@@ -430,6 +446,9 @@ class UNet(nn.Module):
   time_embedding_act_fn: Optional[str] = None
   timestep_post_act: Optional[str] = None
   time_cond_proj_dim: Optional[int] = None
+  # AGD: an adapter of the time embedding added to every resnet's output, this hidden width
+  # (0: none; not part of diffusers, so a UNet with adapters does not export).
+  guidance_adapter: int = 0
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
   # Execution.
@@ -497,7 +516,8 @@ class UNet(nn.Module):
     return BlockSettings(self.norm_num_groups, self.norm_eps, self.act_fn,
                          self.resnet_time_scale_shift, self.mid_block_scale_factor,
                          self.use_linear_projection, self.downsample_padding, self.attention,
-                         self.remat, self.scan_blocks, self.dtype, self.param_dtype)
+                         self.remat, self.scan_blocks, self.dtype, self.param_dtype,
+                         self.guidance_adapter)
 
   @property
   def feature_names(self) -> list[str]:

@@ -130,9 +130,9 @@ def test_student_starts_as_the_conditional_teacher():
   assert any(k.startswith("guidance_adapter_") for k in mu.flat_params(state.params["student"]))
   from distill.engine import check_network_kwargs
   from distill.objective import Network
-  with pytest.raises(ValueError, match=r"network 'student': model 'unet' has no option "
+  with pytest.raises(ValueError, match=r"network 'student': model 'sana' has no option "
                                        r"\['guidance_adapter'\]"):
-    check_network_kwargs(Network("student", kwargs={"guidance_adapter": 8}), "unet")
+    check_network_kwargs(Network("student", kwargs={"guidance_adapter": 8}), "sana")
 
 
 @pytest.mark.slow
@@ -201,3 +201,52 @@ def test_dit_student_gets_block_adapters_and_starts_as_the_teacher():
   plain = DiT(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8)
   adapted = plain.clone(guidance_adapter=8)
   assert adapted.flops_per_example() - plain.flops_per_example() == 2 * 2 * 2 * 16 * 8
+
+
+def test_unet_student_gets_resnet_adapters_and_starts_as_the_teacher():
+  """AGD on an SD UNet: the student gains LCM's w input (`time_cond_proj_dim`, its projection
+  zero-initialised) and an adapter of the time embedding in every resnet, so at any w the
+  fresh student is the teacher; a train step changes only the w projection and the adapters,
+  and the trained student's output then depends on w; the adapters do not export."""
+  from distill import config as config_lib
+  from distill.engine import Engine
+  from launch.bench import random_teacher
+  from models.convert.unet import diffusers_config
+  c = mu.tiny_config("agd", batch=4, adapter_hidden=8, trajectory_steps=4,
+                     adapter_params="cond_proj|guidance_adapter")
+  c.data = config_lib.ConfigDict(dict(name="synthetic", height=8, width=8, channels=4,
+                                      num_classes=0, text_tokens=5, text_dim=24))
+  c.model = config_lib.ConfigDict(dict(
+      name="unet", prediction="eps", sample_size=8, block_out_channels=(16,),
+      layers_per_block=1, norm_num_groups=8, cross_attention_dim=24, num_attention_heads=2,
+      down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)))
+  c.process.name = "vp_discrete"
+  teacher = random_teacher(c)
+  teacher.params = jax.device_get(mu.perturb(teacher.params, 0, scale=0.2))
+  engine = Engine(c, teacher=teacher)
+  state, frozen = engine.init_state()
+  student = engine.nets["student"].module
+  assert student.guidance_adapter == 8 and student.time_cond_proj_dim == 256
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 4))
+  t = jnp.asarray([100.0, 400.0, 700.0, 950.0])
+  cond = {"encoder_hidden_states": jax.random.normal(jax.random.PRNGKey(1), (4, 5, 24))}
+  w = jnp.linspace(1.0, 5.0, 4)
+  want = ctx.apply("teacher", x, t, cond)
+  got = ctx.apply("student", x, t, cond, **ctx.guidance_inputs("student", w))
+  assert float(jnp.abs(want).max()) > 1e-2
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  before = mu.flat_params(jax.device_get(state.params["student"]))
+  for step in range(2):
+    state, frozen, _ = engine.train_step(state, frozen, step)
+  after = mu.flat_params(jax.device_get(state.params["student"]))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert any("/guidance_adapter/" in k for k in changed), sorted(changed)
+  assert any("cond_proj" in k for k in changed), sorted(changed)
+  assert all("cond_proj" in k or "/guidance_adapter/" in k for k in changed), changed
+  _, ctx = mu.phase_context(engine, state, frozen, ())
+  one = ctx.apply("student", x, t, cond, **ctx.guidance_inputs("student", jnp.ones(4)))
+  five = ctx.apply("student", x, t, cond, **ctx.guidance_inputs("student", 5.0 * jnp.ones(4)))
+  assert float(jnp.abs(one - five).max()) > 1e-7
+  with pytest.raises(ValueError, match="'guidance_adapter'.*no diffusers"):
+    diffusers_config(student)

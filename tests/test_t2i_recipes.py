@@ -40,7 +40,8 @@ TINY = {
 PROMPTS = {"sd15": dict(text_tokens=5, text_dim=24), "sdxl": dict(text_tokens=5, text_dim=24,
                                                                    pooled_dim=12),
            "sana_sprint": dict(text_tokens=5, text_dim=24)}
-RECIPES = [("sd15", r) for r in ("dmd2", "sid_lsg", "swiftbrush", "lcm_lora", "lcm", "hyper_sd")]
+RECIPES = [("sd15", r) for r in ("dmd2", "sid_lsg", "swiftbrush", "lcm_lora", "lcm", "hyper_sd",
+                                 "agd")]
 RECIPES += [("sdxl", r) for r in ("dmd2", "dmd2_1step", "lcm_lora")]
 RECIPES += [("sana_sprint", r) for r in ("scm_ladd", "scm")]
 
@@ -144,7 +145,7 @@ def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
 
 
 def test_data_free_recipes_train_from_prompts_alone(tmp_path):
-  """`<recipe>,prompts`: SD1.5's SiD-LSG, SwiftBrush and DMD2 (no GAN) take the caption
+  """`<recipe>,prompts`: SD1.5's SiD-LSG, SwiftBrush, DMD2 (no GAN) and AGD take the caption
   embeddings alone (the `prompts` source, samples of the UNet's latent shape) and their phase
   steps trace; a recipe that reads images (LCM) is refused with one line naming data.name."""
   import numpy as np
@@ -152,7 +153,7 @@ def test_data_free_recipes_train_from_prompts_alone(tmp_path):
   d.mkdir()
   np.save(d / "embeds.npy", np.ones((3, 5, 24), np.float32))
   np.save(d / "null.npy", np.zeros((5, 24), np.float32))
-  for recipe in ("sid_lsg", "swiftbrush", "dmd2"):
+  for recipe in ("sid_lsg", "swiftbrush", "dmd2", "agd"):
     full = _config("sd15", f"{recipe},prompts")
     assert full.data.name == "prompts" and tuple(full.data.shape) == (64, 64, 4)
     c = _narrow(_config("sd15", f"{recipe},prompts"), "sd15")

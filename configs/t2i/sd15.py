@@ -1,6 +1,7 @@
 """Stable Diffusion 1.5 (512 px, 64x64x4 latents) distilled into a 1-4 step student.
 
-arg: `dmd2` | `sid_lsg` | `swiftbrush` | `lcm_lora` | `lcm` | `hyper_sd` (default dmd2).
+arg: `dmd2` | `sid_lsg` | `swiftbrush` | `lcm_lora` | `lcm` | `hyper_sd` | `agd` (default dmd2),
+optionally `,prompts` for the data-free ones (below).
 
     # 1. Prompts (once): CLIP-L embeddings of the captions + the encoded empty prompt (null.npy)
     #    + CLIP token ids (for the CLIP score), straight from the pipeline's text encoder.
@@ -58,6 +59,13 @@ Recipes (settings from the official code, ../shared/reference/methods_*.md; glob
   teacher while the adapter keeps the original UNet as its base (one LoRA at the end), 2000
   steps per stage, a 40-step DDIM grid (equal segments), otherwise as lcm_lora. Hyper-SD's adversarial and human-feedback terms and
   its 1-step score distillation are not part of this recipe (no public training code).
+- agd: adapter guidance distillation (Jensen & Sadat): the UNet frozen, LCM's w input
+  (`time_cond_proj_dim`, zero-initialised) and an adapter of hidden width 256 on every resnet
+  trained to reproduce the CFG teacher's eps on the states of its own 25-step guided DDIM
+  trajectories, w ~ U[1, 6] (the official DiT range; our notes have no SD range), 5000 steps,
+  batch 64, lr 1e-4 (the official defaults); data-free (`agd,prompts`). The student samples
+  like the teacher (25 DDIM steps) with one pass per step instead of CFG's two; the adapters
+  do not export to diffusers (no equivalent module).
 
 Expected results: none measured here (no SD weights, COCO or accelerator on the CI machine);
 every recipe builds its networks on a tiny SD-layout UNet and trains (tests/test_t2i_recipes.py).
@@ -69,9 +77,10 @@ from configs.t2i import common
 # recipe -> (steps, global batch, lr, warm-up, grad clip)
 SCHEDULE = {"dmd2": (20_000, 2048, 1e-5, 500, 10.0), "sid_lsg": (19_500, 512, 1e-6, 0, 0.0),
             "swiftbrush": (30_000, 128, 1e-6, 0, 1.0), "lcm_lora": (4000, 96, 1e-4, 0, 1.0),
-            "lcm": (4000, 96, 1e-6, 0, 1.0), "hyper_sd": (8000, 96, 1e-4, 0, 1.0)}
+            "lcm": (4000, 96, 1e-6, 0, 1.0), "hyper_sd": (8000, 96, 1e-4, 0, 1.0),
+            "agd": (5000, 64, 1e-4, 0, 0.0)}
 OBJECTIVE = {"dmd2": "dmd2", "sid_lsg": "sid", "swiftbrush": "vsd", "lcm_lora": "lcm",
-             "lcm": "lcm", "hyper_sd": "segmented_cm"}
+             "lcm": "lcm", "hyper_sd": "segmented_cm", "agd": "agd"}
 
 
 def _common(c, guidance: float, steps=(1,)):
@@ -153,8 +162,19 @@ def hyper_sd(c):
   return c
 
 
+def agd(c):
+  _common(c, guidance=7.5, steps=(25,))
+  c.objective.adapter_hidden = 256
+  c.objective.adapter_params = "cond_proj|guidance_adapter"   # LCM's w input + the adapters
+  c.objective.guidance_range = (1.0, 6.0)
+  c.objective.states = "teacher"
+  c.objective.trajectory_steps = 25
+  c.eval.sampler = "ddim"                # the student replaces the CFG teacher at its NFE / 2
+  return c
+
+
 RECIPES = {"dmd2": dmd2, "sid_lsg": sid_lsg, "swiftbrush": swiftbrush, "lcm_lora": lcm_lora,
-           "lcm": lcm, "hyper_sd": hyper_sd}
+           "lcm": lcm, "hyper_sd": hyper_sd, "agd": agd}
 
 
 def get_config(arg: str = "dmd2"):

@@ -41,7 +41,7 @@ DEFAULTS = {
     "states": "teacher",                # teacher (CFG trajectories) | data (noised data)
     "trajectory_steps": 16,             # N: the guided sampler's DDIM grid of the states
     # The adapter: per-block additive offsets of this hidden width (models with a
-    # `guidance_adapter` option, e.g. the toy MLP; 0: the guidance embedding alone).
+    # `guidance_adapter` option: the toy MLP, DiT, the SD UNet; 0: the guidance embedding alone).
     "adapter_hidden": 64,
     "adapter_params": "guidance_embed|guidance_adapter",  # regex of the trained parameters
     "label_dropout": 0.1,               # null-class probability per sample
@@ -95,4 +95,4 @@ def build(cfg) -> Objective:
                 Network("student", init="teacher", kwargs=kwargs,
                         trainable=str(cfg.adapter_params))),
       phases=(Phase("agd", loss=loss, trains=("student",)),),
-      student="student", sampler="euler", evaluates_as="student")
+      student="student", sampler="euler", evaluates_as="student", real_data=states == "data")

@@ -88,6 +88,10 @@ def module_from_config(config: Mapping[str, Any], **overrides) -> UNet:
 
 def diffusers_config(module: UNet) -> dict[str, Any]:
   """The diffusers UNet2DConditionModel constructor kwargs for our module."""
+  if module.guidance_adapter:
+    raise ValueError(f"UNet field 'guidance_adapter': {module.guidance_adapter} (AGD's guidance "
+                     "adapters) has no diffusers UNet2DConditionModel equivalent; export a "
+                     "UNet without adapters")
   listed = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
   cfg = {k: listed(getattr(module, k)) for k in _SAME + _PER_BLOCK}
   cfg.update(sample_size=module.sample_size, down_block_types=list(module.down_block_types),
