@@ -53,7 +53,9 @@ Recipes (settings from the official code, ../shared/reference/methods_*.md; glob
   (50-step grid), CFG w ~ U[6, 16] in our u + w (c - u) convention (LCM's [5, 15]), Huber c =
   1e-3, lr 1e-4, batch 96 (12 x 8), 4000 steps; sampled with the LCM multistep sampler.
 - lcm: full LCM: the student embeds w (LCM's 256-d time_cond_proj, exported as diffusers'
-  LatentConsistencyModelPipeline input), EMA target 0.95, lr 1e-6, otherwise as lcm_lora.
+  LatentConsistencyModelPipeline input; its projection starts at zero, so the student starts
+  as the teacher, where diffusers' script leaves it random), EMA target 0.95, lr 1e-6,
+  otherwise as lcm_lora.
 - hyper_sd: Hyper-SD's trajectory-segmented consistency distillation (TSCD) on PCM's segment
   loss: LoRA rank 64, 8 -> 4 -> 2 -> 1 segments, each stage's merged model the next stage's
   teacher while the adapter keeps the original UNet as its base (one LoRA at the end), 2000
