@@ -273,7 +273,11 @@ def _teacher_name(engine: Engine) -> Optional[str]:
   return None
 
 
-def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str:
+def write_samples(engine: Engine, state, frozen, step: int, workdir: str,
+                  is_main: bool = True) -> str:
+  """The sample grid of `step` (real data | teacher | student at each of eval.steps) as
+  `workdir/samples/step_<step>.png`; latents are shown decoded by `eval.vae` when it is set.
+  Every process must call it (sampling is collective); only `is_main` writes the file."""
   from distill import images
   cfg = engine.config
   obj = engine.objective
@@ -305,9 +309,15 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str) -> str
       panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
   if engine.source.real_data:
     panels.insert(0, ("data", engine.source.reference(cfg.sample.num, cfg.sample.seed)))
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  if cfg.eval.get("vae"):  # latents -> images in [-1, 1]
+    from distill.metrics import suite  # pylint: disable=import-outside-toplevel
+    batch = int(cfg.eval.get("feature_batch", 200))
+    panels = [(title, suite.decode_latents(cfg.eval.vae, x, batch) / 127.5 - 1.0)
+              for title, x in panels]
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-  images.save_panels(path, panels)
+  if is_main:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images.save_panels(path, panels)
   return path
 
 
@@ -434,7 +444,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           update_teacher_cache(engine, eval_cache)
       if (config.sample.num and config.sample.every_steps
           and step % config.sample.every_steps == 0 and step < total):
-        write_samples(engine, state, frozen, step, workdir) if is_main else None
+        write_samples(engine, state, frozen, step, workdir, is_main)
       if stop.requested:
         ckpt.save(step, state, _meta(engine, step), force=True)
         ckpt.wait()
@@ -452,8 +462,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if is_main:
         update_teacher_cache(engine, eval_cache)
       summary["eval"] = report
-    if is_main and config.sample.num:  # sample.num = 0: no grids (e.g. latent data sets)
-      summary["samples"] = write_samples(engine, state, frozen, total, workdir)
+    if config.sample.num:  # sample.num = 0: no grids
+      summary["samples"] = write_samples(engine, state, frozen, total, workdir, is_main)
     summary.update(step=total, interrupted=False)
     return summary
   finally:

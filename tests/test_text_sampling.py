@@ -226,3 +226,34 @@ def test_launch_sample_prompt_embeds(text_run, tmp_path, capsys):
     with pytest.raises(ValueError) as e:
       sample.run_conditions(engine.source, args)
     assert "\n" not in str(e.value) and all(f in str(e.value) for f in fragments), e.value
+
+
+def test_latent_grids_are_decoded_by_eval_vae_and_written_by_the_main_process(text_run,
+                                                                             monkeypatch,
+                                                                             tmp_path):
+  """With eval.vae, every grid panel (real latents, teacher) is the VAE's decoding of the
+  latents it samples, shown in [-1, 1]; a process other than the main one samples (sampling is
+  collective) but writes nothing."""
+  pytest.importorskip("torch")  # models.convert reads safetensors through torch
+  from distill import images
+  from distill.metrics import suite
+  from tests.test_eval_metrics import _vae_dir
+  w, _ = text_run
+  vae = _vae_dir(str(tmp_path / "vae"))
+  engine, state, frozen, step = trainer.open_run(str(w), [f"eval.vae={vae}"])
+  raw, shown = [], []
+  real = evaluation.generate
+  monkeypatch.setattr(evaluation, "generate",
+                      lambda *a, **k: (lambda out: raw.append(out[0]) or out)(real(*a, **k)))
+  monkeypatch.setattr(images, "save_panels", lambda path, panels: shown.append(panels))
+  path = trainer.write_samples(engine, state, frozen, step, str(tmp_path / "other"),
+                               is_main=False)
+  assert raw and not shown and not os.path.exists(path)
+  trainer.write_samples(engine, state, frozen, step, str(tmp_path / "main"))
+  (panels,) = shown
+  assert [t for t, _ in panels] == ["data", "teacher 2 steps"]
+  for (_, x), latents in zip(panels[1:], raw[len(raw) // 2:]):
+    assert x.shape == (6, 16, 16, 3)
+    np.testing.assert_allclose(x, suite.decode_latents(vae, latents, 6) / 127.5 - 1.0)
+  np.testing.assert_allclose(
+      panels[0][1], suite.decode_latents(vae, engine.source.reference(6, 5), 6) / 127.5 - 1.0)

@@ -86,7 +86,7 @@ def get_config(arg: str = "scm"):
   c.data.path = ""            # --config.data.path=$LATENTS (launch.precompute output)
   c.data.flip = True
   c.eval.at_end = False       # FID runs through launch.evaluate on the run directory
-  c.sample.num = 0            # no PNG grids of raw latents
+  c.sample.num = 0            # grids: --config.sample.num=16 --config.eval.vae=$SD_VAE
   if recipe == "teacher":
     c.objective.init = "teacher"
     c.objective.reparameterize = True   # VP eps weights -> rectified flow, dense time

@@ -105,7 +105,7 @@ def t2i_eval(c, *, guidance: float, steps=(1,), teacher_steps: int = 25):
   from the data's prompts (`Source.conditions`: the prompts of the reference images, CLIP
   tokens from the caption directory); the teacher's rows use CFG at `guidance`."""
   c.eval.at_end = False
-  c.sample.num = 0              # no PNG grids of raw latents during training
+  c.sample.num = 0              # grids: --config.sample.num=16 --config.eval.vae=$VAE (decoded)
   c.eval.metrics = ("fid", "clip")
   c.eval.num_samples = 30_000   # COCO-30k protocol; override for quick looks
   c.eval.guidance = guidance

@@ -125,6 +125,12 @@ def _decoder(path: str, batch_size: int):
   return extract.FeatureExtractor(fn, variables, batch_size=batch_size)
 
 
+def decode_latents(vae: str, z: np.ndarray, batch_size: int) -> np.ndarray:
+  """uint8 images of latents `z` decoded by the AutoencoderKL in diffusers directory `vae`
+  (data-parallel over every device, `batch_size` per call)."""
+  return _decoder(os.path.abspath(vae), int(batch_size))(np.asarray(z, np.float32))["images"]
+
+
 @functools.lru_cache(maxsize=2)
 def _clip_scorer(path: str, batch_size: int):
   from distill.metrics import clip  # pylint: disable=import-outside-toplevel
@@ -271,7 +277,7 @@ class MetricSetup:
     for i in range(0, len(x), bs):
       chunk = np.asarray(x[i:i + bs])
       if self.vae:
-        yield _decoder(os.path.abspath(self.vae), bs)(chunk.astype(np.float32))["images"]
+        yield decode_latents(self.vae, chunk, bs)
       else:
         yield _quantise(chunk.astype(np.float32))
 
