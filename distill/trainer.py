@@ -520,7 +520,10 @@ def _peak_flops() -> float:
 def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   """Rebuilds a run's engine from its config.json and restores its latest checkpoint.
 
-  Returns (engine, state, frozen, step). `overrides` are `a.b=value` strings (e.g. eval keys).
+  Returns (engine, state, frozen, step). `overrides` are `a.b=value` strings (e.g. eval keys);
+  `data.name=<other>` evaluates on another data set: the run's own data keys are dropped (they
+  belong to its data set) and the new one takes its defaults plus the `data.*` overrides (a run
+  trained on `prompts` evaluated against `latents`).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -530,6 +533,9 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   saved.pop("provenance", None)
   saved.pop("resolved", None)
   config = config_lib.from_dict(saved)
+  names = [o.partition("=")[2] for o in overrides if o.startswith("data.name=")]
+  if names and names[-1] != config.data.name:
+    config.data = ml_collections.ConfigDict({"name": names[-1]})
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
   config = prepare_config(config, eval_files=False)
   teacher = teacher_lib.from_config(config)
@@ -540,7 +546,11 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   try:
     restored = ckpt.restore_latest(ckpt_lib.abstract_of(state))
     if restored is None:
-      raise FileNotFoundError(f"--workdir: no checkpoint in {ckpt.directory}")
+      steps = ckpt.all_steps()
+      raise FileNotFoundError(
+          f"--workdir: no checkpoint in {ckpt.directory}" if not steps else
+          f"--workdir: no checkpoint in {ckpt.directory} fits this config (steps {list(steps)} "
+          "exist; the overrides change the networks, e.g. another data set's classes?)")
     step, state, _ = restored
     frozen = _restore_promoted(engine, ckpt, state, frozen, step)
   finally:

@@ -123,3 +123,22 @@ def test_data_free_objectives_train_from_prompts_and_the_rest_are_refused(tmp_pa
     evaluation.evaluate(ctx=None, source=engine.source, params={}, step=0, student="student",
                         student_role="student", student_solver="euler", student_steps=(1,),
                         teacher=None, teacher_steps=1, num_samples=4, seed=0)
+
+
+def test_a_run_is_evaluated_on_another_data_set(tmp_path):
+  """`launch.evaluate --config.data.name=<other>` (how a prompts-trained run is scored against
+  latents): the run's own data keys are dropped, the new data set's defaults and data.*
+  overrides apply, and its keys are still checked."""
+  from distill import trainer
+  from tests import _matching_utils as mu
+  run = mu.shared_tiny_teacher("moons", 20)
+  engine, state, frozen, step = trainer.open_run(run, ["data.name=spiral", "data.turns=2.0",
+                                                       "eval.num_samples=64"])
+  assert engine.config.data.name == "spiral" and engine.config.data.turns == 2.0
+  report = trainer.run_evaluation(engine, state, frozen, step)
+  assert report["results"]["teacher_steps_1"]["swd"] > 0
+  with pytest.raises(config_lib.ConfigError, match="data.modes"):
+    trainer.open_run(run, ["data.name=spiral", "data.modes=3"])
+  # A data set with other classes changes the networks: said as such, not "no checkpoint".
+  with pytest.raises(FileNotFoundError, match="fits this config"):
+    trainer.open_run(run, ["data.name=spiral", "data.arms=3"])
