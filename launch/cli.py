@@ -108,8 +108,9 @@ def eval_table(report: dict) -> str:
   n = next(iter(results.values()))["num_samples"] if results else 0
   lines.append(f"\n{metric} over {n} samples, step {report['step']}")
   if any(k.startswith("ideal_steps_") for k in results):
-    lines.append(f"ideal: the student's sampler with the teacher's {report.get('teacher_reference_steps')}"
-                 "-step ODE as its denoiser (an exact consistency student)")
+    steps = report.get("teacher_reference_steps")
+    lines.append(f"ideal: the student's sampler with the teacher's {steps}-step ODE as its "
+                 "denoiser (an exact consistency student)")
   return "\n".join(lines)
 
 

@@ -11,10 +11,11 @@ Layer for layer the math of diffusers' UNet2DConditionModel (unets/unet_2d_condi
 unets/unet_2d_blocks.py) for the configurations the SD family uses, NHWC in and out:
 - time: `Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)` sinusoids ->
   `time_embedding` = linear_1 -> act -> linear_2 [-> post act], with LCM's `cond_proj` (no bias,
-  zero-initialised here) adding `timestep_cond` to the sinusoids first; optional class embedding (a table for
-  `num_class_embeds`, or "timestep" / "projection" MLPs) and SDXL's `text_time` added
-  conditioning: sinusoids of the 6 `time_ids` (`addition_time_embed_dim` each) concatenated after
-  the pooled `text_embeds` -> `add_embedding` MLP, added to the time embedding;
+  zero-initialised here) adding `timestep_cond` to the sinusoids first; optional class
+  embedding (a table for `num_class_embeds`, or "timestep" / "projection" MLPs) and SDXL's
+  `text_time` added conditioning: sinusoids of the 6 `time_ids` (`addition_time_embed_dim`
+  each) concatenated after the pooled `text_embeds` -> `add_embedding` MLP, added to the time
+  embedding;
 - `conv_in`; down blocks (`CrossAttnDownBlock2D` / `DownBlock2D`): per layer a ResnetBlock2D
   (GroupNorm -> act -> conv3x3, + Linear(act(temb)) per channel ["default"] or a scale/shift
   after norm2 ["scale_shift"], GroupNorm -> act -> conv3x3, 1x1 conv shortcut when channels
