@@ -29,7 +29,8 @@
 #              attention in forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
 # Environment: PYTHON (the interpreter, default python3), WHEELS, RUNS (the names above, in
 # order; default "plain256 scm256 plain512 scm512 dmd2_256 sid_256 kernels"), STEPS (timed
-# steps, 10), SCAN, EXTRA_ARGS (below).
+# steps, 10), SCAN, EXTRA_ARGS (below), LIMIT_SCALE (an integer multiplying every run's time
+# limit, default 1: e.g. 2 for the unrolled rows on a machine that starts slowly).
 # Output: OUTDIR/bench.md (the table), OUTDIR/bench.jsonl (launch.bench's JSON per run),
 # OUTDIR/<run>.log, OUTDIR/kernels.log, OUTDIR/device.txt.
 set -u
@@ -53,6 +54,8 @@ SCAN=${SCAN:-True}
 # Extra launch.bench arguments for every run (a dry run on CPU: JAX_PLATFORMS=cpu
 # EXTRA_ARGS="--config.model.num_layers=1 --config.model.attention=xla ...").
 EXTRA_ARGS=${EXTRA_ARGS:-}
+LIMIT_SCALE=${LIMIT_SCALE:-1}
+case $LIMIT_SCALE in ''|*[!0-9]*|0) echo "launch/gpu_bench.sh: LIMIT_SCALE must be a positive integer, got '$LIMIT_SCALE'"; exit 2 ;; esac
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PYTHON" -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o; \
@@ -65,7 +68,7 @@ echo "|---|---|---|---|---|---|---|---|" >> "$OUTDIR/bench.md"
 # bench NAME LIMIT_S CONFIG_ARG [--config.k=v ...]: one launch.bench process; a failure (OOM, a
 # kernel that does not compile, the time limit) is logged and the script goes on.
 bench() {
-  local name=$1 limit=$2 arg=$3
+  local name=$1 limit=$(( $2 * LIMIT_SCALE )) arg=$3
   shift 3
   echo "== $name: $arg $*"
   timeout "$limit" "$PYTHON" -m launch.bench --config "configs/bench/dit_xl2.py:$arg" \

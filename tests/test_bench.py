@@ -76,7 +76,7 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   tests (skipped off GPU) reported."""
   e = env() | {"STEPS": "1", "EXTRA_ARGS": " ".join(TINY_DIT), "PYTHON": sys.executable,
                "WHEELS": str(tmp_path / "no_wheels"),   # this interpreter has every package
-               "RUNS": "plain512 scm256 bogus dmd2_256 sid_256 kernels"}
+               "RUNS": "plain512 scm256 bogus dmd2_256 sid_256 kernels", "LIMIT_SCALE": "2"}
   p = subprocess.run(["bash", "launch/gpu_bench.sh", str(tmp_path)], cwd=ROOT,
                      capture_output=True, text=True, timeout=1200, env=e)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -93,3 +93,7 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   assert "failed" not in table
   assert "unknown run 'bogus' in RUNS" in p.stdout
   assert "skipped" in p.stdout   # the on_gpu kernel tests ran (and skip on CPU)
+  bad = subprocess.run(["bash", "launch/gpu_bench.sh", str(tmp_path / "bad")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env=e | {"LIMIT_SCALE": "1.5"})
+  assert bad.returncode == 2 and "LIMIT_SCALE must be a positive integer" in bad.stdout
