@@ -381,7 +381,7 @@ class Engine:
         raise ValueError(
             f"config key 'data.name': {data!r} serves prompts without images, but objective "
             f"{self.config.objective.name!r} with these settings reads real data (data-free: "
-            "vsd, and sid / dmd2 with gan_weight = 0)")
+            "vsd, sid / dmd2 with gan_weight = 0, agd with states = teacher)")
     ev = self.config.eval
     if ev.at_end or ev.every_steps:
       raise ValueError(

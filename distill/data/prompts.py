@@ -6,9 +6,9 @@
     data.null_prompt = "file"                   # DIR/null.npy, or "zeros" (DMD2-SDXL)
     data.time_ids = 0                           # SDXL: the image size in pixels (> 0 adds ids)
 
-VSD / SwiftBrush, SiD-LSG and DMD2 without its GAN term never look at a real image: they need
-prompts to condition the teacher and the student, and the shape of a sample. This source serves
-exactly that: `text_embeds` (and `text_mask`, `pooled_text_embeds` when the directory has them)
+VSD / SwiftBrush, SiD-LSG, DMD2 without its GAN term and AGD on teacher trajectories never
+look at a real image: they need prompts to condition the teacher and the student, and the shape
+of a sample. This source serves exactly that: `text_embeds` (and `text_mask`, `pooled_text_embeds` when the directory has them)
 of the captions in `data.text_embeds` (the layout of distill/data/latents.py's caption
 directories: embeds.npy, optional mask.npy / pooled.npy, null.npy ...), every caption once per
 epoch in a seeded order, process p of P reading only its rows of each global batch (the data
