@@ -6,16 +6,16 @@
     data.null_prompt = "file"                   # DIR/null.npy, or "zeros" (DMD2-SDXL)
     data.time_ids = 0                           # SDXL: the image size in pixels (> 0 adds ids)
 
-VSD / SwiftBrush, SiD-LSG, DMD2 without its GAN term and AGD on teacher trajectories never
-look at a real image: they need prompts to condition the teacher and the student, and the shape
-of a sample. This source serves exactly that: `text_embeds` (and `text_mask`, `pooled_text_embeds` when the directory has them)
-of the captions in `data.text_embeds` (the layout of distill/data/latents.py's caption
-directories: embeds.npy, optional mask.npy / pooled.npy, null.npy ...), every caption once per
-epoch in a seeded order, process p of P reading only its rows of each global batch (the data
-position is the step, as with `latents`), plus `x`: zeros of `data.shape`, which carry the
-batch's shape and nothing else. An objective that reads real images (`Objective.real_data`:
-sCM, consistency, LCM, progressive, LADD, DMD2 and SiD with their GAN terms ...) is refused
-when the engine is built, with one line.
+VSD / SwiftBrush, SiD-LSG, DMD2 without its GAN term and AGD on teacher trajectories never look
+at a real image: they need prompts to condition the teacher and the student, and the shape of a
+sample. This source serves exactly that: `text_embeds` (and `text_mask`, `pooled_text_embeds`
+when the directory has them) of the captions in `data.text_embeds` (the layout of
+distill/data/latents.py's caption directories: embeds.npy, optional mask.npy / pooled.npy,
+null.npy ...), every caption once per epoch in a seeded order, process p of P reading only its
+rows of each global batch (the data position is the step, as with `latents`), plus `x`: zeros of
+`data.shape`, which carry the batch's shape and nothing else. An objective that reads real
+images (`Objective.real_data`: sCM, consistency, LCM, progressive, LADD, DMD2 and SiD with their
+GAN terms ...) is refused when the engine is built, with one line.
 
 `data.time_ids = S` adds SDXL's micro-conditioning (S, S, 0, 0, S, S): an uncropped S x S image.
 There are no reference images: evaluate such a run against a latent data set with
