@@ -42,8 +42,9 @@ def base_config() -> ConfigDict:
   # Networks that start from another run's weights instead of their objective's init:
   # init.<network> = a run directory of this project, whose network of the same name is loaded
   # at its latest checkpoint (its EMA weights when it has any), e.g. SiD2A's generator from a
-  # trained SiD run: --config.init.student=runs/sid. Only a fresh run reads it (a resumed run
-  # restores its own checkpoint), except for frozen networks, which are not checkpointed.
+  # trained SiD run: --config.init.student=runs/sid. A resumed run restores its own checkpoint
+  # over a trained network (frozen ones are not checkpointed and keep the init run's weights),
+  # but it still reads the init run when it starts, so that directory must stay readable.
   c.init = ConfigDict()
   c.data = ConfigDict({"name": "gmm"})
 

@@ -439,9 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, state, _meta(engine, step))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
         report = run_evaluation(engine, state, frozen, step, teacher_cache=eval_cache)
-        _write_eval(workdir, report, is_main)
-        if is_main:
-          update_teacher_cache(engine, eval_cache)
+        _write_eval(engine, workdir, report, eval_cache, is_main)
       if (config.sample.num and config.sample.every_steps
           and step % config.sample.every_steps == 0 and step < total):
         write_samples(engine, state, frozen, step, workdir, is_main)
@@ -458,9 +456,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rlog.close()
     if config.eval.at_end:
       report = run_evaluation(engine, state, frozen, total, teacher_cache=eval_cache)
-      _write_eval(workdir, report, is_main)
-      if is_main:
-        update_teacher_cache(engine, eval_cache)
+      _write_eval(engine, workdir, report, eval_cache, is_main)
       summary["eval"] = report
     if config.sample.num:  # sample.num = 0: no grids
       summary["samples"] = write_samples(engine, state, frozen, total, workdir, is_main)
@@ -498,9 +494,13 @@ def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
   return frozen
 
 
-def _write_eval(workdir: str, report: dict, is_main: bool) -> None:
+def _write_eval(engine: Engine, workdir: str, report: dict, teacher_cache: Optional[dict],
+                is_main: bool) -> None:
+  """eval.json, and the teacher rows the evaluation added into the teacher's cache file
+  (`update_teacher_cache`); on the main process only."""
   if is_main:
     runlog.write_json(os.path.join(workdir, "eval.json"), report)
+    update_teacher_cache(engine, teacher_cache)
 
 
 def _peak_flops() -> float:

@@ -10,11 +10,10 @@ import pytest
 
 from distill import config as config_lib
 from distill import evaluation
-from distill import teacher as teacher_lib
 from distill.data import sources
 from distill.engine import Engine
 from distill.metrics.suite import MetricError
-from tests.test_text_conditioning import SANA, _config
+from tests.test_text_conditioning import SANA, _config, sana_teacher
 
 C, L, D, P = 10, 5, 24, 6
 
@@ -78,18 +77,6 @@ def test_bad_settings_name_the_key(tmp_path, keys, fragment):
     _source(cfg.pop("text_embeds"), **cfg)
 
 
-def _text_teacher():
-  probe = Engine(_config("denoise", SANA, "rectified_flow"))
-  state, _ = probe.init_state()
-  info = probe.nets["model"]
-  import jax
-  return teacher_lib.Teacher(
-      module=info.module, params=jax.device_get(state.params["model"]),
-      model_config=dict(probe.plans["model"].model_config), process=info.process,
-      prediction="flow", num_classes=0,
-      reference={"path": "memory", "step": 0, "hash": "", "params": "raw"})
-
-
 def _prompts_config(objective, path, **keys):
   c = _config(objective, SANA, "rectified_flow", **keys)
   c.data = config_lib.ConfigDict({"name": "prompts", "text_embeds": path, "shape": (8, 8, 4),
@@ -101,7 +88,7 @@ def _prompts_config(objective, path, **keys):
 
 def test_data_free_objectives_train_from_prompts_and_the_rest_are_refused(tmp_path):
   path = _caption_dir(tmp_path, pooled=False)
-  teacher = _text_teacher()
+  teacher = sana_teacher()
   # SwiftBrush: the LoRA fake score on the attention projections
   engine = Engine(_prompts_config("vsd", path, lora_pattern="attn"), teacher=teacher)
   state, frozen = engine.init_state()

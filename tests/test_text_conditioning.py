@@ -77,19 +77,24 @@ def test_text_conditioned_denoiser_trains_and_sees_the_prompt(model, process, po
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
 
 
-def test_dmd2_distils_a_text_conditioned_sana():
-  """DMD2's fake-score and generator phases with a SANA teacher, every network reading the
-  prompt embeddings of the batch (SANA: the fastest text model to compile on CPU)."""
+def sana_teacher():
+  """An in-memory text-conditioned SANA teacher (rectified flow) at its random init."""
   from distill import teacher as teacher_lib
   probe = Engine(_config("denoise", SANA, "rectified_flow"))
   state, _ = probe.init_state()
   info = probe.nets["model"]
-  teacher = teacher_lib.Teacher(
+  return teacher_lib.Teacher(
       module=info.module, params=jax.device_get(state.params["model"]),
       model_config=dict(probe.plans["model"].model_config), process=info.process,
       prediction="flow", num_classes=0,
       reference={"path": "memory", "step": 0, "hash": "", "params": "raw"})
-  engine = Engine(_config("dmd2", SANA, "rectified_flow", fake_updates=1), teacher=teacher)
+
+
+def test_dmd2_distils_a_text_conditioned_sana():
+  """DMD2's fake-score and generator phases with a SANA teacher, every network reading the
+  prompt embeddings of the batch (SANA: the fastest text model to compile on CPU)."""
+  engine = Engine(_config("dmd2", SANA, "rectified_flow", fake_updates=1),
+                  teacher=sana_teacher())
   state, frozen = engine.init_state()
   phases = set()
   for step in range(2):
