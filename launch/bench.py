@@ -74,6 +74,15 @@ def peak_memory_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def _temp_bytes(compiled):
+  """XLA's static size of the compiled step's temporary buffers (None where not reported): the
+  memory figure a CPU run has, where the device reports no peak."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+
+
 def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -> dict:
   import jax
   from distill import teacher as teacher_lib
@@ -102,6 +111,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
       xla_flops = float(compiled.cost_analysis().get("flops", 0.0))
     except Exception:  # noqa: BLE001 - not every backend reports it
       xla_flops = 0.0
+    xla_temp = _temp_bytes(compiled)
     times = []
     for k in range(warmup + steps):
       t0 = time.perf_counter()
@@ -113,7 +123,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
     model_flops = 3 * sum(engine.nets[n].flops_per_example for n in phase.trains) * bs
     row = {"step_ms": 1000 * med, "img_per_s": bs / med, "compile_s": compile_s,
            "model_gflops_per_step": model_flops / 1e9,
-           "xla_tflops": xla_flops / 1e12}
+           "xla_tflops": xla_flops / 1e12, "xla_temp_bytes": xla_temp}
     if peak and model_flops:
       row["mfu"] = model_flops / med / (peak * jax.device_count())
     phases[phase.name] = row

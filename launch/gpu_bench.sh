@@ -25,6 +25,9 @@
 #   sid_256    SiD generator and fake-score steps, 256 px, batch 32
 #   plain256_unrolled, scm256_unrolled   the 256-px steps with the blocks unrolled (not in the
 #              default list: each compiles for 1-3 minutes)
+#   scm256_separate, scm512_separate   scm256 / scm512 with objective.shared_primal=False (a
+#              tangent pass, then a second student forward with gradient): the baseline of the
+#              shared pass's saving, side by side on the same machine (not in the default list)
 #   kernels    pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA
 #              attention in forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
 # Environment: PYTHON (the interpreter, default python3), WHEELS, RUNS (the names above, in
@@ -117,13 +120,18 @@ run() {
               || bench scm256_xla_jvp 180 scm ;;
     plain512) bench plain512 150 denoise,512 ;;
     scm512) bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp ;;
+    scm256_separate) bench scm256_separate 180 scm --config.model.jvp_attention=pallas_jvp \
+              --config.objective.shared_primal=False ;;
+    scm512_separate) bench scm512_separate 180 scm,512 --config.model.jvp_attention=pallas_jvp \
+              --config.objective.shared_primal=False ;;
     dmd2_256) bench dmd2_256 200 dmd2 ;;
     sid_256) bench sid_256 200 sid ;;
     plain256_unrolled) SCAN=False bench plain256_unrolled 240 denoise ;;
     scm256_unrolled) SCAN=False bench scm256_unrolled 360 scm ;;
     kernels) kernels ;;
     *) echo "launch/gpu_bench.sh: unknown run '$1' in RUNS (expected plain256, scm256, plain512," \
-         "scm512, dmd2_256, sid_256, plain256_unrolled, scm256_unrolled or kernels)"; return 2 ;;
+         "scm512, dmd2_256, sid_256, plain256_unrolled, scm256_unrolled, scm256_separate," \
+         "scm512_separate or kernels)"; return 2 ;;
   esac
 }
 

@@ -24,9 +24,12 @@ only one of `custom_vjp` / `custom_jvp` per function: `jax.jvp` through a `custo
 splash, `pallas`) raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
 the tangent produced by a `custom_jvp` rule that calls a Pallas kernel cannot be transposed
 (`pallas_call` has no transpose rule), so `pallas_jvp` is not reverse-differentiable. The sCM
-loss never needs both at once: it computes the tangent as
-`jax.jvp(lambda x, t: apply(stop_gradient(params), x, t), ...)` (no reverse pass through it) and
-runs a separate gradient pass. Good pairs: GPU `attention="pallas"` or `"cudnn"` with
+loss differentiates only the primal of its jvp, never the tangent: in its separate form it
+computes the tangent as `jax.jvp(lambda x, t: apply(stop_gradient(params), x, t), ...)` (no
+reverse pass through it) and runs a separate gradient pass; in its shared form (one student
+pass, the default) the jvp's primal is the differentiated output and the model runs the pair
+`shared_primal_impl(attention, jvp_attention)` ("cudnn+pallas_jvp"): the primal and its
+backward from the first, the tangent from the second on stop-gradient inputs. Good pairs: GPU `attention="pallas"` or `"cudnn"` with
 `jvp_attention="pallas_jvp"`; TPU `attention="splash"` with `jvp_attention="xla"` (no TPU JVP
 kernel yet); CPU `xla`/`xla`. `GRADIENT_IMPLS` and `TANGENT_IMPLS` list which names suit which
 pass, and `check_impls(model.attention, model.jvp_attention)` validates a config before any
@@ -597,6 +600,58 @@ ATTENTION.add("splash", _splash_attention)
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared-primal passes: one primal, differentiated in reverse mode and pushed through jax.jvp.
+
+SHARED_SEP = "+"
+
+
+def shared_primal_impl(gradient: str, tangent: str) -> str:
+  """The name of the attention for a pass pushed through `jax.jvp` whose *primal* output is also
+  differentiated in reverse mode, while its tangent output is a constant to reverse mode.
+
+  sCM's shared pass (`objective.shared_primal`) computes the student's output F_theta and its
+  stop-gradient tangent T in one `jax.jvp` inside the loss's gradient, instead of a tangent pass
+  and a second forward. A kernel serves one of the two modes only, so such a pass takes the pair
+  `"<gradient>+<tangent>"`: the primal comes from `gradient` (its custom_vjp backward serves the
+  loss's gradient), the tangent from `tangent`'s forward-mode rule evaluated on stop-gradient
+  inputs (so the tangent kernel is never linearised or transposed). `xla` serves both modes
+  itself, so the pair (xla, xla) is plain `xla`.
+
+  The tangent a pair returns carries no gradient, so a pair name is only for passes whose
+  tangent is stop-gradient'd (sCM's); `check_impls` refuses it in a config.
+  """
+  return "xla" if gradient == tangent == "xla" else f"{gradient}{SHARED_SEP}{tangent}"
+
+
+def _shared_primal_attention(q, k, v, *, gradient, tangent, mask=None, bias=None, **kwargs):
+  """`gradient`'s attention whose jvp rule takes its tangent from `tangent` (stop-gradient)."""
+  sg = lambda xs: tuple(lax.stop_gradient(x) for x in xs)
+  mask, bias = (None if a is None else lax.stop_gradient(a) for a in (mask, bias))
+  primal_fn = functools.partial(gradient, mask=mask, bias=bias, **kwargs)
+  tangent_fn = functools.partial(tangent, mask=mask, bias=bias, **kwargs)
+
+  @jax.custom_jvp
+  def attend(q, k, v):
+    return primal_fn(q, k, v)
+
+  @attend.defjvp
+  def attend_jvp(primals, tangents):
+    _, out_tangent = jax.jvp(tangent_fn, sg(primals), sg(tangents))
+    return primal_fn(*primals), out_tangent
+
+  return attend(q, k, v)
+
+
+def _implementation(impl: str):
+  """The function of an implementation name, or of a shared-primal pair `gradient+tangent`."""
+  gradient, sep, tangent = impl.partition(SHARED_SEP)
+  if not sep:
+    return ATTENTION.get(impl)
+  return functools.partial(_shared_primal_attention, gradient=ATTENTION.get(gradient),
+                           tangent=ATTENTION.get(tangent))
+
+
+# ------------------------------------------------------------------------------------------------
 # Public entry points.
 
 
@@ -609,7 +664,8 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "xla", mask: Optional
   Args:
     q: queries (B, Lq, H, D).
     k, v: keys and values (B, Lk, H, D).
-    impl: a name in `ATTENTION` (xla, cudnn, pallas, pallas_jvp, splash); see the module doc
+    impl: a name in `ATTENTION` (xla, cudnn, pallas, pallas_jvp, splash), or a shared-primal
+      pair `shared_primal_impl(gradient, tangent)`; see the module doc
       for which to use in gradient passes (`model.attention`) and in tangent passes
       (`model.jvp_attention`).
     mask: boolean, broadcastable to (B, H, Lq, Lk), True = attend (xla, cudnn only).
@@ -629,7 +685,7 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "xla", mask: Optional
     TypeError: `jax.jvp` through an implementation that is a custom_vjp (cudnn, pallas,
       splash); the message names the tangent-capable implementations.
   """
-  fn = ATTENTION.get(impl)
+  fn = _implementation(impl)
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   try:

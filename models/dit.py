@@ -508,8 +508,10 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"       # gradient passes (models/attention.py)
-  # Tangent passes (jax.jvp, the sCM tangent): the engine runs a clone with
-  # attention=jvp_attention, since a custom_vjp kernel cannot be pushed through jax.jvp.
+  # Tangent passes (jax.jvp, the sCM tangent): the objective runs a clone with
+  # attention=jvp_attention, or the pair shared_primal_impl(attention, jvp_attention) when the
+  # jvp's primal is also differentiated, since a custom_vjp kernel cannot be pushed through
+  # jax.jvp.
   jvp_attention: str = "xla"
   remat: str = "none"
   scan_blocks: bool = False

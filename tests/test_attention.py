@@ -197,6 +197,55 @@ def test_scm_style_split_tangent_and_gradient_passes():
   _close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("pair", [("pallas", "pallas_jvp"), ("xla", "pallas_jvp"),
+                                  ("pallas", "xla")])
+def test_shared_primal_pair_matches_xla(pair):
+  """A shared-primal pair: one jax.jvp inside the gradient, reverse mode through its primal, the
+  tangent stop-gradient'd (sCM's shared pass). Output, tangent, loss and parameter gradient equal
+  the all-xla pass, where plain jnp serves both modes itself."""
+  b, l, h, d = 2, 20, 2, 16
+  x = jax.random.normal(jax.random.key(0), (b, l, h * d))
+  dx = jax.random.normal(jax.random.key(1), x.shape)
+  c = jax.random.normal(jax.random.key(3), x.shape)
+  params = jax.random.normal(jax.random.key(2), (3, h * d, h * d)) / np.sqrt(h * d)
+  impl = attn.shared_primal_impl(*pair)
+  assert impl == "+".join(pair)
+
+  def net(impl, w, x):
+    q, k, v = (jnp.einsum("blc,cd->bld", x, w[i]).reshape(b, l, h, d) for i in range(3))
+    return attention(q, k, v, impl=impl, block_sizes=SMALL).reshape(b, l, h * d)
+
+  def loss(impl, w):
+    out, tangent = jax.jvp(lambda x: net(impl, w, x), (x,), (dx,))
+    tangent = jax.lax.stop_gradient(tangent)
+    return jnp.sum(c * out) + jnp.sum(jnp.tanh(out) * tangent), (out, tangent)
+
+  (val, (out, tan)), grad = jax.jit(jax.value_and_grad(lambda w: loss(impl, w), has_aux=True))(
+      params)
+  (ref_val, (ref_out, ref_tan)), ref_grad = jax.jit(jax.value_and_grad(
+      lambda w: loss("xla", w), has_aux=True))(params)
+  assert float(jnp.max(jnp.abs(ref_tan))) > 0.1
+  _close(out, ref_out)
+  _close(tan, ref_tan)
+  # Sums over 1280 products of O(1) values: rtol 1e-5 of the loss and gradient scale.
+  _close(val, ref_val, rtol=1e-5, atol=1e-5 * float(jnp.sum(jnp.abs(c * ref_out))))
+  _close(grad, ref_grad, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))))
+
+
+def test_shared_primal_pair_names():
+  """(xla, xla) needs no pair; a pair is internal: a config naming one is refused, and a plain
+  reverse pass through it (whose tangent would be wrong) fails loudly instead of silently."""
+  assert attn.shared_primal_impl("xla", "xla") == "xla"
+  assert attn.shared_primal_impl("cudnn", "pallas_jvp") == "cudnn+pallas_jvp"
+  with pytest.raises(ValueError, match="model.attention='cudnn\\+pallas_jvp'"):
+    attn.check_impls("cudnn+pallas_jvp", "pallas_jvp")
+  with pytest.raises(KeyError, match="unknown attention implementation 'flash'"):
+    attention(*_inputs((1, 16, 16, 1, 16, None)), impl="pallas+flash")
+  q, k, v = _inputs((1, 16, 16, 1, 16, None))
+  with pytest.raises(NotImplementedError, match="stop_gradient"):
+    jax.grad(lambda q: jnp.sum(attention(q, k, v, impl="pallas+xla")))(q)
+
+
 def test_jvp_through_custom_vjp_impl_raises():
   """Why two entry points: `pallas` (custom_vjp) cannot be pushed through jax.jvp."""
   q, k, v = _inputs((1, 16, 16, 1, 16, None))
@@ -267,6 +316,19 @@ def test_sharded_attention_one_device_mesh():
       q, k, v, impl="pallas_jvp", mesh=mesh, block_sizes=SMALL), p, t))((q, k, v), (tq, tk, tv))
   _close(out, ref)
   _close(tan, ref_tan)
+
+  def shared(impl, shard):   # a shared-primal pass: gradient through the primal of a jvp
+    def f(q):
+      fn = lambda q: (sharded_attention(q, k, v, impl=impl, mesh=mesh, block_sizes=SMALL)
+                      if shard else attention(q, k, v, impl=impl))
+      out, tan = jax.jvp(fn, (q,), (tq,))
+      return jnp.sum(out * jax.lax.stop_gradient(tan)), tan
+    return jax.grad(f, has_aux=True)
+
+  g, tan = jax.jit(shared("pallas+pallas_jvp", True))(q)
+  g_ref, tan_ref = jax.jit(shared("xla", False))(q)
+  _close(tan, tan_ref)
+  _close(g, g_ref)
 
 
 _MULTI_DEVICE = textwrap.dedent("""

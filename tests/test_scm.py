@@ -194,13 +194,19 @@ def torch_scm_loss(Ps, Pt, Pw, x0, labels, t, z, w, r, sd, c, guided, guidance_e
   return per.mean(), g_norm.mean()
 
 
-@pytest.mark.parametrize("sd,scales,guidance_embed,adaptive,mode,drop", [
-    (1.0, (1.0,), False, True, "scd", 0.0),
-    (0.5, (1.5, 3.0), False, True, "scd", 0.5),
-    (0.5, (2.0, 4.0), True, False, "scd", 0.0),
-    (0.7, (1.0,), False, True, "sct", 0.5),
+@pytest.mark.parametrize("sd,scales,guidance_embed,adaptive,mode,drop,shared", [
+    (1.0, (1.0,), False, True, "scd", 0.0, True),
+    (1.0, (1.0,), False, True, "scd", 0.0, False),
+    (0.5, (1.5, 3.0), False, True, "scd", 0.5, True),
+    (0.5, (2.0, 4.0), True, False, "scd", 0.0, True),
+    (0.5, (2.0, 4.0), True, False, "scd", 0.0, False),
+    (0.7, (1.0,), False, True, "sct", 0.5, True),
 ])
-def test_loss_and_gradients_match_pytorch(sd, scales, guidance_embed, adaptive, mode, drop):
+def test_loss_and_gradients_match_pytorch(sd, scales, guidance_embed, adaptive, mode, drop,
+                                          shared):
+  """Both student-pass forms (`shared_primal`: one jvp inside the gradient; or a stop-gradient
+  jvp pass and a forward with gradient) against the PyTorch reference, which runs the two
+  passes separately as SANA-Sprint does."""
   ctx, trainable = _context(sd, guidance_embed=guidance_embed, adaptive=adaptive)
   batch, draws = _inputs(1, sd, scales)
   if drop:  # a fixed mix of dropped (null class) and kept labels
@@ -212,7 +218,7 @@ def test_loss_and_gradients_match_pytorch(sd, scales, guidance_embed, adaptive, 
     return scm.scm_loss_given(tr, ctx, batch, draws, jnp.float32(r), student="student",
                               teacher="teacher", weight="weight" if adaptive else None,
                               mode=mode, tangent_norm=c, guided=guided,
-                              guidance_embed=guidance_embed)
+                              guidance_embed=guidance_embed, shared_primal=shared)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(trainable)
 
   Ps = _torch_tree(trainable["student"], True)
@@ -629,6 +635,10 @@ def test_tangent_pass_uses_jvp_attention():
   same = ctx_lib.NetInfo("student", _ImplProbe(attention="xla"), "trigflow", tf, 0)
   ctx2 = ctx.replace(nets={"student": same})
   assert scm.tangent_context(ctx2, "student") is ctx2
+  # The shared pass (primal differentiated, tangent stop-gradient) gets the pair of the two.
+  shared = scm.tangent_context(ctx, "student", shared=True)
+  assert shared.nets["student"].module.attention == "pallas+xla"
+  assert scm.tangent_context(ctx2, "student", shared=True) is ctx2
 
 
 def test_builder_rejects_bad_keys():

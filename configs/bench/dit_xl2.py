@@ -5,7 +5,9 @@
         --compare model.attention=xla,cudnn
 
 arg: "<objective>[,<resolution>]". objective: `denoise` (the plain train step a DiT is trained
-with), `scm` (sCD: teacher forward, jax.jvp tangent of the student, student forward+backward),
+with), `scm` (sCD: teacher forward, one jax.jvp of the student giving its output and tangent,
+and the backward of that output; `--config.objective.shared_primal=False` runs the tangent pass
+and a second student forward instead, as SANA-Sprint and rCM do),
 `dmd2`, `sid`. resolution: 256 (32x32x4 latents, 256 tokens, per-device batch 128, the batch of
 the PyTorch and plain-JAX anchors in ../shared/reference/README.md) or 512 (64x64x4 latents,
 1024 tokens, per-device batch 32). DMD2 and SiD run three networks (student, fake score,

@@ -35,6 +35,15 @@ tangent) is not finite are masked out (g_hat = 0, loss term 0). The loss value c
 progress signal (~ exp(w) ||g_hat||^2 / D - w): watch `scm/g_norm` (mean ||g|| before
 normalisation) and the few-step eval.
 
+One student pass (`shared_primal`, the default): F^- = sg(F_theta) and T = sg(jvp tangent), so
+`jax.jvp(F_theta)` inside the gradient gives both, and reverse mode runs through its primal only
+(the tangent is stop-gradient'd; XLA drops its unused linearisation). That saves one student
+forward of the separate form (a stop-gradient jvp pass, then a forward with gradient, as
+SANA-Sprint and rCM do): about 1 of 6 forward-equivalents per step (teacher 1, primal + tangent
+2, backward 2, plus the forward). The gradient is the same (tests/test_scm.py compares both with
+PyTorch); attention kernels are paired (`models.attention.shared_primal_impl`): the primal from
+`model.attention`, the tangent from `model.jvp_attention`.
+
 Networks: "teacher" (the checkpoint, frozen; in sCT only a reference for eval rows), "student"
 (init from the teacher behind the wrapper; or random with a native TrigFlow model config),
 "weight" (the adaptive weighting head, model "scm_weight") when `adaptive_weight`.
@@ -62,6 +71,7 @@ from distill import wrappers
 from distill.context import cond_from_batch, null_condition
 from distill.objective import Network, Objective, Phase, register_objective
 from distill.objectives import matching
+from models import attention as attention_lib
 from models.mlp import sinusoidal_embedding
 from models.registry import register_model
 
@@ -99,6 +109,11 @@ DEFAULTS = {
     # Decay of the student's `eval` EMA (used for sampling / eval); 0 = no EMA, eval the raw
     # weights. (sCM has no EMA *target*: theta^- = sg(theta).)
     "ema_decay": 0.0,
+    # One student pass per step: F_theta (with its gradient) and the tangent T (a constant to
+    # it) from one jax.jvp, the attention a `shared_primal_impl(model.attention,
+    # model.jvp_attention)` pair. False: a separate stop-gradient tangent pass, then a forward
+    # with gradient (SANA-Sprint's and rCM's structure), one student forward more per step.
+    "shared_primal": True,
 }
 
 
@@ -174,24 +189,35 @@ def draw_guidance(rng, batch: int, guidance_scales, guidance_sampling: str = "ch
                    f"'uniform', got {guidance_sampling!r}")
 
 
-def scm_tangent(F_fn, x_t, t, dxdt, *, sigma_data: float, r):
-  """(F^-, g) for a consistency model f = cos t x_t - sin t sigma_d F_fn(x_t, t).
+def output_and_tangent(F_fn, x_t, t, dxdt):
+  """(F, T) = jvp(F_fn, (x_t, t), (cos t sin t dx_t/dt, cos t sin t)), inputs in float32.
 
-  F_fn(x, t) must already hold stop-gradient parameters. The jvp runs with tangents
-  (cos t sin t dx_t/dt, cos t sin t), so its output tangent is T = cos t sin t dF/dt along the
-  ODE, and g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d T), i.e.
-  cos t df^-/dt with its second term scaled by r. Computed in float32.
-  """
+  T = cos t sin t dF/dt along the ODE (sCM's "JVP rearrangement": the cos t sin t factor keeps
+  the tangent's scale bounded in low precision). F is F_fn's output as it is: differentiable in
+  reverse mode where F_fn's parameters are (the shared pass), constant where they are
+  stop-gradient (the separate tangent pass)."""
   x_t = jnp.asarray(x_t, jnp.float32)
   t = jnp.asarray(t, jnp.float32)
-  dxdt = jnp.asarray(dxdt, jnp.float32)
+  cs = jnp.cos(t) * jnp.sin(t)
+  return jax.jvp(F_fn, (x_t, t), (_bcast(cs, x_t) * jnp.asarray(dxdt, jnp.float32), cs))
+
+
+def tangent_target(F_minus, T, x_t, t, dxdt, *, sigma_data: float, r):
+  """g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d T) in float32: cos t
+  df^-/dt of f = cos t x_t - sin t sigma_d F^-, its second term scaled by r."""
+  x_t, t, dxdt, F_minus, T = (jnp.asarray(a).astype(jnp.float32)
+                              for a in (x_t, t, dxdt, F_minus, T))
   cos, sin = jnp.cos(t), jnp.sin(t)
-  cs = cos * sin
-  F_minus, T = jax.jvp(F_fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
-  F_minus, T = F_minus.astype(jnp.float32), T.astype(jnp.float32)
-  g = (-_bcast(jnp.square(cos), x_t) * (sigma_data * F_minus - dxdt)
-       - r * (_bcast(cs, x_t) * x_t + sigma_data * T))
-  return F_minus, g
+  return (-_bcast(jnp.square(cos), x_t) * (sigma_data * F_minus - dxdt)
+          - r * (_bcast(cos * sin, x_t) * x_t + sigma_data * T))
+
+
+def scm_tangent(F_fn, x_t, t, dxdt, *, sigma_data: float, r):
+  """(F^-, g) for a consistency model f = cos t x_t - sin t sigma_d F_fn(x_t, t), F_fn holding
+  stop-gradient parameters: `output_and_tangent`, then `tangent_target`."""
+  F_minus, T = output_and_tangent(F_fn, x_t, t, dxdt)
+  F_minus = F_minus.astype(jnp.float32)
+  return F_minus, tangent_target(F_minus, T, x_t, t, dxdt, sigma_data=sigma_data, r=r)
 
 
 def normalize_tangent(g, c: float):
@@ -224,17 +250,23 @@ def teacher_velocity(ctx, teacher: str, x_t, t, cond: dict, w, sigma_data: float
                                            sigma_data)
 
 
-def tangent_context(ctx, name: str):
-  """`ctx` whose network `name` runs with its tangent-pass attention in `jax.jvp`.
+def tangent_context(ctx, name: str, *, shared: bool = False):
+  """`ctx` whose network `name` runs with the attention of a pass pushed through `jax.jvp`.
 
   A model with both `attention` and `jvp_attention` fields (DESIGN.md: model.attention for
   gradient passes, model.jvp_attention for tangent passes; a custom_vjp kernel cannot be pushed
-  through jax.jvp) is cloned with attention = jvp_attention; other models are left as they are.
+  through jax.jvp) is cloned with attention = jvp_attention, or with `shared` (a jvp pass whose
+  primal is also differentiated) with the pair `attention.shared_primal_impl(attention,
+  jvp_attention)`; other models are left as they are.
   """
   info = ctx.nets[name]
   module = info.module
   impl = getattr(module, "jvp_attention", None)
-  if impl is None or impl == getattr(module, "attention", impl) or info.apply_fn is not None:
+  if impl is None or info.apply_fn is not None:
+    return ctx
+  if shared:
+    impl = attention_lib.shared_primal_impl(module.attention, impl)
+  if impl == module.attention:
     return ctx
   tangent = dataclasses.replace(info, module=module.clone(attention=impl))
   return ctx.replace(nets={**ctx.nets, name: tangent})
@@ -252,7 +284,7 @@ def _f32_tree(tree):
 
 def scm_loss_given(trainable, ctx, batch, draws: dict, r, *, student: str, teacher: str,
                    weight, mode: str, tangent_norm: float, guided: bool,
-                   guidance_embed: bool):
+                   guidance_embed: bool, shared_primal: bool = True):
   """The sCM loss for given draws (t, z, w) and warm-up ratio r; see the module docstring."""
   info = ctx.nets[student]
   sd = float(info.process.sigma_data)
@@ -269,15 +301,26 @@ def scm_loss_given(trainable, ctx, batch, draws: dict, r, *, student: str, teach
   dxdt = jax.lax.stop_gradient(dxdt)
   extras = ctx.guidance_inputs(student, w) if guidance_embed else {}
 
-  frozen = _f32_tree(jax.lax.stop_gradient(trainable[student]))
-  tctx = tangent_context(ctx, student)
-  F_sg = lambda x, tt: tctx.apply(student, x, tt, cond, params=frozen, **extras)
-  F_minus, g = scm_tangent(F_sg, x_t, t, dxdt, sigma_data=sd, r=r)
+  if shared_primal:
+    # One pass: F_theta with its gradient, and the tangent, a constant to the gradient.
+    sctx = tangent_context(ctx, student, shared=True)
+    F_live = lambda x, tt: sctx.apply(student, x, tt, cond, params=trainable[student], **extras)
+    F_theta, T = output_and_tangent(F_live, x_t, t, dxdt)
+    F_minus = jax.lax.stop_gradient(F_theta).astype(jnp.float32)
+    T = jax.lax.stop_gradient(T)
+  else:
+    # A tangent pass on stop-gradient float32 parameters, then a forward with gradient.
+    frozen = _f32_tree(jax.lax.stop_gradient(trainable[student]))
+    tctx = tangent_context(ctx, student)
+    F_sg = lambda x, tt: tctx.apply(student, x, tt, cond, params=frozen, **extras)
+    F_minus, T = output_and_tangent(F_sg, x_t, t, dxdt)
+    F_minus = F_minus.astype(jnp.float32)
+    F_theta = ctx.apply(student, x_t, t, cond, params=trainable[student], **extras)
+  g = tangent_target(F_minus, T, x_t, t, dxdt, sigma_data=sd, r=r)
   g_hat, g_norm = normalize_tangent(g, tangent_norm)
   ok = jnp.isfinite(g_norm)
   g_hat = jax.lax.stop_gradient(jnp.where(_bcast(ok, g_hat), g_hat, 0.0))
 
-  F_theta = ctx.apply(student, x_t, t, cond, params=trainable[student], **extras)
   if weight is not None:
     logw = ctx.call(weight, x_t, t, params=trainable[weight]).astype(jnp.float32)
   else:
@@ -298,8 +341,7 @@ def scm_loss_given(trainable, ctx, batch, draws: dict, r, *, student: str, teach
 def scm_loss(trainable, ctx, batch, rng, t, *, student: str, teacher: str, weight, mode: str,
              sigma_data: float, p_mean: float, p_std: float, tangent_warmup: int,
              tangent_norm: float, guidance_scales: tuple, guidance_sampling: str,
-             guidance_embed: bool,
-             label_dropout: float):
+             guidance_embed: bool, label_dropout: float, shared_primal: bool):
   """Phase loss: draws (t, z, w) from `rng`, r from t.step, then `scm_loss_given`."""
   info = ctx.nets[student]
   if info.prediction != "trigflow" or getattr(info.process, "name", "") != "trigflow":
@@ -318,7 +360,7 @@ def scm_loss(trainable, ctx, batch, rng, t, *, student: str, teacher: str, weigh
   guided = any(float(s) != 1.0 for s in guidance_scales)
   return scm_loss_given(trainable, ctx, batch, draws, r, student=student, teacher=teacher,
                         weight=weight, mode=mode, tangent_norm=tangent_norm, guided=guided,
-                        guidance_embed=guidance_embed)
+                        guidance_embed=guidance_embed, shared_primal=shared_primal)
 
 
 @register_objective("scm", defaults=DEFAULTS)
@@ -359,7 +401,8 @@ def build(cfg) -> Objective:
       p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),
       tangent_warmup=int(cfg.tangent_warmup), tangent_norm=float(cfg.tangent_norm),
       guidance_scales=scales, guidance_sampling=str(cfg.guidance_sampling),
-      guidance_embed=bool(cfg.guidance_embed), label_dropout=float(cfg.label_dropout))
+      guidance_embed=bool(cfg.guidance_embed), label_dropout=float(cfg.label_dropout),
+      shared_primal=bool(cfg.shared_primal))
   ema = {"student": {"eval": float(cfg.ema_decay)}} if cfg.ema_decay > 0 else {}
   return Objective(networks=tuple(networks),
                    phases=(Phase("scm", loss=loss, trains=trains),),
