@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -86,10 +87,21 @@ def abstract_of(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore_raw(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
-  """Restores a run's checkpoint without a target (host arrays), e.g. to read a teacher."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+def restore_raw(directory: str, step: Optional[int] = None, *,
+                select: Optional[Callable[[dict], Sequence[tuple]]] = None) -> tuple[int, dict]:
+  """Restores a run's checkpoint without a target (host arrays), e.g. to read a teacher.
+
+  `select`, given the `state` item's structure (nested dicts whose leaves are Orbax array
+  metadata: shape, dtype), returns the key paths to read, e.g. [("ema", "student", "eval")];
+  only those subtrees are read (an Orbax partial restore), so taking one network out of a run's
+  checkpoint does not read the optimizer state and the other networks. The newest step that
+  restores is used unless `step` is given (a corrupted one is skipped with a warning).
+  """
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
   steps = sorted(mngr.all_steps())
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -97,10 +109,49 @@ def restore_raw(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
   last_error = None
   for s in candidates:
     try:
-      out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(),
-                                                     meta=ocp.args.JsonRestore()))
-      return s, {"state": out["state"], "meta": dict(out["meta"])}
+      items = {"state": ocp.args.PyTreeRestore(), "meta": ocp.args.JsonRestore()}
+      if select is not None:
+        item = _subtrees(_structure(mngr.item_metadata(s)["state"]), select)
+        items["state"] = ocp.args.PyTreeRestore(
+            item=item, partial_restore=True, restore_args=jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
+        if not item:   # nothing selected is there: read the meta only
+          del items["state"]
+      out = mngr.restore(s, args=ocp.args.Composite(**items))
+      return s, {"state": out["state"] if "state" in items else {}, "meta": dict(out["meta"])}
     except Exception as e:  # noqa: BLE001
       last_error = e
       log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
   raise ValueError(f"no restorable checkpoint in {directory}: {last_error}")
+
+
+def _structure(metadata) -> dict:
+  """The nested dicts of a PyTree item's metadata (empty containers as {})."""
+  tree = getattr(metadata, "tree", metadata)
+
+  def plain(node):
+    if isinstance(node, dict):
+      return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)) and not node:
+      return {}
+    return node
+  return plain(tree)
+
+
+def _subtrees(structure: dict, select) -> dict:
+  """The part of `structure` under the key paths `select(structure)` returns (paths it lacks
+  are left out; the caller finds them missing in the result)."""
+  out: dict = {}
+  for path in select(structure):
+    node = structure
+    for key in path:
+      node = node.get(key) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if node is None or node == {}:
+      continue
+    target = out
+    for key in path[:-1]:
+      target = target.setdefault(key, {})
+    target[path[-1]] = node
+  return out

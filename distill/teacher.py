@@ -96,12 +96,15 @@ def load_run_network(path: str, net: str, params_role: str = "ema",
   if net not in resolved["models"]:
     raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
                      f"{', '.join(sorted(resolved['models']))})")
-  step, tree = ckpt.restore_raw(os.path.join(path, "checkpoints"))
-  state = tree["state"]
-  role = None
-  if params_role == "ema":
-    roles = (state.get("ema") or {}).get(net) or {}
-    role = "eval" if "eval" in roles else (sorted(roles)[0] if roles else None)
+  chosen = {}
+
+  def select(structure):   # read this network's weights and model state only
+    roles = (structure.get("ema") or {}).get(net) or {} if params_role == "ema" else {}
+    role = chosen["role"] = "eval" if "eval" in roles else (sorted(roles)[0] if roles else None)
+    return [("ema", net, role) if role else ("params", net), ("model_state", net)]
+
+  step, tree = ckpt.restore_raw(os.path.join(path, "checkpoints"), select=select)
+  state, role = tree["state"], chosen["role"]
   params = state["ema"][net][role] if role else (state.get("params") or {}).get(net)
   if params is None:
     raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is not in its "
