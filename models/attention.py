@@ -15,6 +15,7 @@ Implementations (registry `ATTENTION`):
 | `pallas`     | GPU (Triton), CPU interpret    | yes (Pallas backward) | NO (custom_vjp)      |
 | `pallas_jvp` | GPU (Triton), CPU interpret    | NO (not transposable) | yes (fused kernel)   |
 | `splash`     | TPU (Mosaic), CPU interpret=True | yes (splash vjp)    | NO (custom_vjp)      |
+| `mosaic_jvp` | TPU (Mosaic), CPU interpret=True | NO (not transposable) | yes (fused kernel) |
 
 How to choose (DESIGN.md, "Command line" and "Model conventions"): a model takes two names,
 `model.attention` for passes that are differentiated in reverse mode (the loss's gradient pass,
@@ -30,8 +31,8 @@ reverse pass through it) and runs a separate gradient pass; in its shared form (
 pass, the default) the jvp's primal is the differentiated output and the model runs the pair
 `shared_primal_impl(attention, jvp_attention)` ("cudnn+pallas_jvp"): the primal and its
 backward from the first, the tangent from the second on stop-gradient inputs. Good pairs: GPU `attention="pallas"` or `"cudnn"` with
-`jvp_attention="pallas_jvp"`; TPU `attention="splash"` with `jvp_attention="xla"` (no TPU JVP
-kernel yet); CPU `xla`/`xla`. `GRADIENT_IMPLS` and `TANGENT_IMPLS` list which names suit which
+`jvp_attention="pallas_jvp"`; TPU `attention="splash"` with `jvp_attention="mosaic_jvp"` (the
+same fused tangent as a Mosaic kernel, models/attention_mosaic.py) or `"xla"`; CPU `xla`/`xla`. `GRADIENT_IMPLS` and `TANGENT_IMPLS` list which names suit which
 pass, and `check_impls(model.attention, model.jvp_attention)` validates a config before any
 work. Misuse fails loudly but late: an eager `jax.jvp` through a custom_vjp impl raises our
 TypeError naming the tangent impls; under `jax.jit` JAX raises its own TypeError (same text
@@ -43,7 +44,7 @@ S = q k^T * scale, P = softmax(S), O = P V and dS = (dq k^T + q dk^T) * scale:
 
     dO = (P o dS) V - rowsum(P o dS) o O + P dV
 
-`pallas_jvp` computes O and dO in one pass over key blocks with the online-softmax running max
+`pallas_jvp` (and `mosaic_jvp` on TPU) computes O and dO in one pass over key blocks with the online-softmax running max
 m: per block it accumulates l = sum_j p_ij, r = sum_j p_ij dS_ij, acc = sum_j p_ij v_j and
 tacc = sum_j p_ij (dS_ij v_j + dv_j), all rescaled by exp(m_old - m_new) when the max moves;
 then O = acc / l and dO = tacc / l - (r / l) O: 6 tile matmuls per key block instead of 2
@@ -51,15 +52,16 @@ then O = acc / l and dO = tacc / l - (r / l) O: 6 tile matmuls per key block ins
 
 Padding. Kernels pad the sequence lengths up to a multiple of their block sizes (padded keys are
 masked out of the softmax, padded queries are sliced off) and the head dimension up to a power
-of two >= 16 (Triton needs power-of-two tiles; splash pads to a multiple of 128). Zero padding of
+of two >= 16 (Triton needs power-of-two tiles; splash and mosaic_jvp pad lengths and D to
+multiples of 128, the TPU lane width, with blocks of 256 or 128 rows). Zero padding of
 D is exact: it adds zeros to every dot product and zero output columns. DiT-XL's D = 72 runs as
 128. Block sizes are powers of two (`BlockSizes`); a block longer than the sequence shrinks to
 the next power of two >= the sequence length (at least 16).
 
 Platform and interpret mode. `interpret=None` picks Pallas interpret mode on CPU for `pallas`
-and `pallas_jvp` (slow, for tests) and compiled kernels elsewhere; `splash` raises on a backend
-other than TPU unless `interpret=True` is given (tests) and `cudnn` raises on a backend other
-than a CUDA GPU: there is no silent fallback, a config that names a kernel gets that kernel or
+and `pallas_jvp` (slow, for tests) and compiled kernels elsewhere; `splash` and `mosaic_jvp`
+raise on a backend other than TPU unless `interpret=True` is given (tests) and `cudnn` raises on
+a backend other than a CUDA GPU: there is no silent fallback, a config that names a kernel gets that kernel or
 stops. The backend is `jax.default_backend()`, or the platform of the mesh's devices in
 `sharded_attention` (so an AOT compile for a TPU topology from a CPU host builds the TPU kernel);
 `platform=` overrides both.
@@ -75,7 +77,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +95,7 @@ ATTENTION: Registry = Registry("attention implementation")
 # Names that can sit in a reverse-differentiated pass (`model.attention`) and in a pass pushed
 # through `jax.jvp` (`model.jvp_attention`).
 GRADIENT_IMPLS = ("xla", "cudnn", "pallas", "splash")
-TANGENT_IMPLS = ("xla", "pallas_jvp")
+TANGENT_IMPLS = ("xla", "pallas_jvp", "mosaic_jvp")
 
 # A large finite negative logit for masked keys: exp(MASK - m) == 0 without inf - inf = nan.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -518,8 +520,8 @@ def _resolve_interpret(name, interpret, platform):
   if not interpret and platform not in ("gpu", "cuda", "rocm"):
     raise RuntimeError(
         f"attention impl {name!r} is a Pallas Triton kernel (GPU, or CPU interpret mode), but the "
-        f"backend is {platform!r}; on TPU use impl='splash' for gradient passes and 'xla' for "
-        "tangent passes")
+        f"backend is {platform!r}; on TPU use impl='splash' for gradient passes and "
+        "'mosaic_jvp' or 'xla' for tangent passes")
   return bool(interpret)
 
 
@@ -592,11 +594,63 @@ def _splash_attention(q, k, v, *, scale, mask=None, bias=None, interpret=None, p
   return out.transpose(0, 2, 1, 3)[:, :lq, :, :d].astype(q.dtype)
 
 
+# ------------------------------------------------------------------------------------------------
+# The fused primal + tangent kernel for TPU (Pallas Mosaic; models/attention_mosaic.py).
+
+
+def _mosaic_blocks(lq: int, lk: int) -> tuple[int, int, int, int]:
+  """(block_q, block_k, padded Lq, padded Lk): blocks of up to 256 rows, multiples of 128."""
+  lq_pad, lk_pad = _round_up(lq, 128), _round_up(lk, 128)
+  bq = 256 if lq_pad % 256 == 0 else 128
+  bk = 256 if lk_pad % 256 == 0 else 128
+  return bq, bk, lq_pad, lk_pad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _mosaic_jvp(q, k, v, cfg):
+  from models import attention_mosaic  # pylint: disable=import-outside-toplevel
+  return attention_mosaic.attention_bhld(q, k, v, **cfg._asdict())
+
+
+@_mosaic_jvp.defjvp
+def _mosaic_jvp_rule(cfg, primals, tangents):
+  from models import attention_mosaic  # pylint: disable=import-outside-toplevel
+  return attention_mosaic.attention_bhld(*primals, tuple(tangents), **cfg._asdict())
+
+
+class _MosaicCfg(NamedTuple):
+  scale: float
+  kv_len: int
+  block_q: int
+  block_k: int
+  interpret: bool
+
+
+def _mosaic_jvp_attention(q, k, v, *, scale, mask=None, bias=None, interpret=None, platform=None,
+                          **unused):
+  """TPU fused attention whose jvp rule is the fused primal + tangent kernel; (B, L, H, D)."""
+  del unused
+  _check_kernel_inputs("mosaic_jvp", q, k, v, mask, bias)
+  platform = platform or jax.default_backend()
+  if platform != "tpu" and not interpret:
+    raise RuntimeError(
+        f"attention impl 'mosaic_jvp' needs a TPU backend, but the backend is {platform!r}; use "
+        "impl='xla' (any backend), 'pallas_jvp' (GPU) or interpret=True (slow, tests)")
+  lq, d = q.shape[1], q.shape[3]
+  bq, bk, lq_pad, lk_pad = _mosaic_blocks(lq, k.shape[1])
+  d_pad = _round_up(d, 128)
+  cfg = _MosaicCfg(float(scale), int(k.shape[1]), bq, bk, bool(interpret))
+  to_bhld = lambda x, n: _pad(x, n, d_pad).transpose(0, 2, 1, 3)
+  out = _mosaic_jvp(to_bhld(q, lq_pad), to_bhld(k, lk_pad), to_bhld(v, lk_pad), cfg)
+  return out.transpose(0, 2, 1, 3)[:, :lq, :, :d]
+
+
 ATTENTION.add("xla", _xla_attention)
 ATTENTION.add("cudnn", _cudnn_attention)
 ATTENTION.add("pallas", _pallas_attention)
 ATTENTION.add("pallas_jvp", _pallas_jvp_attention)
 ATTENTION.add("splash", _splash_attention)
+ATTENTION.add("mosaic_jvp", _mosaic_jvp_attention)
 
 
 # ------------------------------------------------------------------------------------------------

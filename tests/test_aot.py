@@ -91,15 +91,20 @@ def test_dit_xl2_recipes_compile_and_fit_at_full_size(objective, topology, batch
 
 
 @pytest.mark.slow
-def test_splash_attention_compiles_per_shard_for_the_tpu_mesh():
-  """A 2-block DiT sCD step with model.attention=splash on v5p 2x2x1: the engine's step sets the
-  mesh as the trace's context, the DiT runs splash per shard inside shard_map and the compiled
-  step holds the Mosaic kernel (tpu_custom_call); init on this CPU host needs no TPU kernel."""
+@pytest.mark.parametrize("shared", [True, False])
+def test_tpu_attention_kernels_compile_per_shard_for_the_tpu_mesh(shared):
+  """A 2-block DiT sCD step with model.attention=splash and model.jvp_attention=mosaic_jvp on
+  v5p 2x2x1, in both forms of the student pass (shared: the pair splash+mosaic_jvp in one jvp
+  inside the gradient; separate: a mosaic_jvp tangent pass, then a splash forward): the engine's
+  step sets the mesh as the trace's context, the DiT runs both kernels per shard inside
+  shard_map and the compiled step holds both Mosaic kernels; init on this CPU host needs no TPU
+  kernel."""
   from launch import aot as aot_lib
   from distill import trainer
   config = trainer.load_config(f"{DIT}:scm", [
       "train.batch_size=8", "model.num_layers=2", "model.scan_blocks=True",
-      "model.attention=splash", "model.jvp_attention=xla"])
+      "model.attention=splash", "model.jvp_attention=mosaic_jvp",
+      f"objective.shared_primal={shared}"])
   captured = {}
   orig = aot_lib.compile_step
 
@@ -117,3 +122,5 @@ def test_splash_attention_compiles_per_shard_for_the_tpu_mesh():
     aot_lib.compile_step = orig
   assert r["fits"] and r["phases"]["scm"]["peak_bytes_per_chip"] > 0
   assert "tpu_custom_call" in captured["hlo"]
+  assert "mosaic_attention_jvp" in captured["hlo"]       # the tangent kernel
+  assert "splash" in captured["hlo"]                     # the primal and its backward

@@ -53,9 +53,12 @@ def _close(a, b, **tol):
 
 
 def test_registry_and_impl_check():
-  assert ATTENTION.names() == ["cudnn", "pallas", "pallas_jvp", "splash", "xla"]
+  assert ATTENTION.names() == ["cudnn", "mosaic_jvp", "pallas", "pallas_jvp", "splash", "xla"]
   attn.check_impls("pallas", "pallas_jvp")
   attn.check_impls("splash", "xla")
+  attn.check_impls("splash", "mosaic_jvp")
+  with pytest.raises(ValueError, match="model.attention='mosaic_jvp' cannot serve"):
+    attn.check_impls("mosaic_jvp", "xla")
   with pytest.raises(ValueError, match="model.jvp_attention='pallas' cannot serve"):
     attn.check_impls("xla", "pallas")
   with pytest.raises(ValueError, match="model.attention='pallas_jvp' cannot serve"):
@@ -117,6 +120,47 @@ def test_pallas_jvp_primal_path():
   """Without jax.jvp, `pallas_jvp` runs the plain forward kernel."""
   q, k, v = _inputs((1, 40, 40, 1, 72, SMALL))
   _close(attention(q, k, v, impl="pallas_jvp", block_sizes=SMALL), _ref(q, k, v))
+
+
+# (B, Lq, Lk, H, D): one block per axis with padding (200 -> 256, D 72 -> 128); cross attention
+# over three key blocks with a padded last one (300 -> 384, the online-softmax rescaling); five
+# query and key blocks (520 -> 640).
+MOSAIC_SHAPES = [
+    pytest.param((2, 200, 200, 2, 72), id="B2-L200-H2-D72"),
+    pytest.param((1, 24, 300, 2, 72), id="B1-Lq24-Lk300-H2-D72"),
+    pytest.param((1, 520, 520, 1, 32), id="B1-L520-H1-D32", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("shape", MOSAIC_SHAPES)
+def test_mosaic_jvp_matches_xla_jvp(shape):
+  """The TPU (Mosaic) fused kernel in Pallas interpret mode: primal and tangent against jax.jvp
+  of the reference, and its primal-only path (no jax.jvp) against the reference forward."""
+  q, k, v, tq, tk, tv = _inputs(shape + (None,), n=6, seed=5)
+  fused = lambda q, k, v: attention(q, k, v, impl="mosaic_jvp", interpret=True)
+  out, tan = jax.jit(lambda p, t: jax.jvp(fused, p, t))((q, k, v), (tq, tk, tv))
+  ref_out, ref_tan = _ref_jvp((q, k, v), (tq, tk, tv))
+  assert float(jnp.max(jnp.abs(ref_tan))) > 0.1
+  _close(out, ref_out)
+  _close(tan, ref_tan)
+  _close(jax.jit(fused)(q, k, v), ref_out)
+
+
+def test_mosaic_jvp_bfloat16_and_platform():
+  """bf16 inputs (f32 accumulation) against the float32 reference at 3e-2, as the Triton
+  kernels; off TPU without interpret mode it refuses with one line."""
+  q, k, v, tq, tk, tv = _inputs((1, 40, 40, 2, 72, None), n=6, seed=6)
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v, tq, tk, tv)]
+  with jax.default_matmul_precision("default"):
+    o, t = jax.jit(lambda p, t: jax.jvp(
+        lambda q, k, v: attention(q, k, v, impl="mosaic_jvp", interpret=True), p, t))(
+            tuple(bf[:3]), tuple(bf[3:]))
+  assert o.dtype == t.dtype == jnp.bfloat16
+  ref, ref_tan = _ref_jvp((q, k, v), (tq, tk, tv))
+  _close(o, ref, rtol=3e-2, atol=3e-2)
+  _close(t, ref_tan, rtol=3e-2, atol=3e-2)
+  with pytest.raises(RuntimeError, match="'mosaic_jvp' needs a TPU backend.*'cpu'"):
+    attention(q, k, v, impl="mosaic_jvp")
 
 
 def _enable_x64():
@@ -198,7 +242,7 @@ def test_scm_style_split_tangent_and_gradient_passes():
 
 
 @pytest.mark.parametrize("pair", [("pallas", "pallas_jvp"), ("xla", "pallas_jvp"),
-                                  ("pallas", "xla")])
+                                  ("pallas", "xla"), ("xla", "mosaic_jvp")])
 def test_shared_primal_pair_matches_xla(pair):
   """A shared-primal pair: one jax.jvp inside the gradient, reverse mode through its primal, the
   tangent stop-gradient'd (sCM's shared pass). Output, tangent, loss and parameter gradient equal
@@ -213,7 +257,8 @@ def test_shared_primal_pair_matches_xla(pair):
 
   def net(impl, w, x):
     q, k, v = (jnp.einsum("blc,cd->bld", x, w[i]).reshape(b, l, h, d) for i in range(3))
-    return attention(q, k, v, impl=impl, block_sizes=SMALL).reshape(b, l, h * d)
+    return attention(q, k, v, impl=impl, block_sizes=SMALL, interpret=True).reshape(
+        b, l, h * d)
 
   def loss(impl, w):
     out, tangent = jax.jvp(lambda x: net(impl, w, x), (x,), (dx,))
