@@ -30,6 +30,7 @@ from distill import teacher as teacher_lib
 from distill.data import sources
 from distill.engine import Engine, module_fields
 from distill.objective import OBJECTIVES
+from models import attention as attention_lib
 from models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,11 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
   try:
     sources.resolve_config(config.data)
+    runtime = config.teacher.runtime
+    for prefix, attn, jvp in (("model", config.model.attention, config.model.jvp_attention),
+                              ("teacher.runtime", runtime.get("attention", "xla"),
+                               runtime.get("jvp_attention", "xla"))):
+      attention_lib.check_impls(attn, jvp, prefix)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   try:  # metric names (and, when training will evaluate, the files they need) before work

@@ -754,14 +754,15 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "xla", mask: Optional
         f"keep {impl!r} for gradient passes (model.attention).") from e
 
 
-def check_impls(attention_impl: str, jvp_attention_impl: str) -> None:
-  """Validates a model's (`model.attention`, `model.jvp_attention`) pair before any work.
+def check_impls(attention_impl: str, jvp_attention_impl: str, prefix: str = "model") -> None:
+  """Validates a model's (`model.attention`, `model.jvp_attention`) pair before any work
+  (`trainer.prepare_config` runs it on `model.*` and `teacher.runtime.*`; `prefix` names them).
 
   Raises one ValueError line when a name is unknown or used in a pass it cannot serve (e.g.
   `jvp_attention="pallas"`, a custom_vjp, or `attention="pallas_jvp"`, not transposable).
   """
-  for name, allowed, key in ((attention_impl, GRADIENT_IMPLS, "model.attention"),
-                             (jvp_attention_impl, TANGENT_IMPLS, "model.jvp_attention")):
+  for name, allowed, key in ((attention_impl, GRADIENT_IMPLS, f"{prefix}.attention"),
+                             (jvp_attention_impl, TANGENT_IMPLS, f"{prefix}.jvp_attention")):
     if name not in ATTENTION:
       raise ValueError(f"{key}={name!r}: unknown attention implementation "
                        f"(known: {', '.join(ATTENTION.names())})")

@@ -62,6 +62,11 @@ def test_bad_overrides_name_the_key(override, fragment):
     (lambda c: c.teacher.__setitem__("checkpoint", "/no/such/run"), "teacher.checkpoint"),
     (lambda c: c.train.__setitem__("grad_accum", 3), "train.grad_accum"),
     (lambda c: c.optim.__setitem__("lr", "fast"), "optim.lr"),
+    # An attention kernel in a pass it cannot serve fails here, not at the first jvp.
+    (lambda c: c.model.__setitem__("jvp_attention", "pallas"), "model.jvp_attention='pallas'"),
+    (lambda c: c.model.__setitem__("attention", "flash"), "model.attention='flash'"),
+    (lambda c: c.teacher.runtime.__setitem__("attention", "mosaic_jvp"),
+     "teacher.runtime.attention='mosaic_jvp'"),
 ])
 def test_validation_names_the_key(mutate, fragment):
   c = load()
