@@ -128,11 +128,9 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
   try:
     sources.resolve_config(config.data)
-    runtime = config.teacher.runtime
-    for prefix, attn, jvp in (("model", config.model.attention, config.model.jvp_attention),
-                              ("teacher.runtime", runtime.get("attention", "xla"),
-                               runtime.get("jvp_attention", "xla"))):
-      attention_lib.check_impls(attn, jvp, prefix)
+    for prefix, node in (("model", config.model), ("teacher.runtime", config.teacher.runtime)):
+      attention_lib.check_impls(node.get("attention", "xla"), node.get("jvp_attention", "xla"),
+                                prefix)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   try:  # metric names (and, when training will evaluate, the files they need) before work

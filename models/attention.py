@@ -570,16 +570,21 @@ def _splash_kernel(num_heads: int, lq: int, lk: int, lq_pad: int, lk_pad: int, i
                             head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def _check_tpu_kernel(name, q, k, v, mask, bias, interpret, platform, gpu_alternatives):
+  """A TPU kernel's inputs (no mask or bias) and platform (TPU, or interpret mode): one line."""
+  _check_kernel_inputs(name, q, k, v, mask, bias)
+  platform = platform or jax.default_backend()
+  if platform != "tpu" and not interpret:
+    raise RuntimeError(
+        f"attention impl {name!r} needs a TPU backend, but the backend is {platform!r}; use "
+        f"impl='xla' (any backend), {gpu_alternatives} (GPU), or interpret=True (slow, tests)")
+
+
 def _splash_attention(q, k, v, *, scale, mask=None, bias=None, interpret=None, platform=None,
                       **unused):
   """TPU splash attention, vmapped over the batch; (B, L, H, D) in and out."""
   del unused
-  _check_kernel_inputs("splash", q, k, v, mask, bias)
-  platform = platform or jax.default_backend()
-  if platform != "tpu" and not interpret:
-    raise RuntimeError(
-        f"attention impl 'splash' needs a TPU backend, but the backend is {platform!r}; use "
-        "impl='xla' (any backend), 'pallas' or 'cudnn' (GPU), or interpret=True (slow, tests)")
+  _check_tpu_kernel("splash", q, k, v, mask, bias, interpret, platform, "'pallas' or 'cudnn'")
   b, lq, h, d = q.shape
   lk = k.shape[1]
   lq_pad, lk_pad, d_pad = _round_up(lq, 128), _round_up(lk, 128), _round_up(d, 128)
@@ -630,12 +635,7 @@ def _mosaic_jvp_attention(q, k, v, *, scale, mask=None, bias=None, interpret=Non
                           **unused):
   """TPU fused attention whose jvp rule is the fused primal + tangent kernel; (B, L, H, D)."""
   del unused
-  _check_kernel_inputs("mosaic_jvp", q, k, v, mask, bias)
-  platform = platform or jax.default_backend()
-  if platform != "tpu" and not interpret:
-    raise RuntimeError(
-        f"attention impl 'mosaic_jvp' needs a TPU backend, but the backend is {platform!r}; use "
-        "impl='xla' (any backend), 'pallas_jvp' (GPU) or interpret=True (slow, tests)")
+  _check_tpu_kernel("mosaic_jvp", q, k, v, mask, bias, interpret, platform, "'pallas_jvp'")
   lq, d = q.shape[1], q.shape[3]
   bq, bk, lq_pad, lk_pad = _mosaic_blocks(lq, k.shape[1])
   d_pad = _round_up(d, 128)
