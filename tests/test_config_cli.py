@@ -106,3 +106,37 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, fragment)
   assert len(lines) == 1, proc.stderr
   assert fragment in lines[0]
   assert not workdir.exists()
+
+
+def test_libtpu_probe_is_quieted_only_without_tpu():
+  """launch's import sets TPU_WORKER_HOSTNAMES / TPU_HOST_BOUNDS for libtpu only where libtpu is
+  installed, no Google PCI device (a TPU chip) is visible and the user has not set them."""
+  from launch import quiet_libtpu_without_tpu as quiet
+  env = {}
+  quiet(env, libtpu_installed=True, google_device=False)
+  assert env == {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+  for kw in (dict(libtpu_installed=True, google_device=True),
+             dict(libtpu_installed=False, google_device=False)):
+    env = {}
+    quiet(env, **kw)
+    assert env == {}, kw
+  env = {"TPU_WORKER_HOSTNAMES": "w0,w1"}
+  quiet(env, libtpu_installed=True, google_device=False)
+  assert env == {"TPU_WORKER_HOSTNAMES": "w0,w1"}
+
+
+def test_cli_error_is_one_line_without_jax_platforms(tmp_path):
+  """Without JAX_PLATFORMS (a user's shell), a bad key is still one line on stderr, also with
+  libtpu installed on a host without TPUs (its metadata-probe warnings are quieted)."""
+  import launch
+  if launch._google_pci_device():  # pylint: disable=protected-access
+    pytest.skip("a Google PCI device is visible: libtpu may probe a real TPU here")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")}
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", TEACHER,
+                         "--workdir", str(tmp_path / "run"), "--config.model.jvp_attention=pallas"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert lines == ["error: model.jvp_attention='pallas' cannot serve this pass; choose one of "
+                   "('xla', 'pallas_jvp', 'mosaic_jvp')"], proc.stderr
