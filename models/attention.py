@@ -22,46 +22,47 @@ How to choose (DESIGN.md, "Command line" and "Model conventions"): a model takes
 plain forward passes, sampling) and `model.jvp_attention` for passes pushed through `jax.jvp`
 (the sCM/TrigFlow tangent `d f(x_t, t)/dt`, default `xla`). The split exists because JAX allows
 only one of `custom_vjp` / `custom_jvp` per function: `jax.jvp` through a `custom_vjp` (cuDNN,
-splash, `pallas`) raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
-the tangent produced by a `custom_jvp` rule that calls a Pallas kernel cannot be transposed
-(`pallas_call` has no transpose rule), so `pallas_jvp` is not reverse-differentiable. The sCM
-loss differentiates only the primal of its jvp, never the tangent: in its separate form it
-computes the tangent as `jax.jvp(lambda x, t: apply(stop_gradient(params), x, t), ...)` (no
-reverse pass through it) and runs a separate gradient pass; in its shared form (one student
-pass, the default) the jvp's primal is the differentiated output and the model runs the pair
-`shared_primal_impl(attention, jvp_attention)` ("cudnn+pallas_jvp"): the primal and its
-backward from the first, the tangent from the second on stop-gradient inputs. Good pairs: GPU `attention="pallas"` or `"cudnn"` with
-`jvp_attention="pallas_jvp"`; TPU `attention="splash"` with `jvp_attention="mosaic_jvp"` (the
-same fused tangent as a Mosaic kernel, models/attention_mosaic.py) or `"xla"`; CPU `xla`/`xla`. `GRADIENT_IMPLS` and `TANGENT_IMPLS` list which names suit which
-pass, and `check_impls(model.attention, model.jvp_attention)` validates a config before any
-work. Misuse fails loudly but late: an eager `jax.jvp` through a custom_vjp impl raises our
-TypeError naming the tangent impls; under `jax.jit` JAX raises its own TypeError (same text
-"can't apply forward-mode autodiff") at lowering; `jax.grad` through `pallas_jvp` raises JAX's
-ValueError "Linearization failed to produce known values ...".
+splash, `pallas`) raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and the
+tangent produced by a `custom_jvp` rule that calls a Pallas kernel cannot be transposed
+(`pallas_call` has no transpose rule), so `pallas_jvp` is not reverse-differentiable. The sCM loss
+differentiates only the primal of its jvp, never the tangent: in its separate form it computes the
+tangent as `jax.jvp(lambda x, t: apply(stop_gradient(params), x, t), ...)` (no reverse pass through
+it) and runs a separate gradient pass; in its shared form (one student pass, the default) the jvp's
+primal is the differentiated output and the model runs the pair `shared_primal_impl(attention,
+jvp_attention)` ("cudnn+pallas_jvp"): the primal and its backward from the first, the tangent from
+the second on stop-gradient inputs. Good pairs: GPU `attention="pallas"` or `"cudnn"` with
+`jvp_attention="pallas_jvp"`; TPU `attention="splash"` with `jvp_attention="mosaic_jvp"` (the same
+fused tangent as a Mosaic kernel, models/attention_mosaic.py) or `"xla"`; CPU `xla`/`xla`.
+`GRADIENT_IMPLS` and `TANGENT_IMPLS` list which names suit which pass, and
+`check_impls(model.attention, model.jvp_attention)` validates a config before any work. Misuse fails
+loudly but late: an eager `jax.jvp` through a custom_vjp impl raises our TypeError naming the
+tangent impls; under `jax.jit` JAX raises its own TypeError (same text "can't apply forward-mode
+autodiff") at lowering; `jax.grad` through `pallas_jvp` raises JAX's ValueError "Linearization
+failed to produce known values ...".
 
 The fused tangent (sCM, Lu & Song 2025, App. F; reference/methods_consistency.md 0.2). With
 S = q k^T * scale, P = softmax(S), O = P V and dS = (dq k^T + q dk^T) * scale:
 
     dO = (P o dS) V - rowsum(P o dS) o O + P dV
 
-`pallas_jvp` (and `mosaic_jvp` on TPU) computes O and dO in one pass over key blocks with the online-softmax running max
-m: per block it accumulates l = sum_j p_ij, r = sum_j p_ij dS_ij, acc = sum_j p_ij v_j and
-tacc = sum_j p_ij (dS_ij v_j + dv_j), all rescaled by exp(m_old - m_new) when the max moves;
-then O = acc / l and dO = tacc / l - (r / l) O: 6 tile matmuls per key block instead of 2
+`pallas_jvp` (and `mosaic_jvp` on TPU) computes O and dO in one pass over key blocks with the
+online-softmax running max m: per block it accumulates l = sum_j p_ij, r = sum_j p_ij dS_ij, acc =
+sum_j p_ij v_j and tacc = sum_j p_ij (dS_ij v_j + dv_j), all rescaled by exp(m_old - m_new) when the
+max moves; then O = acc / l and dO = tacc / l - (r / l) O: 6 tile matmuls per key block instead of 2
 (q k^T, dq k^T, q dk^T, P V, (P o dS) V, P dV), like rcm's Triton JVP kernel.
 
 Padding. Kernels pad the sequence lengths up to a multiple of their block sizes (padded keys are
-masked out of the softmax, padded queries are sliced off) and the head dimension up to a power
-of two >= 16 (Triton needs power-of-two tiles; splash and mosaic_jvp pad lengths and D to
-multiples of 128, the TPU lane width, with blocks of 256 or 128 rows). Zero padding of
-D is exact: it adds zeros to every dot product and zero output columns. DiT-XL's D = 72 runs as
-128. Block sizes are powers of two (`BlockSizes`); a block longer than the sequence shrinks to
-the next power of two >= the sequence length (at least 16).
+masked out of the softmax, padded queries are sliced off) and the head dimension up to a power of
+two >= 16 (Triton needs power-of-two tiles; splash and mosaic_jvp pad lengths and D to multiples of
+128, the TPU lane width, with blocks of 256 or 128 rows). Zero padding of D is exact: it adds zeros
+to every dot product and zero output columns. DiT-XL's D = 72 runs as 128. Block sizes are powers of
+two (`BlockSizes`); a block longer than the sequence shrinks to the next power of two >= the
+sequence length (at least 16).
 
-Platform and interpret mode. `interpret=None` picks Pallas interpret mode on CPU for `pallas`
-and `pallas_jvp` (slow, for tests) and compiled kernels elsewhere; `splash` and `mosaic_jvp`
-raise on a backend other than TPU unless `interpret=True` is given (tests) and `cudnn` raises on
-a backend other than a CUDA GPU: there is no silent fallback, a config that names a kernel gets that kernel or
+Platform and interpret mode. `interpret=None` picks Pallas interpret mode on CPU for `pallas` and
+`pallas_jvp` (slow, for tests) and compiled kernels elsewhere; `splash` and `mosaic_jvp` raise on a
+backend other than TPU unless `interpret=True` is given (tests) and `cudnn` raises on a backend
+other than a CUDA GPU: there is no silent fallback, a config that names a kernel gets that kernel or
 stops. The backend is `jax.default_backend()`, or the platform of the mesh's devices in
 `sharded_attention` (so an AOT compile for a TPU topology from a CPU host builds the TPU kernel);
 `platform=` overrides both.
@@ -87,6 +88,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from distill.registry import Registry
+from models import attention_mosaic
 
 Array = jax.Array
 
@@ -613,13 +615,11 @@ def _mosaic_blocks(lq: int, lk: int) -> tuple[int, int, int, int]:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _mosaic_jvp(q, k, v, cfg):
-  from models import attention_mosaic  # pylint: disable=import-outside-toplevel
   return attention_mosaic.attention_bhld(q, k, v, **cfg._asdict())
 
 
 @_mosaic_jvp.defjvp
 def _mosaic_jvp_rule(cfg, primals, tangents):
-  from models import attention_mosaic  # pylint: disable=import-outside-toplevel
   return attention_mosaic.attention_bhld(*primals, tuple(tangents), **cfg._asdict())
 
 

@@ -29,9 +29,12 @@ from jax.experimental.pallas import tpu as pltpu
 LANES = 128
 _TRANS_B = (((1,), (1,)), ((), ()))   # a (m, d) x b (n, d) -> (m, n)
 _PV = (((1,), (0,)), ((), ()))        # p (m, n) x v (n, d) -> (m, d)
+# A large finite negative logit (as models/attention.py's): exp(MASK - m) == 0, no inf - inf.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _kernel(*refs, scale: float, kv_len: int, tangent: bool):
+  """One (batch, head, query block, key block) step: O (and dO with `tangent`) of the block."""
   if tangent:
     (q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, o_ref, to_ref,
      m_ref, l_ref, r_ref, acc_ref, tacc_ref) = refs
@@ -45,7 +48,7 @@ def _kernel(*refs, scale: float, kv_len: int, tangent: bool):
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -0.7 * float(jnp.finfo(f32).max), f32)
+    m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, f32)
     l_ref[...] = jnp.zeros(l_ref.shape, f32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
     if tangent:
@@ -56,7 +59,7 @@ def _kernel(*refs, scale: float, kv_len: int, tangent: bool):
   s = dot(q, k, _TRANS_B) * scale
   if kv_len % block_k:   # the last key block holds padding
     col = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    s = jnp.where(col < kv_len, s, -0.7 * float(jnp.finfo(f32).max))
+    s = jnp.where(col < kv_len, s, _MASK_VALUE)
   m_prev = m_ref[...]
   m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))   # (block_q, 128)
   alpha = jnp.exp(m_prev - m_new)

@@ -112,7 +112,9 @@ DEFAULTS = {
     # One student pass per step: F_theta (with its gradient) and the tangent T (a constant to
     # it) from one jax.jvp, the attention a `shared_primal_impl(model.attention,
     # model.jvp_attention)` pair. False: a separate stop-gradient tangent pass, then a forward
-    # with gradient (SANA-Sprint's and rCM's structure), one student forward more per step.
+    # with gradient (SANA-Sprint's and rCM's structure), one student forward more per step; its
+    # tangent pass runs on float32 copies of the parameters, which differs from the shared pass
+    # only for `model.param_dtype` bfloat16.
     "shared_primal": True,
 }
 
@@ -261,12 +263,12 @@ def tangent_context(ctx, name: str, *, shared: bool = False):
   """
   info = ctx.nets[name]
   module = info.module
-  impl = getattr(module, "jvp_attention", None)
-  if impl is None or info.apply_fn is not None:
+  impl, primal = getattr(module, "jvp_attention", None), getattr(module, "attention", None)
+  if impl is None or primal is None or info.apply_fn is not None:
     return ctx
   if shared:
-    impl = attention_lib.shared_primal_impl(module.attention, impl)
-  if impl == module.attention:
+    impl = attention_lib.shared_primal_impl(primal, impl)
+  if impl == primal:
     return ctx
   tangent = dataclasses.replace(info, module=module.clone(attention=impl))
   return ctx.replace(nets={**ctx.nets, name: tangent})
