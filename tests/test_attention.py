@@ -401,6 +401,16 @@ _MULTI_DEVICE = textwrap.dedent("""
         q, k, v, impl="pallas_jvp", mesh=mesh, block_sizes=bs), p, t))((q, k, v), (tq, tk, tv))
     ro, rt = jax.jvp(attention, (q, k, v), (tq, tk, tv))
     np.testing.assert_allclose(t, rt, rtol=1e-5, atol=1e-5)
+    def shared(impl, shard):   # sCM's shared pass: gradient through the primal of a jvp
+      def f(q):
+        fn = lambda q: (sharded_attention(q, k, v, impl=impl, mesh=mesh, block_sizes=bs)
+                        if shard else attention(q, k, v))
+        o, t = jax.jvp(fn, (q,), (tq,))
+        return jnp.sum(o * jax.lax.stop_gradient(t)), t
+      return jax.jit(jax.grad(f, has_aux=True))
+    (g, t), (rg, rt) = shared("pallas+pallas_jvp", True)(q), shared("xla", False)(q)
+    np.testing.assert_allclose(t, rt, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-5)
     try:
       sharded_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], impl="pallas", mesh=mesh)
       raise SystemExit("expected a divisibility error")
@@ -413,7 +423,8 @@ _MULTI_DEVICE = textwrap.dedent("""
 @pytest.mark.slow
 def test_sharded_attention_four_device_mesh_subprocess():
   """Batch over data, heads over tensor on 4 fake CPU devices: equal to unsharded, output
-  really split, no collectives in the compiled step; jvp through shard_map + pallas_jvp."""
+  really split, no collectives in the compiled step; jvp through shard_map + pallas_jvp, and the
+  shared pass (grad through the primal of a jvp) through shard_map + the pallas+pallas_jvp pair."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)
