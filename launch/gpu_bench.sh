@@ -28,6 +28,10 @@
 #   scm256_separate, scm512_separate   scm256 / scm512 with objective.shared_primal=False (a
 #              tangent pass, then a second student forward with gradient): the baseline of the
 #              shared pass's saving, side by side on the same machine (not in the default list)
+#   sct256     scm256 in sCT mode (objective.mode=sct: no teacher forward, the single-sample
+#              velocity): the step of the plain-JAX "sCM-style JVP step" anchor, which runs no
+#              teacher (375 img/s, 1.38x its plain step: an sCD step is at least 5 forward-
+#              equivalents, 1.67x a plain step; not in the default list)
 #   plain256_dots, scm256_dots   plain256 / scm256 with model.remat=dots_saveable: the scanned
 #              blocks keep only matmul outputs for the backward and recompute the elementwise
 #              ops (on CPU: 56% fewer temporary bytes than the scanned step without remat; not
@@ -124,6 +128,8 @@ run() {
               || bench scm256_xla_jvp 180 scm ;;
     plain512) bench plain512 150 denoise,512 ;;
     scm512) bench scm512 180 scm,512 --config.model.jvp_attention=pallas_jvp ;;
+    sct256) bench sct256 180 scm --config.model.jvp_attention=pallas_jvp \
+              --config.objective.mode=sct ;;
     plain256_dots) bench plain256_dots 150 denoise --config.model.remat=dots_saveable ;;
     scm256_dots) bench scm256_dots 180 scm --config.model.jvp_attention=pallas_jvp \
               --config.model.remat=dots_saveable ;;
@@ -138,7 +144,7 @@ run() {
     kernels) kernels ;;
     *) echo "launch/gpu_bench.sh: unknown run '$1' in RUNS (expected plain256, scm256, plain512," \
          "scm512, dmd2_256, sid_256, plain256_unrolled, scm256_unrolled, scm256_separate," \
-         "scm512_separate, plain256_dots, scm256_dots or kernels)"; return 2 ;;
+         "scm512_separate, plain256_dots, scm256_dots, sct256 or kernels)"; return 2 ;;
   esac
 }
 
