@@ -47,7 +47,7 @@ Units: images NHWC in [-1, 1]; `encode` / `decode` work on unscaled latents, lik
 `encode_latents` / `decode_latents` on the latents a denoiser sees (`z * scaling_factor`).
 Execution fields: `dtype` (compute; norms and linear attention in >= float32, outputs float32),
 `param_dtype`, `remat` (policy name in `models.dit.REMAT_POLICIES`, per ResBlock /
-EfficientViTBlock). Parameters carry logical axis names (conv kernels
+EfficientViTBlock). `flops_per_example(height, width, part)` counts the convs and matmuls. Parameters carry logical axis names (conv kernels
 `(None, None, "conv_in", "conv_out")`, attention projections embed/heads, GLUMBConv embed/mlp,
 norms "norm").
 """
@@ -455,3 +455,97 @@ class AutoencoderDC(nn.Module):
   def decode_latents(self, z_scaled: Array) -> Array:
     """Denoiser latent -> image NHWC in about [-1, 1]."""
     return self.decode(self.unscale_latents(z_scaled))
+
+  # --- cost ----------------------------------------------------------------------------------
+
+  def flops_per_example(self, height: int, width: int, part: str = "decode") -> int:
+    """Conv/matmul FLOPs (2 per multiply-add) for one image of `height` x `width` pixels, as
+    AutoencoderKL's: `part` is "encode", "decode" or "both". Counts every conv (grouped and
+    depthwise ones by their groups), the attention projections and the ReLU linear attention's
+    products (its N x N branch on small maps); norms, activations and the shortcuts' channel
+    means are left out (a few percent)."""
+    if part not in ("encode", "decode", "both"):
+      raise ValueError(f"part must be encode, decode or both, got {part!r}")
+    counter = _DCFlopCounter(self)
+    total = 0
+    if part in ("encode", "both"):
+      total += counter.encoder(height, width)
+    if part in ("decode", "both"):
+      total += counter.decoder(height // self.downscale, width // self.downscale)
+    return total
+
+
+class _DCFlopCounter:
+  """Counts an AutoencoderDC's conv/matmul FLOPs analytically, block by block as it runs."""
+
+  def __init__(self, ae: AutoencoderDC):
+    self.ae = ae
+
+  @staticmethod
+  def conv(n: int, cin: int, cout: int, k: int, groups: int = 1) -> int:
+    """n output pixels of a k x k conv."""
+    return 2 * n * cout * (cin // groups) * k * k
+
+  def attention(self, n: int, c: int, scales: tuple[int, ...]) -> int:
+    hd = self.ae.attention_head_dim
+    heads = c // hd
+    inner = heads * hd
+    f = 3 * self.conv(n, c, inner, 1)                              # to_q, to_k, to_v
+    for s in scales:                                               # depthwise, grouped 1x1
+      f += self.conv(n, 3 * inner, 3 * inner, s, 3 * inner)
+      f += self.conv(n, 3 * inner, 3 * inner, 1, 3 * heads)
+    all_heads = heads * (1 + len(scales))
+    if n > hd:   # (V' K^T) Q with V' = V plus a row of ones
+      f += all_heads * 2 * 2 * n * hd * (hd + 1)
+    else:        # the N x N matrix, then V times it
+      f += all_heads * 2 * 2 * n * n * hd
+    return f + self.conv(n, all_heads * hd, c, 1)                  # to_out
+
+  def block(self, kind: str, n: int, c: int, scales: tuple[int, ...]) -> int:
+    if kind == "ResBlock":
+      return 2 * self.conv(n, c, c, 3)
+    glumb = self.conv(n, c, 8 * c, 1) + self.conv(n, 8 * c, 8 * c, 3, 8 * c) + self.conv(
+        n, 4 * c, c, 1)
+    return self.attention(n, c, scales) + glumb
+
+  def down(self, h: int, w: int, cin: int, cout: int) -> int:
+    """The down block from an h x w map."""
+    if self.ae.downsample_block_type == "pixel_unshuffle":
+      return self.conv(h * w, cin, cout // 4, 3)
+    return self.conv((h // 2) * (w // 2), cin, cout, 3)
+
+  def up(self, h: int, w: int, cin: int, cout: int) -> int:
+    """The up block from an h x w map."""
+    if self.ae.upsample_block_type == "interpolate":
+      return self.conv(4 * h * w, cin, cout, 3)
+    return self.conv(h * w, cin, 4 * cout, 3)
+
+  def encoder(self, h: int, w: int) -> int:
+    ae = self.ae
+    chans, layers = tuple(ae.encoder_block_out_channels), tuple(ae.encoder_layers_per_block)
+    kinds = per_block(ae.encoder_block_types, len(chans), "encoder_block_types")
+    if layers[0] > 0:
+      f = self.conv(h * w, ae.in_channels, chans[0], 3)
+    else:
+      f = self.down(h, w, ae.in_channels, chans[1])
+      h, w = h // 2, w // 2
+    for i, (c, num) in enumerate(zip(chans, layers)):
+      f += num * self.block(kinds[i], h * w, c, tuple(ae.encoder_qkv_multiscales[i]))
+      if i < len(chans) - 1 and num > 0:
+        f += self.down(h, w, c, chans[i + 1])
+        h, w = h // 2, w // 2
+    return f + self.conv(h * w, chans[-1], ae.latent_channels, 3)
+
+  def decoder(self, h: int, w: int) -> int:
+    ae = self.ae
+    chans, layers = tuple(ae.decoder_block_out_channels), tuple(ae.decoder_layers_per_block)
+    kinds = per_block(ae.decoder_block_types, len(chans), "decoder_block_types")
+    f = self.conv(h * w, ae.latent_channels, chans[-1], 3)
+    for i in reversed(range(len(chans))):
+      if i < len(chans) - 1 and layers[i] > 0:
+        f += self.up(h, w, chans[i + 1], chans[i])
+        h, w = 2 * h, 2 * w
+      f += layers[i] * self.block(kinds[i], h * w, chans[i], tuple(ae.decoder_qkv_multiscales[i]))
+    if layers[0] > 0:
+      return f + self.conv(h * w, chans[0], ae.in_channels, 3)
+    return f + self.up(h, w, chans[0], ae.in_channels)
