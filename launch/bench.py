@@ -12,7 +12,9 @@ side by side in one process. The last line is JSON.
 
 MFU counts the model FLOPs of a standard train step (3 x the forward FLOPs of every trained
 network per example, from the models' own `flops_per_example`) against the device's peak;
-`xla_tflops` is XLA's own count of the compiled step where the backend reports one.
+`xla_tflops` is XLA's own count of the compiled step where the backend reports one, and
+`xla_temp_bytes` the size of its temporary buffers (the memory figure a CPU run has, where the
+device reports no peak).
 """
 from __future__ import annotations
 
