@@ -10,6 +10,7 @@ mid-save never replaces the last good checkpoint. A latest checkpoint that fails
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -106,23 +107,38 @@ def restore_raw(directory: str, step: Optional[int] = None, *,
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   candidates = [step] if step is not None else list(reversed(steps))
+  partial = select is not None and _HAS_PARTIAL_RESTORE
   last_error = None
   for s in candidates:
+    items = {"state": ocp.args.PyTreeRestore(), "meta": ocp.args.JsonRestore()}
     try:
-      items = {"state": ocp.args.PyTreeRestore(), "meta": ocp.args.JsonRestore()}
-      if select is not None:
-        item = _subtrees(_structure(mngr.item_metadata(s)["state"]), select)
-        items["state"] = ocp.args.PyTreeRestore(
-            item=item, partial_restore=True, restore_args=jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
-        if not item:   # nothing selected is there: read the meta only
-          del items["state"]
+      structure = _structure(mngr.item_metadata(s)["state"]) if partial else None
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: this step is unusable
+      last_error = e
+      log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
+      continue
+    if partial:   # outside the try: a mistake in `select` is the caller's, not a bad step
+      item = _subtrees(structure, select)
+      items["state"] = ocp.args.PyTreeRestore(
+          item=item, partial_restore=True, restore_args=jax.tree_util.tree_map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
+      if not item:   # nothing selected is there: read the meta only
+        del items["state"]
+    try:
       out = mngr.restore(s, args=ocp.args.Composite(**items))
-      return s, {"state": out["state"] if "state" in items else {}, "meta": dict(out["meta"])}
     except Exception as e:  # noqa: BLE001
       last_error = e
       log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
+      continue
+    state = out["state"] if "state" in items else {}
+    if select is not None and not partial:   # an Orbax without partial restore: read it all
+      state = _subtrees(state, select)
+    return s, {"state": state, "meta": dict(out["meta"])}
   raise ValueError(f"no restorable checkpoint in {directory}: {last_error}")
+
+
+# Orbax's partial restore (PyTreeRestore(partial_restore=True)); older releases read everything.
+_HAS_PARTIAL_RESTORE = "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters
 
 
 def _structure(metadata) -> dict:
@@ -148,7 +164,7 @@ def _subtrees(structure: dict, select) -> dict:
       node = node.get(key) if isinstance(node, dict) else None
       if node is None:
         break
-    if node is None or node == {}:
+    if node is None or (isinstance(node, dict) and not node):
       continue
     target = out
     for key in path[:-1]:

@@ -128,7 +128,8 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
   try:
     sources.resolve_config(config.data)
-    for prefix, node in (("model", config.model), ("teacher.runtime", config.teacher.runtime)):
+    runtime = config.teacher.get("runtime") or {}
+    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
       attention_lib.check_impls(node.get("attention", "xla"), node.get("jvp_attention", "xla"),
                                 prefix)
   except ValueError as e:

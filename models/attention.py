@@ -672,28 +672,36 @@ def shared_primal_impl(gradient: str, tangent: str) -> str:
   itself, so the pair (xla, xla) is plain `xla`.
 
   The tangent a pair returns carries no gradient, so a pair name is only for passes whose
-  tangent is stop-gradient'd (sCM's); `check_impls` refuses it in a config.
+  tangent is stop-gradient'd (sCM's); `check_impls` refuses it in a config. Every call of a pair
+  in such a pass must see a tangent from the jvp's inputs (true of DiT's self- and
+  cross-attention: q always depends on x_t); a call whose q, k, v carry none is differentiated
+  through the rule itself and fails loudly at trace time (a transpose of stop_gradient, or
+  Pallas' "must override"): run such a model with `objective.shared_primal=False`.
   """
   return "xla" if gradient == tangent == "xla" else f"{gradient}{SHARED_SEP}{tangent}"
 
 
 def _shared_primal_attention(q, k, v, *, gradient, tangent, mask=None, bias=None, **kwargs):
-  """`gradient`'s attention whose jvp rule takes its tangent from `tangent` (stop-gradient)."""
+  """`gradient`'s attention whose jvp rule takes its tangent from `tangent` (stop-gradient).
+
+  A bias is an argument like q, k and v (its gradient and tangent count); the boolean mask has
+  neither."""
   sg = lambda xs: tuple(lax.stop_gradient(x) for x in xs)
-  mask, bias = (None if a is None else lax.stop_gradient(a) for a in (mask, bias))
-  primal_fn = functools.partial(gradient, mask=mask, bias=bias, **kwargs)
-  tangent_fn = functools.partial(tangent, mask=mask, bias=bias, **kwargs)
+  mask = None if mask is None else lax.stop_gradient(mask)
+
+  def call(fn, q, k, v, *maybe_bias):
+    return fn(q, k, v, mask=mask, bias=maybe_bias[0] if maybe_bias else None, **kwargs)
 
   @jax.custom_jvp
-  def attend(q, k, v):
-    return primal_fn(q, k, v)
+  def attend(*args):
+    return call(gradient, *args)
 
   @attend.defjvp
   def attend_jvp(primals, tangents):
-    _, out_tangent = jax.jvp(tangent_fn, sg(primals), sg(tangents))
-    return primal_fn(*primals), out_tangent
+    _, out_tangent = jax.jvp(functools.partial(call, tangent), sg(primals), sg(tangents))
+    return call(gradient, *primals), out_tangent
 
-  return attend(q, k, v)
+  return attend(q, k, v, *(() if bias is None else (bias,)))
 
 
 def _implementation(impl: str):

@@ -91,36 +91,38 @@ def test_dit_xl2_recipes_compile_and_fit_at_full_size(objective, topology, batch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shared", [True, False])
-def test_tpu_attention_kernels_compile_per_shard_for_the_tpu_mesh(shared):
+def test_tpu_attention_kernels_compile_per_shard_for_the_tpu_mesh():
   """A 2-block DiT sCD step with model.attention=splash and model.jvp_attention=mosaic_jvp on
   v5p 2x2x1, in both forms of the student pass (shared: the pair splash+mosaic_jvp in one jvp
   inside the gradient; separate: a mosaic_jvp tangent pass, then a splash forward): the engine's
   step sets the mesh as the trace's context, the DiT runs both kernels per shard inside
-  shard_map and the compiled step holds both Mosaic kernels; init on this CPU host needs no TPU
-  kernel."""
+  shard_map and each compiled step holds both Mosaic kernels; the shared step counts fewer FLOPs
+  (one student forward fewer); init on this CPU host needs no TPU kernel."""
   from launch import aot as aot_lib
   from distill import trainer
-  config = trainer.load_config(f"{DIT}:scm", [
-      "train.batch_size=8", "model.num_layers=2", "model.scan_blocks=True",
-      "model.attention=splash", "model.jvp_attention=mosaic_jvp",
-      f"objective.shared_primal={shared}"])
-  captured = {}
   orig = aot_lib.compile_step
+  rows = {}
+  for shared in (True, False):
+    config = trainer.load_config(f"{DIT}:scm", [
+        "train.batch_size=8", "model.num_layers=2", "model.scan_blocks=True",
+        "model.attention=splash", "model.jvp_attention=mosaic_jvp",
+        f"objective.shared_primal={shared}"])
+    captured = {}
 
-  def spy(step, *args):
-    lowered = step.lower(*args)
-    captured["hlo"] = lowered.as_text()
-    return orig(step, *args)
-  aot_lib.compile_step = spy
-  try:
-    # bf16 splash compiles at the default matmul precision (Mosaic has no fp32-precision bf16
-    # matmul); the test session's "highest" would refuse it.
-    with jax.default_matmul_precision("default"):
-      r = aot_lib.compile_config(config, "v5p:2x2x1")
-  finally:
-    aot_lib.compile_step = orig
-  assert r["fits"] and r["phases"]["scm"]["peak_bytes_per_chip"] > 0
-  assert "tpu_custom_call" in captured["hlo"]
-  assert "mosaic_attention_jvp" in captured["hlo"]       # the tangent kernel
-  assert "splash" in captured["hlo"]                     # the primal and its backward
+    def spy(step, *args):
+      captured["hlo"] = step.lower(*args).as_text()
+      return orig(step, *args)
+    aot_lib.compile_step = spy
+    try:
+      # bf16 splash compiles at the default matmul precision (Mosaic has no fp32-precision
+      # bf16 matmul); the test session's "highest" would refuse it.
+      with jax.default_matmul_precision("default"):
+        r = aot_lib.compile_config(config, "v5p:2x2x1")
+    finally:
+      aot_lib.compile_step = orig
+    assert r["fits"] and r["phases"]["scm"]["peak_bytes_per_chip"] > 0
+    assert "tpu_custom_call" in captured["hlo"]
+    assert "mosaic_attention_jvp" in captured["hlo"], shared   # the tangent kernel
+    assert "splash" in captured["hlo"], shared                 # the primal and its backward
+    rows[shared] = r["phases"]["scm"]["flops_per_chip"]
+  assert 0 < rows[True] < 0.95 * rows[False], rows

@@ -277,9 +277,31 @@ def test_shared_primal_pair_matches_xla(pair):
   _close(grad, ref_grad, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))))
 
 
+def test_shared_primal_pair_keeps_the_bias_gradient_and_tangent():
+  """A bias is an argument of the pair like q, k, v: its gradient (through the primal) and its
+  tangent equal plain xla's (the pair `xla+xla` runs the pair's code with xla on both sides)."""
+  q, k, v, t = _inputs((2, 10, 10, 2, 8, None), n=6)[:4]
+  bias = jax.random.normal(jax.random.key(4), (1, 2, 10, 10))
+  tbias = jax.random.normal(jax.random.key(5), bias.shape)
+
+  def loss(impl, q, b):
+    out, tan = jax.jvp(lambda q, b: attention(q, k, v, impl=impl, bias=b), (q, b), (t, tbias))
+    return jnp.sum(out * jax.lax.stop_gradient(tan)), tan
+
+  grads, tan = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)(
+      "xla+xla", q, bias)
+  ref_grads, ref_tan = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)(
+      "xla", q, bias)
+  assert float(jnp.max(jnp.abs(ref_grads[1]))) > 0.1
+  _close(tan, ref_tan)
+  for g, r in zip(grads, ref_grads):
+    _close(g, r)
+
+
 def test_shared_primal_pair_names():
   """(xla, xla) needs no pair; a pair is internal: a config naming one is refused, and a plain
-  reverse pass through it (whose tangent would be wrong) fails loudly instead of silently."""
+  reverse pass through it (no jvp: the pair's rule would be differentiated) fails loudly. (A
+  differentiated *tangent* of a pair is zero by contract: sCM stop-gradients it.)"""
   assert attn.shared_primal_impl("xla", "xla") == "xla"
   assert attn.shared_primal_impl("cudnn", "pallas_jvp") == "cudnn+pallas_jvp"
   with pytest.raises(ValueError, match="model.attention='cudnn\\+pallas_jvp'"):

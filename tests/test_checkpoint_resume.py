@@ -97,6 +97,16 @@ def test_partial_restore_reads_only_the_selected_subtrees(tmp_path):
                                 state["model_state"]["student"]["stats"])
   full = ckpt.restore_raw(str(tmp_path / "ck"))[1]["state"]
   assert set(full) == set(state) and "mu" in full["opt_state"]["student"]
+  # An Orbax without partial restore reads everything and returns the same selection.
+  import unittest.mock
+  with unittest.mock.patch.object(ckpt, "_HAS_PARTIAL_RESTORE", False):
+    old = ckpt.restore_raw(str(tmp_path / "ck"), select=wanted)[1]["state"]
+  assert set(old) == {"ema", "model_state"}
+  np.testing.assert_array_equal(old["ema"]["student"]["eval"]["w"],
+                                got["ema"]["student"]["eval"]["w"])
+  # A mistake in `select` is the caller's: it propagates instead of skipping every step.
+  with pytest.raises(KeyError, match="oops"):
+    ckpt.restore_raw(str(tmp_path / "ck"), select=lambda s: {}["oops"])
   step, tree = ckpt.restore_raw(str(tmp_path / "ck"), select=lambda s: [("ema", "fake")])
   assert step == 2 and tree["state"] == {} and tree["meta"] == {"step": 2}
   _corrupt(tmp_path / "ck" / "2")
