@@ -62,7 +62,7 @@ import jax.numpy as jnp
 
 from models.registry import register_model
 from models.sana import GLUMBConv, RMSNorm, dense, relu_linear_attention
-from models.vae import activation, rematted
+from models.vae import activation, flops_by_part, rematted
 
 Array = jax.Array
 Dtype = Any
@@ -464,15 +464,7 @@ class AutoencoderDC(nn.Module):
     depthwise ones by their groups), the attention projections and the ReLU linear attention's
     products (its N x N branch on small maps); norms, activations and the shortcuts' channel
     means are left out (a few percent)."""
-    if part not in ("encode", "decode", "both"):
-      raise ValueError(f"part must be encode, decode or both, got {part!r}")
-    counter = _DCFlopCounter(self)
-    total = 0
-    if part in ("encode", "both"):
-      total += counter.encoder(height, width)
-    if part in ("decode", "both"):
-      total += counter.decoder(height // self.downscale, width // self.downscale)
-    return total
+    return flops_by_part(_DCFlopCounter(self), self.downscale, height, width, part)
 
 
 class _DCFlopCounter:

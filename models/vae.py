@@ -469,15 +469,20 @@ class AutoencoderKL(nn.Module):
     `part` is "encode", "decode" or "both" (reconstruction). Norms, activations and softmax are
     left out (a few percent of the total).
     """
-    counter = _FlopCounter(self)
-    if part not in ("encode", "decode", "both"):
-      raise ValueError(f"part must be encode, decode or both, got {part!r}")
-    total = 0
-    if part in ("encode", "both"):
-      total += counter.encoder(height, width)
-    if part in ("decode", "both"):
-      total += counter.decoder(height // self.downscale, width // self.downscale)
-    return total
+    return flops_by_part(_FlopCounter(self), self.downscale, height, width, part)
+
+
+def flops_by_part(counter, downscale: int, height: int, width: int, part: str) -> int:
+  """An autoencoder's FLOPs for `part` ("encode", "decode" or "both") of a `height` x `width`
+  image, from a counter with `encoder(h, w)` (pixels) and `decoder(h, w)` (latent cells)."""
+  if part not in ("encode", "decode", "both"):
+    raise ValueError(f"part must be encode, decode or both, got {part!r}")
+  total = 0
+  if part in ("encode", "both"):
+    total += counter.encoder(height, width)
+  if part in ("decode", "both"):
+    total += counter.decoder(height // downscale, width // downscale)
+  return total
 
 
 class _FlopCounter:
