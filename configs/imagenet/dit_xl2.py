@@ -24,7 +24,9 @@ Data: `latents` (distill/data/latents.py): every record once per epoch in a seed
 posterior draw per step, the flipped twin half the time; the data position is the step, so a
 killed run resumes exactly, on any number of hosts. Model: DiT-XL/2 (28 blocks, 16 x 72, patch
 2, 1000 classes + null), bf16 matmuls, float32 parameters; `model.attention` cudnn on GPUs
-(`splash` on TPU, `xla` on CPU), the sCD tangent in `model.jvp_attention` (xla, or pallas_jvp).
+(`splash` on TPU, `xla` on CPU), the sCD tangent in `model.jvp_attention` (xla, or pallas_jvp
+on GPUs, mosaic_jvp on TPUs: the fused tangent kernels, no L x L matrices). The sCD step runs the
+student once (`objective.shared_primal`, docs/performance.md).
 
 Settings per objective (batch sizes are global; learning rates for those batches):
 - teacher: denoise (flow matching), init from the converted teacher (its learned-variance
