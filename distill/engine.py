@@ -450,18 +450,16 @@ class Engine:
     if plan.init_from == "random" and not run:
       params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
     else:
+      source = run or plan.init_from
       if run:  # init.<name>: the same network of another run
         src = teacher_lib.load_run_network(run, name, key=f"init.{name}")
         src_params, src_state, src_cfg = src.params, src.model_state or {}, src.model_config
-        source = run
       elif plan.init_from in self.plans:  # an earlier network
         src_params, src_state = built[plan.init_from]
         src_cfg = self.plans[plan.init_from].model_config
-        source = plan.init_from
       else:  # the teacher checkpoint
         src_params, src_state = self.teacher.params, self.teacher.model_state or {}
         src_cfg = self.teacher.model_config
-        source = plan.init_from
       # Copies (jnp.array): a network initialised from another must not share its buffers
       # (the train state is donated to every step).
       src_params = jax.tree_util.tree_map(jnp.array, src_params)

@@ -77,22 +77,24 @@ def _load_run_dir(path: str, params_role: str) -> Teacher:
     raise ValueError(f"config key 'teacher.checkpoint': {path!r}: its network {net!r} is "
                      f"trained behind the wrapper {wrapper!r}; loading a wrapped network as a "
                      "teacher is not supported yet")
-  return load_run_network(path, net, params_role)
+  return load_run_network(path, net, params_role, resolved=resolved)
 
 
 def load_run_network(path: str, net: str, params_role: str = "ema",
-                     key: str = "teacher.checkpoint") -> Teacher:
+                     key: str = "teacher.checkpoint", resolved: Optional[dict] = None) -> Teacher:
   """Network `net` of the run directory `path` at its latest checkpoint: its EMA weights
   (`params_role` "ema": the `eval` role, else the first) when it has any, else its raw ones.
-  `key` names the config key in errors."""
+  `key` names the config key in errors; `resolved`: the run's config.json "resolved" record
+  when the caller has already read it."""
   from distill import checkpoint as ckpt
   from distill.engine import module_from_config, num_classes_of
 
   if not is_run_dir(path):
     raise FileNotFoundError(f"config key {key!r}: {path!r} is not a run directory "
                             "(config.json + checkpoints/)")
-  with open(os.path.join(path, "config.json")) as f:
-    resolved = json.load(f)["resolved"]
+  if resolved is None:
+    with open(os.path.join(path, "config.json")) as f:
+      resolved = json.load(f)["resolved"]
   if net not in resolved["models"]:
     raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
                      f"{', '.join(sorted(resolved['models']))})")
