@@ -55,6 +55,10 @@ def base_config() -> ConfigDict:
   c.train.log_every = 50
   c.train.max_skipped_steps = 20    # consecutive non-finite updates before the run stops
   c.train.profile = False
+  # Resuming a run with other values than it started with (a key outside what a resume may
+  # change, distill/resume.py) stops the command; True goes on and records each change under
+  # config.json's provenance.config_changes (step, key: [before, after]).
+  c.train.allow_config_change = False
 
   c.optim = ConfigDict()
   c.optim.name = "adam"             # optax name: adam | adamw | sgd | lion

@@ -43,11 +43,11 @@ def package_versions() -> dict[str, str]:
   return out
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
   if isinstance(v, dict):
-    return {str(k): _jsonable(x) for k, x in v.items()}
+    return {str(k): jsonable(x) for k, x in v.items()}
   if isinstance(v, (list, tuple)):
-    return [_jsonable(x) for x in v]
+    return [jsonable(x) for x in v]
   if isinstance(v, (np.floating, np.integer)):
     return v.item()
   if isinstance(v, np.ndarray):
@@ -61,7 +61,7 @@ def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+    json.dump(jsonable(obj), f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
 

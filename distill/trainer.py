@@ -24,6 +24,7 @@ from distill import config as config_lib
 from distill import context as ctx_lib
 from distill import evaluation
 from distill import processes as procs
+from distill import resume
 from distill import runlog
 from distill import sharding as shd
 from distill import teacher as teacher_lib
@@ -148,16 +149,14 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
 def _resolved(engine: Engine) -> dict:
   """What config.json records beyond the config: each network's model, its own process (the
   one its raw output and `prediction` refer to) and how the objective presents it (wrapper)."""
-  model_cfgs, processes, frozen_refs = {}, {}, {}
+  model_cfgs, processes = {}, {}
   for name, plan in engine.plans.items():
     model_cfgs[name] = plan.model_config
     own = plan.info.inner_process or plan.info.process
     if own is not None:
       processes[name] = procs.process_config(own)
-    if plan.init_from == "checkpoint":
-      frozen_refs[name] = engine.teacher.reference
   obj = engine.objective
-  return {"models": model_cfgs, "processes": processes, "frozen": frozen_refs,
+  return {"models": model_cfgs, "processes": processes, "frozen": frozen_references(engine),
           "evaluated_network": obj.student, "evaluated_as": obj.evaluates_as,
           "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
@@ -167,6 +166,12 @@ def _resolved(engine: Engine) -> dict:
                            "base": engine.objective.network(n).base}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
+
+
+def frozen_references(engine: Engine) -> dict:
+  """{network: reference (path, step, hash)} of each network loaded from the teacher checkpoint."""
+  return {name: engine.teacher.reference for name, plan in engine.plans.items()
+          if plan.init_from == "checkpoint"}
 
 
 def context_for(engine: Engine, state, frozen) -> ctx_lib.Context:
@@ -372,24 +377,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                every_steps=config.checkpoint.every_steps,
                                keep=config.checkpoint.keep, keep_steps=engine.boundary_steps,
                                async_save=config.checkpoint.async_save)
+  changes = {}
+  if ckpt.all_steps():  # a run is there: this command may only go on with it
+    try:
+      changes = resume.check(workdir, config.to_dict(), schema_for(config).to_dict(),
+                             frozen_references(engine), allow=config.train.allow_config_change)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
   rlog = runlog.RunLog(workdir, is_main=is_main)
   start = 0
+  provenance = {"git_commit": runlog.git_commit(), "packages": runlog.package_versions(),
+                "command": " ".join(sys.argv)}
   restored = ckpt.restore_latest(ckpt_lib.abstract_of(state)) if ckpt.all_steps() else None
   if restored is not None:
     start, state, meta = restored
     frozen = _restore_promoted(engine, ckpt, state, frozen, start)
     rlog.truncate_after(start)
     rlog.message(f"resumed from step {start}")
+    history = resume.recorded_changes(workdir)
+    if changes:
+      history.append({"step": start, "changes": changes})
+      rlog.message(f"config changed at step {start} (train.allow_config_change): "
+                   + ", ".join(changes))
+    if history:
+      provenance["config_changes"] = history
   elif os.path.exists(rlog.metrics_path) and is_main:
     os.remove(rlog.metrics_path)
 
   if is_main:
-    resolved = _resolved(engine)
     runlog.write_json(os.path.join(workdir, "config.json"), {
-        **config.to_dict(), "provenance": {"git_commit": runlog.git_commit(),
-                                           "packages": runlog.package_versions(),
-                                           "command": " ".join(sys.argv)},
-        "resolved": resolved})
+        **config.to_dict(), "provenance": provenance, "resolved": _resolved(engine)})
 
   stop = _Stop()
   prev_handlers = stop.install()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_train_e2e import ROOT, TEACHER, env, metrics, run, train_cmd
+from tests.test_train_e2e import ROOT, SMALL, TEACHER, env, metrics, run, train_cmd
 
 BASE = ["--config.train.log_every=5", "--config.eval.at_end=false",
         "--config.checkpoint.async_save=false", "--config.checkpoint.every_steps=10"]
@@ -112,3 +112,105 @@ def test_partial_restore_reads_only_the_selected_subtrees(tmp_path):
   _corrupt(tmp_path / "ck" / "2")
   step, tree = ckpt.restore_raw(str(tmp_path / "ck"), select=wanted)
   assert step == 1 and "student" in tree["state"]["ema"]
+
+
+def _cli(workdir, *extra, config=TEACHER):
+  cmd = [sys.executable, "-m", "launch.train", "--config", config, "--workdir", str(workdir),
+         *SMALL, *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env())
+
+
+def _snapshot(w):
+  return {name: open(w / name, "rb").read() for name in ("config.json", "metrics.jsonl")}, \
+      _steps(w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,key,values", [
+    # a key the first run left to the model's default: compared with that default
+    ("--config.model.time_scale=0.001", "model.time_scale", [1.0, 0.001]),
+    ("--config.optim.lr=0.01", "optim.lr", [0.001, 0.01]),
+])
+def test_resume_with_another_config_is_refused_and_changes_nothing(tmp_path, override, key,
+                                                                    values):
+  w = tmp_path / "run"
+  run(w, *BASE, "--config.train.steps=20")
+  before = _snapshot(w)
+  proc = _cli(w, *BASE, "--config.train.steps=20", override)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  shown = f"{key} is {values[0]!r} there, {values[1]!r} here"
+  assert len(lines) == 1 and shown in lines[0] and str(w) in lines[0], proc.stderr
+  assert _snapshot(w) == before
+  # What a resume may change (length, logging, evaluation, checkpointing) still resumes.
+  again = _cli(w, *BASE, "--config.train.steps=30", "--config.train.log_every=10",
+               "--config.eval.num_samples=128", "--config.checkpoint.keep=5")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from step 20" in again.stdout + again.stderr
+  assert _steps(w) == [10, 20, 30]
+  # Asked for, the change goes on and config.json records it; a later resume keeps the record.
+  changed = _cli(w, *BASE, "--config.train.steps=40", override,
+                 "--config.train.allow_config_change=true")
+  assert changed.returncode == 0, changed.stderr[-2000:]
+  record = [{"step": 30, "changes": {key: values}}]
+  assert json.load(open(w / "config.json"))["provenance"]["config_changes"] == record
+  later = _cli(w, *BASE, "--config.train.steps=50", override)
+  assert later.returncode == 0, later.stderr[-2000:]
+  assert json.load(open(w / "config.json"))["provenance"]["config_changes"] == record
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_frozen_teacher_whose_weights_changed(tmp_path):
+  teacher, student = tmp_path / "teacher", tmp_path / "cd"
+  run(teacher, *BASE, "--config.train.steps=10")
+  distil = [*BASE, "--config.train.steps=10", f"--config.teacher.checkpoint={teacher}"]
+  cd = os.path.join(ROOT, "configs", "toy", "cd.py")
+  assert _cli(student, *distil, config=cd).returncode == 0
+  # The same teacher moved elsewhere hashes the same: the run goes on.
+  moved = tmp_path / "moved"
+  shutil.copytree(teacher, moved)
+  longer = [*BASE, "--config.train.steps=20", f"--config.teacher.checkpoint={moved}"]
+  proc = _cli(student, *longer, config=cd)
+  assert proc.returncode == 0 and "resumed from step 10" in proc.stdout + proc.stderr, \
+      proc.stderr[-2000:]
+  # The teacher trained on: its latest weights differ from those the run started with.
+  run(moved, *BASE, "--config.train.steps=20")
+  before = _snapshot(student)
+  proc = _cli(student, *BASE, "--config.train.steps=30", f"--config.teacher.checkpoint={moved}",
+              config=cd)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "teacher's weights changed" in lines[0], proc.stderr
+  assert "teacher.checkpoint" in lines[0]
+  assert _snapshot(student) == before
+
+
+def test_changed_keys_compares_defaults_and_skips_what_a_resume_may_change():
+  from distill import resume
+  stored = {"model": {"hidden": 64}, "optim": {"lr": 1e-3}, "train": {"steps": 10},
+            "eval": {"steps": [1, 2]}, "provenance": {"git_commit": "x"}, "resolved": {}}
+  defaults = {"model": {"hidden": 128, "time_scale": 1.0, "blocks": None}}
+  same = {"model": {"hidden": 64}, "optim": {"lr": 1e-3}, "train": {"steps": 50},
+          "eval": {"steps": (1, 2, 4)}, "new_key_of_a_newer_version": 3}
+  assert resume.changed_keys(stored, same, defaults) == []
+  # A key the stored run left out stands for its default; one with an unknown default is skipped.
+  assert resume.changed_keys(stored, {**same, "model": {"hidden": 64, "time_scale": 1.0}},
+                             defaults) == []
+  assert resume.changed_keys(stored, {**same, "model": {"hidden": 64, "time_scale": 0.5}},
+                             defaults) == [("model.time_scale", 1.0, 0.5)]
+  assert resume.changed_keys(stored, {**same, "model": {"hidden": 64, "blocks": 3}},
+                             defaults) == []
+  # ... and one the new config leaves out stands for its default too.
+  assert resume.changed_keys(stored, {**same, "model": {}}, defaults) == [
+      ("model.hidden", 64, 128)]
+  assert resume.changed_keys(stored, {**same, "optim": {"lr": 2e-3}}, defaults) == [
+      ("optim.lr", 1e-3, 2e-3)]
+
+
+def test_changed_frozen_names_networks_whose_hash_changed():
+  from distill import resume
+  stored = {"resolved": {"frozen": {"teacher": {"path": "/a", "hash": "h1"}}}}
+  assert resume.changed_frozen(stored, {"teacher": {"path": "/b", "hash": "h1"}}) == []
+  assert resume.changed_frozen(stored, {"teacher": {"path": "/a", "hash": "h2"}}) == [
+      ("teacher", "h1", "h2")]
+  assert resume.changed_frozen({"resolved": {"frozen": {}}}, {"teacher": {"hash": "h2"}}) == []

@@ -1,9 +1,9 @@
 """Toy 2-D sCM (continuous-time consistency distillation, TrigFlow) from a toy flow teacher.
 
-    python -m launch.train --config configs/toy/teacher.py:gmm --workdir runs/toy_teacher_gmm \
-        --config.model.time_scale=0.001
+    python -m launch.train --config configs/toy/teacher.py:gmm \
+        --workdir runs/toy_teacher_gmm_dense --config.model.time_scale=0.001
     python -m launch.train --config configs/toy/scm.py:gmm --workdir runs/toy_scm_gmm \
-        --config.teacher.checkpoint=runs/toy_teacher_gmm
+        --config.teacher.checkpoint=runs/toy_teacher_gmm_dense
 
 The argument picks the dataset (gmm, checkerboard, moons, spiral; default gmm) and must match
 the teacher's. sCT (single-sample velocity; the teacher only initialises the student and gives

@@ -1,10 +1,10 @@
 """Toy 2-D SANA-Sprint: sCD + LADD (discriminator heads on the frozen teacher's features) from a
 toy flow teacher with a dense time input.
 
-    python -m launch.train --config configs/toy/teacher.py:gmm --workdir runs/toy_teacher_gmm \
-        --config.model.time_scale=0.001
+    python -m launch.train --config configs/toy/teacher.py:gmm \
+        --workdir runs/toy_teacher_gmm_dense --config.model.time_scale=0.001
     python -m launch.train --config configs/toy/scm_ladd.py:gmm --workdir runs/toy_scm_ladd_gmm \
-        --config.teacher.checkpoint=runs/toy_teacher_gmm
+        --config.teacher.checkpoint=runs/toy_teacher_gmm_dense
 
 The argument picks the dataset (gmm, checkerboard, moons, spiral; default gmm) and must match
 the teacher's. The sCM part is configs/toy/scm.py's. LADD: one StyleGAN-T head (spectral norm,

@@ -3,7 +3,7 @@ teacher's features (Sauer et al. 2024; SANA-Sprint's hybrid with sCM), as a piec
 objective can take on, and the objectives `ladd` and `scm_ladd`.
 
     python -m launch.train --config configs/toy/scm_ladd.py:gmm --workdir runs/toy_scm_ladd \
-        --config.teacher.checkpoint=runs/toy_teacher_gmm
+        --config.teacher.checkpoint=runs/toy_teacher_gmm_dense  # (teacher: see the config file)
 
 The discriminator D: a sample x0 is re-noised at an EDM noise level sigma ~ exp(N(d_p_mean,
 d_p_std^2)) (SANA-Sprint's t_D = arctan(sigma / sigma_d) in TrigFlow terms), x = x0 + sigma

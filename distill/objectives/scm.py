@@ -2,7 +2,7 @@
 from a teacher's velocity) and sCT (the single-sample velocity, no teacher).
 
     python -m launch.train --config configs/toy/scm.py:gmm --workdir runs/toy_scm_gmm \
-        --config.teacher.checkpoint=runs/toy_teacher_gmm     # (teacher: see the config file)
+        --config.teacher.checkpoint=runs/toy_teacher_gmm_dense  # (teacher: see the config file)
 
 TrigFlow: x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2 I), t in [0, pi/2]. The student is a
 TrigFlow network F (kind "trigflow": sigma_d F = dx_t/dt) and its consistency function is

@@ -1,0 +1,137 @@
+"""Whether a train command may resume the run already in its `--workdir`.
+
+Running the same command again resumes (DESIGN.md). A *different* command pointed at a directory
+that holds a run would restore that run's weights and rewrite its config.json, so the record
+would claim one config for weights trained with another (a toy teacher trained with
+`model.time_scale=1` resumed at its last step with 0.001 looks finished and is silently wrong
+for every run that later distils from it). A resume may change how and where the run goes on:
+its length, logging, checkpointing, evaluation, devices and kernels (`RESUME_MAY_CHANGE`); any
+other difference, or a frozen teacher whose weights changed since the run started, stops the
+command with one line before anything is written, unless `train.allow_config_change` says to go
+on; config.json then records each change (`provenance.config_changes`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+from distill import runlog
+
+# Config keys (exact, or a prefix ending in ".") that a resumed run may change.
+RESUME_MAY_CHANGE = (
+    "train.steps", "train.allow_config_change", "train.log_every", "train.profile", "train.max_skipped_steps",
+    "train.grad_accum", "checkpoint.", "eval.", "sample.", "compilation_cache", "distributed.",
+    "mesh.", "sharding.", "model.attention", "model.jvp_attention", "model.remat",
+    "teacher.runtime.",
+    # A moved teacher is the same teacher when its weights hash the same (checked separately).
+    "teacher.checkpoint",
+)
+_NOT_CONFIG = ("provenance", "resolved")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _may_change(key: str, allowed: Iterable[str]) -> bool:
+  return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+
+
+def changed_keys(stored: Mapping[str, Any], config: Mapping[str, Any],
+                 defaults: Mapping[str, Any] = (), allowed: Iterable[str] = RESUME_MAY_CHANGE
+                 ) -> list[tuple[str, Any, Any]]:
+  """(key, stored value, new value) for every key whose value differs, outside `allowed`.
+
+  A key only one side holds stands for its default there (`defaults`: the config schema, i.e.
+  the base config and the chosen objective's, dataset's, model's and process's declared values):
+  a run trained without `model.time_scale` used the model's default. Where no default is known
+  (None) the key is left out: a newer version of this code may add one to a run started before.
+  """
+  old = _flat({k: v for k, v in stored.items() if k not in _NOT_CONFIG})
+  new = _flat(_json(dict(config)))
+  known = {k: v for k, v in _flat(_json(dict(defaults))).items() if v is not None}
+  out = []
+  for k in sorted(old.keys() | new.keys()):
+    if _may_change(k, allowed):
+      continue
+    if k in old and k in new:
+      a, b = old[k], new[k]
+    elif k in known:
+      a, b = old.get(k, known[k]), new.get(k, known[k])
+    else:
+      continue
+    if a != b:
+      out.append((k, a, b))
+  return out
+
+
+def _json(tree: Any) -> Any:
+  """`tree` as config.json holds it (tuples as lists, numpy scalars as numbers)."""
+  return json.loads(json.dumps(runlog.jsonable(tree)))
+
+
+def changed_frozen(stored: Mapping[str, Any], frozen_refs: Mapping[str, Mapping[str, Any]]
+                   ) -> list[tuple[str, Any, Any]]:
+  """(network, stored hash, new hash) for each frozen network whose weights changed."""
+  old = (stored.get("resolved") or {}).get("frozen") or {}
+  return [(n, old[n].get("hash"), ref.get("hash")) for n, ref in sorted(frozen_refs.items())
+          if n in old and old[n].get("hash") and old[n].get("hash") != ref.get("hash")]
+
+
+def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
+          frozen_refs: Mapping[str, Mapping[str, Any]], allow: bool = False
+          ) -> dict[str, list[Any]]:
+  """The changes resuming the run in `workdir` (it has a checkpoint) with `config` would make:
+  {key: [there, here]}, a frozen network's weights as `frozen.<network>.hash`. Raises
+  ValueError (one line) when there are any and not `allow`. `defaults`: see `changed_keys`;
+  `frozen_refs`: {network: reference with its weights' hash} of the networks loaded from the
+  teacher checkpoint now."""
+  stored = _stored(workdir)
+  if stored is None:
+    return {}
+  diffs = changed_keys(stored, config, defaults)
+  moved = changed_frozen(stored, frozen_refs)
+  if not allow and diffs:
+    shown = "; ".join(f"{k} is {old!r} there, {new!r} here" for k, old, new in diffs[:3])
+    more = f" (and {len(diffs) - 3} more keys)" if len(diffs) > 3 else ""
+    raise ValueError(
+        f"--workdir {workdir} holds a run with another config: {shown}{more}. Resuming may "
+        f"change only how a run goes on (train.steps, logging, checkpoint.*, eval.*, mesh.*, "
+        f"attention kernels): use a new --workdir (--config.init.<network>={workdir} starts "
+        f"one from its weights), or --config.train.allow_config_change=true to go on with "
+        f"these values (config.json records the change)")
+  if not allow and moved:
+    n, old, new = moved[0]
+    raise ValueError(
+        f"--workdir {workdir}: the frozen {n}'s weights changed since the run started (hash "
+        f"{str(old)[:12]} there, {str(new)[:12]} now; config key teacher.checkpoint): resume "
+        f"with the teacher it started from, use a new --workdir, or "
+        f"--config.train.allow_config_change=true to go on (config.json records the change)")
+  changes = {k: [old, new] for k, old, new in diffs}
+  changes.update({f"frozen.{n}.hash": [old, new] for n, old, new in moved})
+  return changes
+
+
+def recorded_changes(workdir: str) -> list[dict[str, Any]]:
+  """The config changes earlier resumes of the run in `workdir` made (`provenance.
+  config_changes` of its config.json: [{"step": K, "changes": {key: [before, after]}}])."""
+  stored = _stored(workdir) or {}
+  return list((stored.get("provenance") or {}).get("config_changes") or [])
+
+
+def _stored(workdir: str) -> Optional[dict[str, Any]]:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot be read to resume the run there ({e})") from None
