@@ -20,10 +20,10 @@ from distill import runlog
 
 # Config keys (exact, or a prefix ending in ".") that a resumed run may change.
 RESUME_MAY_CHANGE = (
-    "train.steps", "train.allow_config_change", "train.log_every", "train.profile", "train.max_skipped_steps",
-    "train.grad_accum", "checkpoint.", "eval.", "sample.", "compilation_cache", "distributed.",
-    "mesh.", "sharding.", "model.attention", "model.jvp_attention", "model.remat",
-    "teacher.runtime.",
+    "train.steps", "train.allow_config_change", "train.log_every", "train.profile",
+    "train.max_skipped_steps", "train.grad_accum", "checkpoint.", "eval.", "sample.",
+    "compilation_cache", "distributed.", "mesh.", "sharding.", "model.attention",
+    "model.jvp_attention", "model.remat", "model.scan_unroll", "teacher.runtime.",
     # A moved teacher is the same teacher when its weights hash the same (checked separately).
     "teacher.checkpoint",
 )

@@ -253,7 +253,8 @@ def from_config(config) -> Optional[Teacher]:
 # every network initialised from it) takes them from `teacher.runtime` (its architecture comes
 # from the checkpoint), e.g. bf16 matmuls, remat, the attention kernel, scanned blocks.
 # `param_dtype` also casts the teacher's weights (a bf16 frozen teacher halves its memory).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "jvp_attention", "scan_blocks")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "jvp_attention", "scan_blocks",
+                  "scan_unroll")
 
 
 def runtime_of(config) -> dict:

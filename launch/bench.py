@@ -133,7 +133,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
   return {"config": config.objective.name, "batch_size": bs, "devices": jax.device_count(),
           "device": jax.devices()[0].device_kind, "peak_memory_bytes": peak_memory_bytes(),
           "model": {k: model[k] for k in ("name", "dtype", "attention", "jvp_attention", "remat",
-                                          "scan_blocks") if k in model},
+                                          "scan_blocks", "scan_unroll") if k in model},
           "phases": phases}
 
 

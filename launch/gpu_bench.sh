@@ -36,6 +36,12 @@
 #              blocks keep only matmul outputs for the backward and recompute the elementwise
 #              ops (on CPU: 56% fewer temporary bytes than the scanned step without remat; not
 #              in the default list)
+#   plain256_stacked, scm256_stacked, scm512_stacked   the plain256 / scm256 / scm512 steps
+#              with the stacked (scanned) parameter layout fully unrolled
+#              (model.scan_unroll=28): on CPU the same temporaries as unrolled blocks with a
+#              third of their compile time (one optimizer update per stacked leaf); whether it
+#              also runs at the unrolled step's speed is what these rows measure (not in the
+#              default list)
 #   kernels    pytest tests/test_attention.py -k on_gpu: every kernel against float32 XLA
 #              attention in forward, gradient and JVP, then per-kernel timings at DiT-XL/2 shapes
 # Environment: PYTHON (the interpreter, default python3), WHEELS, RUNS (the names above, in
@@ -103,8 +109,13 @@ with open('$OUTDIR/bench.jsonl', 'a') as f:
   f.write(json.dumps(r) + '\\n')
 peak = r.get('peak_memory_bytes') or 0
 m = r.get('model', {})
+def layout(m):
+  if not m.get('scan_blocks'):
+    return 'unrolled'
+  u = int(m.get('scan_unroll') or 1)
+  return 'scanned' if u == 1 else f'scanned unroll={u}'
 attn = (f\"attn={m.get('attention')} jvp={m.get('jvp_attention')} {m.get('dtype', '')} \"
-        f\"{'scanned' if m.get('scan_blocks') else 'unrolled'} remat={m.get('remat', 'none')}\")
+        f\"{layout(m)} remat={m.get('remat', 'none')}\")
 for phase, p in r['phases'].items():
   mfu = f\"{100 * p['mfu']:.1f}%\" if 'mfu' in p else '-'
   print(f\"| $name | {attn} | {phase} | {p['step_ms']:.1f} | \"
@@ -139,12 +150,18 @@ run() {
               --config.objective.shared_primal=False ;;
     dmd2_256) bench dmd2_256 200 dmd2 ;;
     sid_256) bench sid_256 200 sid ;;
+    plain256_stacked) bench plain256_stacked 200 denoise --config.model.scan_unroll=28 ;;
+    scm256_stacked) bench scm256_stacked 240 scm --config.model.jvp_attention=pallas_jvp \
+              --config.model.scan_unroll=28 ;;
+    scm512_stacked) bench scm512_stacked 240 scm,512 --config.model.jvp_attention=pallas_jvp \
+              --config.model.scan_unroll=28 ;;
     plain256_unrolled) SCAN=False bench plain256_unrolled 240 denoise ;;
     scm256_unrolled) SCAN=False bench scm256_unrolled 360 scm ;;
     kernels) kernels ;;
     *) echo "launch/gpu_bench.sh: unknown run '$1' in RUNS (expected plain256, scm256, plain512," \
          "scm512, dmd2_256, sid_256, plain256_unrolled, scm256_unrolled, scm256_separate," \
-         "scm512_separate, plain256_dots, scm256_dots, sct256 or kernels)"; return 2 ;;
+         "scm512_separate, plain256_dots, scm256_dots, sct256, plain256_stacked, scm256_stacked," \
+         "scm512_stacked or kernels)"; return 2 ;;
   esac
 }
 

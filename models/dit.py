@@ -50,7 +50,9 @@ Extras for newer DiTs and students (all off by default, so the default is diffus
 Execution fields: `dtype` (compute), `param_dtype`, `attention` (implementation name, see
 `attend_heads`), `remat` (policy name in `REMAT_POLICIES`, applied per block), `scan_blocks`
 (`nn.scan` over the blocks: parameters stacked on a leading "layers" axis under
-`transformer_blocks`; `stack_block_params` / `unstack_block_params` convert between layouts).
+`transformer_blocks`; `stack_block_params` / `unstack_block_params` convert between layouts) and
+`scan_unroll` (blocks per iteration of that loop: 1 compiles one block; `num_layers` unrolls the
+whole stack in the stacked layout; a remainder runs unrolled after the loop).
 Every parameter carries logical axis names (embed, mlp, heads, norm, conv_in, conv_out, layers;
 `None` on small axes such as the 256 time frequencies and the class rows).
 
@@ -515,6 +517,7 @@ class DiT(nn.Module):
   jvp_attention: str = "xla"
   remat: str = "none"
   scan_blocks: bool = False
+  scan_unroll: int = 1         # with scan_blocks: blocks per loop iteration
 
   diffusers_class = "DiTTransformer2DModel"
   # How a student of this model embeds the CFG scale w (the objectives' `guidance_embed`).
@@ -603,7 +606,8 @@ class DiT(nn.Module):
       block = nn.scan(
           _block_class(self.remat, scan=True), variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
-          length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+          length=self.num_layers, unroll=self.scan_unroll,
+          metadata_params={nn.PARTITION_NAME: "layers"})
       h, (conds, hs) = block(cfg, deterministic, bool(features), name=BLOCK_PREFIX)(
           h, t_freq, labels, extra, rope)
       return h, conds[0], {i: hs[i] for i in features}

@@ -89,6 +89,34 @@ def test_scan_equals_unscanned_with_restacked_params():
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, v["params"])
 
 
+def test_scan_unroll_keeps_values_gradients_and_layout():
+  """scan_unroll=2 over 3 blocks: one loop iteration of two blocks plus a remainder block."""
+  plain = DiT(**dict(TINY, num_layers=3), **EXTRAS)
+  scanned = plain.clone(scan_blocks=True)
+  params = stack_block_params(init(plain)["params"], 3)
+  x, t, y = batch(plain)
+
+  def loss_and_grad(model):
+    return jax.jit(jax.value_and_grad(
+        lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, t, y,
+                                              guidance=jnp.array([1.0, 4.0]))))))(params)
+
+  ref = loss_and_grad(scanned)
+  for unroll in (2, 3):
+    model = scanned.clone(scan_unroll=unroll)
+    assert (jax.tree_util.tree_map(jnp.shape, nn.meta.unbox(abstract_variables(model))["params"])
+            == jax.tree_util.tree_map(jnp.shape, params))
+    val, grad = loss_and_grad(model)
+    np.testing.assert_allclose(val, ref[0], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           grad, ref[1])
+  # scan_unroll = num_layers leaves no loop in the lowered program; 1 keeps one.
+  def loops(model):
+    return jax.jit(lambda p: model.apply({"params": p}, x, t, y, guidance=jnp.ones(2))
+                   ).lower(params).as_text().count("stablehlo.while")
+  assert loops(scanned) == 1 and loops(scanned.clone(scan_unroll=3)) == 0
+
+
 def test_remat_policies_keep_values_and_gradients():
   base = DiT(**ONE_BLOCK)
   x, t, y = batch(base)
