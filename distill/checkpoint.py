@@ -30,6 +30,7 @@ class Checkpointer:
                keep_steps: Sequence[int] = (), async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = int(every_steps)
+    self.last_restore_error = ""
     policies = [cm.LatestN(max(1, int(keep)))]
     if keep_steps:
       policies.append(cm.CustomSteps(list(int(s) for s in keep_steps)))
@@ -66,12 +67,23 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-    """The newest checkpoint that restores; corrupted ones are skipped with a warning."""
+    """The newest checkpoint that restores; corrupted ones are skipped with a warning (the last
+    failure's first line is kept in `last_restore_error`). A step whose stored arrays do not
+    have `abstract_state`'s paths and shapes (another config's run) is skipped without reading
+    its data."""
     for step in reversed(self.all_steps()):
+      misfit = layout_mismatch(self.directory, step, abstract_state)
+      if misfit:
+        self.last_restore_error = f"step {step}: {misfit}"
+        log.info("checkpoint at step %d in %s does not fit this config: %s", step,
+                    self.directory, misfit)
+        continue
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
+        self.last_restore_error = (f"step {step}: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}")
         log.warning("checkpoint at step %d in %s could not be restored (%s: %s); "
                     "falling back to the previous one", step, self.directory,
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -80,6 +92,51 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:
+  """"" when the arrays stored at `step` have the paths, shapes and dtypes of `abstract_state`,
+  else the first difference in words (read from the checkpoint's metadata, no array data). A
+  checkpoint whose metadata cannot be read yields "" (its restore then decides)."""
+  try:
+    stored = _leaves(_structure(_read_only_manager(directory).item_metadata(step)["state"]))
+  except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore
+    return ""
+  if not stored:
+    return ""
+  wanted = _leaves(abstract_state)
+  if not set(wanted) & set(stored):   # no path in common: a naming this check does not know
+    return ""
+  for path, leaf in wanted.items():
+    have = stored.get(path)
+    if have is None:
+      return f"{path}: not in the checkpoint"
+    if tuple(have.shape) != tuple(leaf.shape):
+      return (f"{path}: shape {tuple(have.shape)} in the checkpoint, {tuple(leaf.shape)} in this "
+              f"config")
+  extra = sorted(set(stored) - set(wanted))
+  if extra:
+    return f"{extra[0]}: in the checkpoint, not in this config"
+  return ""
+
+
+def _leaves(tree: Any) -> dict[str, Any]:
+  """{'a.b.0.c': leaf} of the array leaves of `tree` (attribute, key and index paths alike)."""
+  def name(k):
+    for attr in ("name", "key", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {".".join(name(k) for k in path): leaf for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
 
 
 def abstract_of(tree: Any) -> Any:
@@ -98,11 +155,7 @@ def restore_raw(directory: str, step: Optional[int] = None, *,
   checkpoint does not read the optimizer state and the other networks. The newest step that
   restores is used unless `step` is given (a corrupted one is skipped with a warning).
   """
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+  mngr = _read_only_manager(directory)
   steps = sorted(mngr.all_steps())
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")

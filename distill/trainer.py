@@ -377,18 +377,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                every_steps=config.checkpoint.every_steps,
                                keep=config.checkpoint.keep, keep_steps=engine.boundary_steps,
                                async_save=config.checkpoint.async_save)
-  changes = {}
-  if ckpt.all_steps():  # a run is there: this command may only go on with it
+  changes, restored = {}, None
+  steps = ckpt.all_steps()
+  if steps:  # a run is there: this command may only go on with it
     try:
       changes = resume.check(workdir, config.to_dict(), schema_for(config).to_dict(),
                              frozen_references(engine), allow=config.train.allow_config_change)
+      restored = ckpt.restore_latest(ckpt_lib.abstract_of(state))
+      if restored is None:
+        raise ValueError(
+            f"--workdir {workdir}: none of its checkpoints (steps {steps}) restores into this "
+            f"config's state ({ckpt.last_restore_error}); nothing was changed, use a new "
+            f"--workdir")
     except ValueError as e:
+      ckpt.close()
       raise SetupError(str(e)) from None
   rlog = runlog.RunLog(workdir, is_main=is_main)
   start = 0
   provenance = {"git_commit": runlog.git_commit(), "packages": runlog.package_versions(),
                 "command": " ".join(sys.argv)}
-  restored = ckpt.restore_latest(ckpt_lib.abstract_of(state)) if ckpt.all_steps() else None
   if restored is not None:
     start, state, meta = restored
     frozen = _restore_promoted(engine, ckpt, state, frozen, start)

@@ -157,6 +157,15 @@ def test_resume_with_another_config_is_refused_and_changes_nothing(tmp_path, ove
   later = _cli(w, *BASE, "--config.train.steps=50", override)
   assert later.returncode == 0, later.stderr[-2000:]
   assert json.load(open(w / "config.json"))["provenance"]["config_changes"] == record
+  # A change the checkpoints cannot take (another width) stops even then, in one line.
+  before = _snapshot(w)
+  wider = _cli(w, *BASE, "--config.train.steps=50", override, "--config.model.hidden=32",
+               "--config.train.allow_config_change=true")
+  assert wider.returncode == 2, wider.stderr[-2000:]
+  lines = wider.stderr.strip().splitlines()
+  assert len(lines) == 1 and "none of its checkpoints" in lines[0], wider.stderr[-2000:]
+  assert "in the checkpoint, (32,) in this config" in lines[0]
+  assert _snapshot(w) == before
 
 
 @pytest.mark.slow
@@ -183,6 +192,37 @@ def test_resume_refuses_a_frozen_teacher_whose_weights_changed(tmp_path):
   assert len(lines) == 1 and "teacher's weights changed" in lines[0], proc.stderr
   assert "teacher.checkpoint" in lines[0]
   assert _snapshot(student) == before
+
+
+def test_layout_mismatch_is_read_from_metadata(tmp_path):
+  """Another config's state (a shape, a network more or less) is told apart from a fitting one
+  without reading array data, and such a step is skipped by restore_latest (None: no step fits)
+  with the difference kept for the error line."""
+  import jax
+  import numpy as np
+  from distill import checkpoint as ckpt
+  state = {"params": {"student": {"w": np.zeros((3, 4), np.float32)}},
+           "opt_state": ({"mu": np.zeros((3, 4), np.float32)}, ()), "step": np.int32(1)}
+  c = ckpt.Checkpointer(str(tmp_path / "ck"), every_steps=1, keep=3, async_save=False)
+  c.save(1, state, {"step": 1})
+  c.close()
+  spec = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                             tree)
+  d = str(tmp_path / "ck")
+  assert ckpt.layout_mismatch(d, 1, spec(state)) == ""
+  wider = {**state, "params": {"student": {"w": np.zeros((3, 8), np.float32)}}}
+  assert ckpt.layout_mismatch(d, 1, spec(wider)) == (
+      "params.student.w: shape (3, 4) in the checkpoint, (3, 8) in this config")
+  more = {**state, "params": {**state["params"], "fake": {"w": np.zeros(2, np.float32)}}}
+  assert ckpt.layout_mismatch(d, 1, spec(more)) == "params.fake.w: not in the checkpoint"
+  less = {**state, "opt_state": ((), ())}
+  assert ckpt.layout_mismatch(d, 1, spec(less)) == (
+      "opt_state.0.mu: in the checkpoint, not in this config")
+  c = ckpt.Checkpointer(d, every_steps=1, keep=3, async_save=False)
+  assert c.restore_latest(spec(wider)) is None
+  assert c.last_restore_error.startswith("step 1: params.student.w: shape (3, 4)")
+  assert c.restore_latest(spec(state))[0] == 1
+  c.close()
 
 
 def test_changed_keys_compares_defaults_and_skips_what_a_resume_may_change():
