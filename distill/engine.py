@@ -728,6 +728,15 @@ class Engine:
   def per_process_batch_probe(self) -> int:
     return max(1, shd.data_parallel_size(self.mesh))
 
+  def trace_phases(self, state: TrainState, frozen: dict, stage: int = 0) -> None:
+    """Traces every phase step of `stage` (no compile, no computation): what a config names
+    only inside the losses (a weighting, a prediction kind, shapes that do not fit) fails here,
+    before a run writes anything. jit keeps the traces, so the first real step reuses them."""
+    batch = self.abstract_batch()
+    for i, phase in enumerate(self.stage_objectives[stage].phases):
+      self.phase_step(stage, i).trace(state, frozen, batch,
+                                      make_time(phase.start, 0, stage, 0))
+
   def phase_step(self, stage: int, phase_index: int) -> Callable:
     key = (stage, phase_index)
     if key not in self._steps:

@@ -95,6 +95,11 @@ def check_eval_config(eval_cfg, files: bool = True) -> None:
     if m not in METRICS:
       raise suite.MetricError(f"config key 'eval.metrics': unknown metric {m!r} (known: "
                        f"{', '.join(METRICS.names())})")
+  if eval_cfg.get("sampler", ""):
+    solvers.check_sampler(eval_cfg.sampler, "config key 'eval.sampler'")
+  bad = [s for s in eval_cfg.get("steps", ()) if int(s) < 1]
+  if bad:
+    raise ValueError(f"config key 'eval.steps': every entry must be >= 1, got {bad[0]}")
   if files:
     MetricSetup.from_config(eval_cfg, names).check_files()
 

@@ -650,6 +650,11 @@ def _encode_flow(x0, eps, alpha, sigma):
 PREDICTION_KINDS = ("x0", "eps", "v", "flow")
 
 
+def prediction_kinds() -> tuple[str, ...]:
+  """The names a network's `prediction` may take."""
+  return tuple(_DECODE.names())
+
+
 def decode(pred: Array, src: str, x_t: Array, alpha, sigma) -> tuple[Array, Array]:
   """(x0, eps) implied by a prediction of kind `src` at x_t = alpha x0 + sigma eps."""
   return _DECODE.get(src)(pred, x_t, alpha, sigma)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill import processes as procs
-from distill.registry import Registry
+from distill.registry import Registry, parse_spec
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]
@@ -73,6 +73,18 @@ class Solver:
 
 
 SOLVERS: Registry[Solver] = Registry("solver")
+
+
+def check_sampler(spec: str, where: str) -> str:
+  """The solver name of sampler spec `spec` ("tcd(gamma=0.3)"); raises ValueError naming
+  `where` (a config key or a flag) when it does not parse or names no solver."""
+  try:
+    name, _ = parse_spec(spec, "sampler")
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  if name not in SOLVERS:
+    raise ValueError(f"{where}: unknown solver {name!r} (known: {', '.join(SOLVERS.names())})")
+  return name
 
 
 def sample(denoiser: Denoiser, process: procs.Process, noise: Array, *, solver: str,

@@ -107,6 +107,8 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
     raise config_lib.ConfigError(f"config key 'model.name': {e.args[0]}") from None
   config_lib.validate_keys(config, schema_for(config))
   config = fill_defaults(config)
+  _check_counts(config)
+  _check_names(config)
   n_dev = jax.device_count() if num_devices is None else int(num_devices)
   try:
     mesh = shd.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_dev)
@@ -141,6 +143,36 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   return config
+
+
+# Config keys whose value must be at least a minimum.
+_MINIMUMS = (("train.batch_size", 1), ("train.grad_accum", 1), ("train.steps", 0),
+             ("train.log_every", 1), ("checkpoint.every_steps", 0), ("checkpoint.keep", 1))
+
+
+def _check_counts(config) -> None:
+  for key, low in _MINIMUMS:
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    if int(node) < low:
+      raise config_lib.ConfigError(f"config key '{key}': must be >= {low}, got {node}")
+
+
+def _named_keys(config) -> list[tuple[str, Any, tuple]]:
+  """(key, value, known names) of the config keys that name an entry of a registry."""
+  weightings = ("none", *procs.WEIGHTINGS.names())
+  out = [("model.prediction", config.model.get("prediction"), procs.prediction_kinds())]
+  out += [(f"objective.{k}", v, weightings) for k, v in config.objective.items()
+          if k.endswith("weighting") and isinstance(v, str)]
+  return [(k, v, names) for k, v, names in out if v is not None]
+
+
+def _check_names(config) -> None:
+  for key, value, names in _named_keys(config):
+    if value not in names:
+      raise config_lib.ConfigError(f"config key '{key}': unknown name {value!r} (known: "
+                                   f"{', '.join(names)})")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -369,6 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher = teacher_lib.from_config(config)
     engine = Engine(config, teacher=teacher)
     state, frozen = engine.init_state()
+    engine.trace_phases(state, frozen)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(e.args[0] if e.args else str(e)) from e
 

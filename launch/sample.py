@@ -29,7 +29,7 @@ from launch import cli
 def _extra(p):
   p.add_argument("--network", default="")
   p.add_argument("--sampler", default="")
-  p.add_argument("--steps", type=int, default=0)
+  p.add_argument("--steps", type=int, default=None)
   p.add_argument("--guidance", type=float, default=1.0)
   p.add_argument("--class", dest="class_label", type=int, default=-1)
   p.add_argument("--prompt_embeds", default="")
@@ -127,7 +127,7 @@ def run_conditions(source, args) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> int:
   args = cli.parse(argv, prog="launch.sample", need_config=False, extra=_extra)
   cli.setup(args)
-  from distill import evaluation, images, trainer
+  from distill import evaluation, images, solvers, trainer
   try:
     if args.prompt_embeds and args.class_label >= 0:
       raise ValueError("--class and --prompt_embeds: give one of them")
@@ -139,6 +139,11 @@ def main(argv: list[str]) -> int:
     is_teacher_role = role == "teacher"
     sampler = args.sampler or (evaluation.teacher_solver(info.process) if is_teacher_role
                                else trainer.student_sampler(engine))
+    solvers.check_sampler(sampler, "--sampler")
+    if args.steps is not None and args.steps < 1:
+      raise ValueError(f"--steps: must be >= 1, got {args.steps}")
+    if args.num < 1:
+      raise ValueError(f"--num: must be >= 1, got {args.num}")
     steps = args.steps or (engine.config.eval.teacher_steps if is_teacher_role
                            else int(engine.config.eval.steps[0]))
     labels = None
@@ -155,9 +160,11 @@ def main(argv: list[str]) -> int:
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
                                steps=steps, shape=engine.source.shape, guidance=args.guidance,
                                labels=labels, conds=conds)
+  which = (f"_class{args.class_label}" if labels is not None else "") + (
+      f"_w{args.guidance:g}" if args.guidance != 1.0 else "")
   out = args.out or os.path.join(args.workdir, "samples",
                                  f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"
-                                 f"{steps}steps_seed{args.seed}.png")
+                                 f"{steps}steps{which}_seed{args.seed}.png")
   title = f"{role} {sampler} {steps} step{'s' if steps > 1 else ''} (step {step})"
   images.save_panels(out, [(title, x)])
   np.save(os.path.splitext(out)[0] + ".npy", x)

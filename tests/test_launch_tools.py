@@ -54,6 +54,9 @@ def test_evaluate_writes_eval_json(tiny_run):
     (["--workdir", "/no/such/run"], "config.json"),
     (["--class", "99"], "--class"),
     (["--network", "student"], "no 'student' network"),
+    (["--sampler", "eulr"], "--sampler: unknown solver 'eulr'"),
+    (["--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--num", "-2"], "--num: must be >= 1"),
 ])
 @pytest.mark.slow
 def test_sample_bad_input_one_line_exit_2(tiny_run, args, fragment):
