@@ -30,11 +30,12 @@ RESUME_MAY_CHANGE = (
 _NOT_CONFIG = ("provenance", "resolved")
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a.b": leaf} of a nested mapping."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -54,9 +55,9 @@ def changed_keys(stored: Mapping[str, Any], config: Mapping[str, Any],
   a run trained without `model.time_scale` used the model's default. Where no default is known
   (None) the key is left out: a newer version of this code may add one to a run started before.
   """
-  old = _flat({k: v for k, v in stored.items() if k not in _NOT_CONFIG})
-  new = _flat(_json(dict(config)))
-  known = {k: v for k, v in _flat(_json(dict(defaults))).items() if v is not None}
+  old = flat({k: v for k, v in stored.items() if k not in _NOT_CONFIG})
+  new = flat(_json(dict(config)))
+  known = {k: v for k, v in flat(_json(dict(defaults))).items() if v is not None}
   out = []
   for k in sorted(old.keys() | new.keys()):
     if _may_change(k, allowed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Optional
@@ -145,6 +146,19 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
   return config
 
 
+def check_platform(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> None:
+  """Raises ConfigError when an attention kernel the config names cannot run on `platform`
+  (default: this host's backend; launch.aot: the topology's). Separate from `prepare_config`,
+  which validates a config wherever it will run."""
+  runtime = config.teacher.get("runtime") or {}
+  try:
+    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
+      attention_lib.check_platform(node.get("attention", "xla"), node.get("jvp_attention", "xla"),
+                                   platform or jax.default_backend(), prefix)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
 # Config keys whose value must be at least a minimum.
 _MINIMUMS = (("train.batch_size", 1), ("train.grad_accum", 1), ("train.steps", 0),
              ("train.log_every", 1), ("checkpoint.every_steps", 0), ("checkpoint.keep", 1))
@@ -159,20 +173,21 @@ def _check_counts(config) -> None:
       raise config_lib.ConfigError(f"config key '{key}': must be >= {low}, got {node}")
 
 
-def _named_keys(config) -> list[tuple[str, Any, tuple]]:
-  """(key, value, known names) of the config keys that name an entry of a registry."""
-  weightings = ("none", *procs.WEIGHTINGS.names())
-  out = [("model.prediction", config.model.get("prediction"), procs.prediction_kinds())]
-  out += [(f"objective.{k}", v, weightings) for k, v in config.objective.items()
-          if k.endswith("weighting") and isinstance(v, str)]
-  return [(k, v, names) for k, v, names in out if v is not None]
-
-
 def _check_names(config) -> None:
-  for key, value, names in _named_keys(config):
-    if value not in names:
-      raise config_lib.ConfigError(f"config key '{key}': unknown name {value!r} (known: "
-                                   f"{', '.join(names)})")
+  kinds = procs.prediction_kinds()
+  if config.model.get("prediction", "flow") not in kinds:
+    raise config_lib.ConfigError(f"config key 'model.prediction': unknown prediction kind "
+                                 f"{config.model.prediction!r} (known: {', '.join(kinds)})")
+
+
+def _naming_the_key(message: str, config) -> str:
+  """`message` prefixed with the config key that holds the unknown name it reports ("unknown
+  loss weighting 'foo'" -> "config key 'objective.weighting': ..."), when exactly one does."""
+  m = re.search(r"unknown [\w ]+ '([^']*)'", message)
+  if not m or "config key" in message:
+    return message
+  keys = [k for k, v in resume.flat(config.to_dict()).items() if v == m.group(1)]
+  return f"config key '{keys[0]}': {message}" if len(keys) == 1 else message
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -394,6 +409,7 @@ class SetupError(ValueError):
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a run in `workdir`; returns a summary dict."""
   config = prepare_config(config)
+  check_platform(config)
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
   is_main = jax.process_index() == 0
@@ -403,7 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, frozen = engine.init_state()
     engine.trace_phases(state, frozen)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise SetupError(e.args[0] if e.args else str(e)) from e
+    raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -600,6 +616,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
     config.data = ml_collections.ConfigDict({"name": names[-1]})
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
   config = prepare_config(config, eval_files=False)
+  check_platform(config)
   teacher = teacher_lib.from_config(config)
   engine = Engine(config, teacher=teacher)
   state, frozen = engine.init_state()

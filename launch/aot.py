@@ -88,6 +88,7 @@ def compile_config(config, topology: str) -> dict:
   from distill.state import tree_bytes
   devices = topology_devices(topology)
   config = trainer.prepare_config(config, num_devices=len(devices))
+  trainer.check_platform(config, devices[0].platform)
   teacher = None
   if config.teacher.checkpoint:
     teacher = teacher_lib.from_config(config)

@@ -92,6 +92,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
   from distill.engine import Engine
   from distill.objective import make_time
   config = trainer.prepare_config(config)
+  trainer.check_platform(config)
   teacher = teacher_lib.from_config(config)
   if teacher is None and use_random_teacher:
     teacher = random_teacher(config)

@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
   try:
     config = cli.load_config(args)
     config = trainer.prepare_config(config)
+    trainer.check_platform(config)
   except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   try:

@@ -778,6 +778,29 @@ def check_impls(attention_impl: str, jvp_attention_impl: str, prefix: str = "mod
       raise ValueError(f"{key}={name!r} cannot serve this pass; choose one of {allowed}")
 
 
+# The backends each kernel runs on (XLA's runs everywhere; the Pallas Triton kernels also run in
+# interpret mode on CPU).
+IMPL_PLATFORMS = {"cudnn": ("gpu", "cuda"), "pallas": ("gpu", "cuda", "cpu"),
+                  "pallas_jvp": ("gpu", "cuda", "cpu"), "splash": ("tpu",),
+                  "mosaic_jvp": ("tpu",)}
+_PLATFORM_CHOICE = {"tpu": "splash (gradient) / mosaic_jvp or xla (tangent)",
+                    "gpu": "cudnn or pallas (gradient) / pallas_jvp or xla (tangent)",
+                    "cpu": "xla"}
+
+
+def check_platform(attention_impl: str, jvp_attention_impl: str, platform: str,
+                   prefix: str = "model") -> None:
+  """Raises one ValueError line when a named kernel cannot run on `platform` ("cpu", "gpu",
+  "cuda", "tpu"): before a run or an ahead-of-time compile, instead of at the first trace."""
+  for name, key in ((attention_impl, f"{prefix}.attention"),
+                    (jvp_attention_impl, f"{prefix}.jvp_attention")):
+    where = IMPL_PLATFORMS.get(name)
+    if where is not None and platform not in where:
+      choice = _PLATFORM_CHOICE.get("gpu" if platform == "cuda" else platform, "xla")
+      raise ValueError(f"{key}={name!r} does not run on {platform}; there use {choice} "
+                       f"(--config.{key}=...)")
+
+
 def sharded_attention(q: Array, k: Array, v: Array, *, impl: str = "xla",
                       mesh: Optional[jax.sharding.Mesh] = None,
                       batch_axes: Sequence[str] = ("data", "fsdp"),

@@ -68,7 +68,6 @@ def test_bad_overrides_name_the_key(override, fragment):
     (lambda c: c.teacher.runtime.__setitem__("attention", "mosaic_jvp"),
      "teacher.runtime.attention='mosaic_jvp'"),
     # Names a loss or the evaluation reads only later, and counts that cannot be.
-    (lambda c: c.objective.__setitem__("weighting", "foo"), "objective.weighting': unknown"),
     (lambda c: c.model.__setitem__("prediction", "velocity"), "model.prediction': unknown"),
     (lambda c: c.train.__setitem__("batch_size", -4), "train.batch_size': must be >= 1"),
     (lambda c: c.eval.__setitem__("sampler", "eulr"), "eval.sampler': unknown solver 'eulr'"),
@@ -104,6 +103,8 @@ class _nullctx:
     (["--config.init.nosuch=/nonexistent/run"], "init.nosuch"),
     # Read only when the step is traced: the trace runs before anything is written.
     (["--config.optim.schedule=cosin"], "unknown schedule 'cosin'"),
+    (["--config.objective.weighting=foo"],
+     "config key 'objective.weighting': unknown loss weighting 'foo'"),
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, fragment):
   workdir = tmp_path / "run"

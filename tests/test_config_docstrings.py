@@ -61,6 +61,8 @@ def test_documented_command_names_valid_keys(where, tool, argv):
   config = trainer.load_config(os.path.join(ROOT, args.config), args.overrides)
   config.teacher.checkpoint = ""     # the docstring's teacher is a run the reader makes first
   trainer.prepare_config(config, num_devices=8, eval_files=False)
+  if tool == "launch.aot":           # compiled for a TPU topology: its kernels must run there
+    trainer.check_platform(config, "tpu")
 
 
 def test_a_run_directory_is_written_by_one_config():

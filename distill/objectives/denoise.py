@@ -7,7 +7,8 @@ network serves conditional, unconditional and classifier-free-guided sampling.
 
     python -m launch.train --config configs/toy/teacher.py --workdir runs/toy_teacher
 
-This module is the worked example of docs/objectives.md: one builder, one pure loss.
+This module is the worked example of docs/engine.md (adding an objective): one builder, one
+pure loss.
 """
 from __future__ import annotations
 
