@@ -209,7 +209,15 @@ def _load_diffusers_dir(path: str, process: Optional[str] = None) -> Teacher:
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   override, override_kind = process_from_spec(process) if process else (None, None)
   proc_cfg, prediction = None, None
-  if sched_path is not None:
+  exported = os.path.join(path, "export.json")
+  recorded = {}
+  if os.path.isfile(exported):
+    with open(exported) as f:
+      recorded = json.load(f)
+  if recorded.get("process") and recorded.get("prediction"):
+    # This project's export: the network's own process, exactly (a scheduler may not say it).
+    proc_cfg, prediction = dict(recorded["process"]), str(recorded["prediction"])
+  elif sched_path is not None:
     with open(sched_path) as f:
       proc_cfg, prediction = process_from_scheduler(json.load(f))
   elif class_name in FAMILY_DEFAULTS:

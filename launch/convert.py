@@ -68,6 +68,7 @@ def _export(args) -> int:
   import tempfile
 
   import jax
+  from distill import processes as procs
   from distill import trainer
   from distill.context import merge_params
   from models import convert
@@ -84,13 +85,18 @@ def _export(args) -> int:
   full = merge_params(info, params, {**frozen, **state.params})
   conv = convert.converter_for(info.module)
   sub = getattr(conv, "subfolder", "model")
-  sampler = args.sampler or (engine.objective.sampler if net == engine.objective.student
+  sampler = args.sampler or (trainer.student_sampler(engine) if net == engine.objective.student
                              else None)
   parent = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  raw_process = info.inner_process if info.inner_process is not None else info.process
   notes = {"workdir": os.path.abspath(args.workdir), "step": int(step), "network": net,
-           "sampler": sampler, "subfolder": sub}
+           "sampler": sampler, "subfolder": sub,
+           # What the exported network computes (read back by `launch.convert --diffusers`).
+           "process": procs.process_config(raw_process),
+           "prediction": (info.inner_prediction if info.inner_prediction is not None
+                          else info.prediction)}
   try:
     torch_module = convert.to_diffusers(info.module, {"params": jax.device_get(full)},
                                         out_dir=os.path.join(tmp, sub))

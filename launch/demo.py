@@ -145,8 +145,11 @@ def main(argv: list[str]) -> int:
       print(f"training the demo teacher ({problem})")
       train_and_ship_teacher(args.teacher, os.path.join(args.workdir, "teacher"),
                              args.teacher_overrides)
+    # The demo owns its shipped teacher: teacher rows it computes (e.g. the ideal rows of
+    # another objective) are kept in that teacher's cache for the next run.
     config = trainer.load_config(os.path.join(CONFIGS, f"{args.objective}.py"),
-                                 [f"teacher.checkpoint={args.teacher}", *overrides])
+                                 [f"teacher.checkpoint={args.teacher}",
+                                  "eval.update_teacher_cache=True", *overrides])
   except (config_lib.ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   workdir = os.path.join(args.workdir, args.objective)

@@ -138,6 +138,21 @@ def test_wrapped_students_say_what_they_export():
     export.scheduler_config(vp, "heun")
 
 
+def test_no_scheduler_where_none_reproduces_the_sampler():
+  """Sampler options (the demo's refined tcd) and a flow time input other than the
+  scheduler's s x 1000 get one line each instead of a scheduler that samples differently."""
+  module, _ = convert.from_diffusers(random_dit(DIT))
+  dense = ctx_lib.NetInfo(name="s", module=module, prediction="flow",
+                          process=procs.make_process("rectified_flow", timestep_scale=1.0))
+  with pytest.raises(ValueError, match="scaled by 1 .* s x 1000"):
+    export.scheduler_config(dense, "euler")
+  rf = ctx_lib.NetInfo(name="s", module=module, prediction="flow",
+                       process=procs.make_process("rectified_flow"))
+  assert export.scheduler_config(rf, "euler")["num_train_timesteps"] == 1000
+  with pytest.raises(ValueError, match=r"options .* \(gamma\); --sampler consistency"):
+    export.scheduler_config(rf, "consistency(gamma=0.3)")
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_peft_adapter_on_the_exported_teacher_equals_our_merged_student(scan, tmp_path):
   """A LoRA over attention and MLP kernels of a (scanned or not) DiT, exported as PEFT and

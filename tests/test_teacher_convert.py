@@ -51,6 +51,17 @@ def test_model_dir_without_scheduler_uses_family_default(tmp_path):
   assert t.prediction == "eps" and t.process.beta_schedule == "linear"
 
 
+def test_our_export_json_gives_the_exact_process(tmp_path):
+  """A directory `launch.convert --workdir` wrote: export.json's process wins over the scheduler
+  and the family default (a flow network at time scale 1 has no scheduler saying so)."""
+  _tiny_dit().save_pretrained(tmp_path / "transformer", safe_serialization=True)
+  process = {"name": "rectified_flow", "timestep_scale": 1.0, "shift": 3.0}
+  (tmp_path / "export.json").write_text(json.dumps({"process": process, "prediction": "flow"}))
+  t = teacher_lib.load_teacher(str(tmp_path))
+  assert t.prediction == "flow" and t.process.name == "rectified_flow"
+  assert (t.process.timestep_scale, t.process.shift) == (1.0, 3.0)
+
+
 def convert(*args):
   return subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, env=env())

@@ -27,5 +27,6 @@ def demo_distill_config(objective: str, *, steps: int, lr: float, batch_size: in
   c = demo_eval(distill_config(objective, teacher=TEACHER, steps=steps, batch_size=batch_size,
                                lr=lr, b1=b1, warmup_steps=warmup_steps, grad_clip=grad_clip,
                                log_every=25, checkpoint_every=100))
-  c.eval.update_teacher_cache = True   # teacher rows computed once go into the shipped cache
+  # launch.demo sets eval.update_teacher_cache: the teacher rows it computes go into the shipped
+  # teacher's cache; a plain `launch.train` of these configs only reads that cache.
   return c

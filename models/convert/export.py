@@ -12,7 +12,7 @@ walks); `SCHEDULERS` is the registry:
 |--------------------------|-------------------|-------------------------------------------------------|
 | ddim                     | vp_discrete       | DDIMScheduler (same spacing, set_alpha_to_one)         |
 | lcm                      | vp_discrete       | LCMScheduler (LCM spacing over `lcm_original_steps`)   |
-| euler                    | rectified_flow    | FlowMatchEulerDiscreteScheduler (shift)                |
+| euler                    | rectified_flow    | FlowMatchEulerDiscreteScheduler (shift; time x 1000)   |
 | consistency / trigflow   | rectified_flow    | FlowMatchEulerDiscreteScheduler(stochastic_sampling)   |
 
 A TrigFlow student presented by `flow_to_trigflow` is a rectified-flow network underneath: its
@@ -34,12 +34,14 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from distill.registry import Registry
+from distill.registry import Registry, parse_spec
 from models.convert.common import TRANSFORMS, flatten_tree
 
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 SCHEDULERS: Registry = Registry("diffusers scheduler")
+# FlowMatchEulerDiscreteScheduler hands the transformer timestep = sigma x this.
+FLOW_MATCH_TIMESTEPS = 1000
 
 
 def _vp_betas(process) -> dict:
@@ -81,8 +83,15 @@ def _flow_match(stochastic: bool) -> Callable:
     if prediction != "flow":
       raise ValueError(f"export: FlowMatchEulerDiscreteScheduler needs a flow-predicting "
                        f"network, this one predicts {prediction!r}")
-    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-            "shift": float(process.shift), "stochastic_sampling": stochastic}
+    scale = float(getattr(process, "timestep_scale", FLOW_MATCH_TIMESTEPS))
+    if scale != FLOW_MATCH_TIMESTEPS:
+      raise ValueError(f"export: this network takes flow time s scaled by {scale:g} "
+                       f"(process.timestep_scale) but FlowMatchEulerDiscreteScheduler feeds it "
+                       f"s x {FLOW_MATCH_TIMESTEPS}; no scheduler is written (export.json "
+                       f"records the network's process)")
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": FLOW_MATCH_TIMESTEPS, "shift": float(process.shift),
+            "stochastic_sampling": stochastic}
   return make
 
 
@@ -92,8 +101,12 @@ SCHEDULERS.add("trigflow/rectified_flow", _flow_match(True))
 
 
 def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
-  """The diffusers scheduler config reproducing `sampler` over network `info`'s raw output
-  (its own process and prediction; a wrapper's presented view is not what diffusers runs)."""
+  """The diffusers scheduler config reproducing `sampler` (a solver name, or a spec such as
+  "tcd(gamma=0.3)") over network `info`'s raw output (its own process and prediction; a
+  wrapper's presented view is not what diffusers runs). Raises ValueError (one line) where no
+  scheduler reproduces it: a sampler with options, a time input the scheduler does not feed."""
+  spec = sampler
+  sampler, options = parse_spec(spec, "sampler")
   wrapper = type(info.wrapper).__name__ if info.wrapper is not None else None
   process = info.inner_process if info.inner_process is not None else info.process
   prediction = info.inner_prediction if info.inner_prediction is not None else info.prediction
@@ -108,6 +121,9 @@ def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
     raise ValueError(f"export: no diffusers scheduler reproduces sampler {sampler!r} on a "
                      f"{getattr(process, 'name', '')} network (known: "
                      f"{', '.join(SCHEDULERS.names())})")
+  if options:
+    raise ValueError(f"export: sampler {spec!r} has options no diffusers scheduler reproduces "
+                     f"({', '.join(sorted(options))}); --sampler {sampler} writes the plain one")
   return SCHEDULERS.get(key)(process, prediction, dict(grid or {}))
 
 
