@@ -257,6 +257,28 @@ def from_config(config) -> Optional[Teacher]:
   return maybe_load(t.checkpoint, t.params, runtime_of(config))
 
 
+def check_toy_data(teacher: Optional[Teacher], data) -> None:
+  """Raises one line when a teacher trained on a 2-D toy distribution (a run of this project)
+  is distilled on another toy distribution (`data`: the run's data config): the toy teacher's
+  samples are its data's, so a student matching it on other data is meaningless. Other data
+  (images, latents, prompts) may differ from the teacher's on purpose."""
+  from distill.data import sources, toy  # pylint: disable=import-outside-toplevel
+  path = (teacher.reference or {}).get("path") if teacher is not None else None
+  if not path or not os.path.isfile(os.path.join(path, "config.json")):
+    return
+  with open(os.path.join(path, "config.json")) as f:
+    trained = json.load(f).get("data") or {}
+  is_toy = lambda name: name in sources.DATASETS and issubclass(sources.DATASETS.get(name),
+                                                                toy.ToySource)
+  if not (is_toy(trained.get("name", "")) and is_toy(data.get("name", ""))):
+    return
+  for key in sorted(set(trained) | set(data.keys())):
+    if key in trained and key in data and trained[key] != data[key]:
+      raise ValueError(f"config key 'data.{key}': {data[key]!r} here, but the teacher {path} "
+                       f"was trained on data.{key}={trained[key]!r} (a toy teacher samples its "
+                       f"own data's distribution; the argument of configs/toy/*.py must match)")
+
+
 # Module fields that change how a network computes, not what it computes: a loaded teacher (and
 # every network initialised from it) takes them from `teacher.runtime` (its architecture comes
 # from the checkpoint), e.g. bf16 matmuls, remat, the attention kernel, scanned blocks.

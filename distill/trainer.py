@@ -415,6 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   try:  # everything the config names must load before anything is written
     teacher = teacher_lib.from_config(config)
+    teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
     state, frozen = engine.init_state()
     engine.trace_phases(state, frozen)

@@ -254,3 +254,17 @@ def test_changed_frozen_names_networks_whose_hash_changed():
   assert resume.changed_frozen(stored, {"teacher": {"path": "/a", "hash": "h2"}}) == [
       ("teacher", "h1", "h2")]
   assert resume.changed_frozen({"resolved": {"frozen": {}}}, {"teacher": {"hash": "h2"}}) == []
+
+
+@pytest.mark.slow
+def test_a_toy_teacher_is_not_distilled_on_another_toy_distribution(tmp_path):
+  teacher = tmp_path / "teacher"
+  run(teacher, *BASE, "--config.train.steps=10")
+  dmd2 = os.path.join(ROOT, "configs", "toy", "dmd2.py")
+  proc = _cli(tmp_path / "dmd2", *BASE, "--config.train.steps=5",
+              f"--config.teacher.checkpoint={teacher}", config=dmd2 + ":checkerboard")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "config key 'data.name': 'checkerboard' here" in lines[0]
+  assert "data.name='gmm'" in lines[0]
+  assert not (tmp_path / "dmd2").exists()
