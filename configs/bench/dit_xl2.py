@@ -21,7 +21,10 @@ learned variance; parameters are float32 and the matmuls run in bfloat16 (model.
 EMA. `--random_teacher` gives the distillation objectives a random teacher of the same
 architecture (speed does not depend on the weights). Blocks are unrolled: on an H200 the plain
 step runs at 560 img/s unrolled against 435 scanned, in 57 instead of 94 GiB, but compiles in
-71 s instead of 12 (docs/performance.md); `--config.model.scan_blocks=True` scans them.
+71 s instead of 12 (docs/performance.md); `--config.model.scan_blocks=True` scans them, and
+`--config.model.scan_blocks=True --config.model.scan_unroll=28` unrolls the stacked layout (on
+CPU as fast as unrolled blocks at a quarter of their compile time; `RUNS=plain256_stacked` in
+launch/gpu_bench.sh measures it on a GPU).
 
 Attention: `model.attention` runs the gradient passes (xla | cudnn | pallas), and
 `model.jvp_attention` the sCM tangent pass (xla | pallas_jvp: cuDNN has no JVP rule). The
