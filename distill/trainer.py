@@ -630,7 +630,8 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
       raise FileNotFoundError(
           f"--workdir: no checkpoint in {ckpt.directory}" if not steps else
           f"--workdir: no checkpoint in {ckpt.directory} fits this config (steps {list(steps)} "
-          "exist; the overrides change the networks, e.g. another data set's classes?)")
+          f"exist; {ckpt.last_restore_error}: the overrides change the networks, e.g. another "
+          "data set's classes?)")
     step, state, _ = restored
     frozen = _restore_promoted(engine, ckpt, state, frozen, step)
   finally:
