@@ -95,13 +95,17 @@ class Checkpointer:
 
 
 def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:
-  """"" when the arrays stored at `step` have the paths, shapes and dtypes of `abstract_state`,
-  else the first difference in words (read from the checkpoint's metadata, no array data). A
-  checkpoint whose metadata cannot be read yields "" (its restore then decides)."""
+  """"" when the arrays stored at `step` have the paths and shapes of `abstract_state`, else
+  the first difference in words (read from the checkpoint's metadata, no array data; dtypes
+  may differ: a restore casts them). A checkpoint whose metadata cannot be read yields "" (its
+  restore then decides)."""
+  mngr = _read_only_manager(directory)
   try:
-    stored = _leaves(_structure(_read_only_manager(directory).item_metadata(step)["state"]))
+    stored = _leaves(_structure(mngr.item_metadata(step)["state"]))
   except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore
     return ""
+  finally:
+    mngr.close()
   if not stored:
     return ""
   wanted = _leaves(abstract_state)

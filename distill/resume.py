@@ -5,8 +5,8 @@ that holds a run would restore that run's weights and rewrite its config.json, s
 would claim one config for weights trained with another (a toy teacher trained with
 `model.time_scale=1` resumed at its last step with 0.001 looks finished and is silently wrong
 for every run that later distils from it). A resume may change how and where the run goes on:
-its length, logging, checkpointing, evaluation, devices and kernels (`RESUME_MAY_CHANGE`); any
-other difference, or a frozen teacher whose weights changed since the run started, stops the
+its length, logging, checkpointing, evaluation, devices and kernels (`RESUME_MAY_CHANGE`), and
+where its data lives (`RESUME_MAY_MOVE`, recorded in config.json); any other difference, or a frozen teacher whose weights changed since the run started, stops the
 command with one line before anything is written, unless `train.allow_config_change` says to go
 on; config.json then records each change (`provenance.config_changes`).
 """
@@ -27,6 +27,9 @@ RESUME_MAY_CHANGE = (
     # A moved teacher is the same teacher when its weights hash the same (checked separately).
     "teacher.checkpoint",
 )
+# Keys a resumed run may change that say where its inputs live: a dataset staged to another path
+# is the same data. The change is recorded (`provenance.config_changes`), not refused.
+RESUME_MAY_MOVE = ("data.path", "data.text_embeds")
 _NOT_CONFIG = ("provenance", "resolved")
 
 
@@ -52,24 +55,33 @@ def changed_keys(stored: Mapping[str, Any], config: Mapping[str, Any],
 
   A key only one side holds stands for its default there (`defaults`: the config schema, i.e.
   the base config and the chosen objective's, dataset's, model's and process's declared values):
-  a run trained without `model.time_scale` used the model's default. Where no default is known
-  (None) the key is left out: a newer version of this code may add one to a run started before.
+  a run trained without `model.time_scale` used the model's default, and a network's optimizer
+  key `optim.networks.<net>.<k>` defaults to `optim.<k>` of the same side. A key the schema
+  declares without a default (None) is left out; one it does not know at all (an `init.<net>`,
+  an `ema.<net>` role) is a change when one side lacks it.
   """
   old = flat({k: v for k, v in stored.items() if k not in _NOT_CONFIG})
   new = flat(_json(dict(config)))
-  known = {k: v for k, v in flat(_json(dict(defaults))).items() if v is not None}
+  schema = flat(_json(dict(defaults)))
+  missing = object()
+
+  def value(side: dict, k: str):
+    if k in side:
+      return side[k]
+    parts = k.split(".")
+    if k.startswith("optim.networks.") and len(parts) == 4:
+      return side.get(f"optim.{parts[3]}", schema.get(f"optim.{parts[3]}", missing))
+    return schema.get(k, missing)
+
   out = []
   for k in sorted(old.keys() | new.keys()):
     if _may_change(k, allowed):
       continue
-    if k in old and k in new:
-      a, b = old[k], new[k]
-    elif k in known:
-      a, b = old.get(k, known[k]), new.get(k, known[k])
-    else:
+    if (k not in old or k not in new) and k in schema and schema[k] is None:
       continue
+    a, b = value(old, k), value(new, k)
     if a != b:
-      out.append((k, a, b))
+      out.append((k, None if a is missing else a, None if b is missing else b))
   return out
 
 
@@ -80,10 +92,19 @@ def _json(tree: Any) -> Any:
 
 def changed_frozen(stored: Mapping[str, Any], frozen_refs: Mapping[str, Mapping[str, Any]]
                    ) -> list[tuple[str, Any, Any]]:
-  """(network, stored hash, new hash) for each frozen network whose weights changed."""
-  old = (stored.get("resolved") or {}).get("frozen") or {}
-  return [(n, old[n].get("hash"), ref.get("hash")) for n, ref in sorted(frozen_refs.items())
-          if n in old and old[n].get("hash") and old[n].get("hash") != ref.get("hash")]
+  """(network, stored hash, new hash) for each frozen network whose weights changed, or that one
+  side has and the other lacks (a teacher added to or dropped from a run; hash None)."""
+  resolved = stored.get("resolved") or {}
+  if "frozen" not in resolved:
+    return []
+  old = resolved["frozen"] or {}
+  out = []
+  for n in sorted(set(old) | set(frozen_refs)):
+    a = (old.get(n) or {}).get("hash")
+    b = (frozen_refs.get(n) or {}).get("hash")
+    if a != b:
+      out.append((n, a, b))
+  return out
 
 
 def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
@@ -97,7 +118,8 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   stored = _stored(workdir)
   if stored is None:
     return {}
-  diffs = changed_keys(stored, config, defaults)
+  every = changed_keys(stored, config, defaults)
+  diffs = [d for d in every if not _may_change(d[0], RESUME_MAY_MOVE)]
   moved = changed_frozen(stored, frozen_refs)
   if not allow and diffs:
     shown = "; ".join(f"{k} is {old!r} there, {new!r} here" for k, old, new in diffs[:3])
@@ -110,12 +132,15 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
         f"these values (config.json records the change)")
   if not allow and moved:
     n, old, new = moved[0]
+    what = (f"the run has no frozen {n} now" if new is None else
+            f"the run started without a frozen {n}" if old is None else
+            f"the frozen {n}'s weights changed since the run started (hash {str(old)[:12]} "
+            f"there, {str(new)[:12]} now)")
     raise ValueError(
-        f"--workdir {workdir}: the frozen {n}'s weights changed since the run started (hash "
-        f"{str(old)[:12]} there, {str(new)[:12]} now; config key teacher.checkpoint): resume "
-        f"with the teacher it started from, use a new --workdir, or "
-        f"--config.train.allow_config_change=true to go on (config.json records the change)")
-  changes = {k: [old, new] for k, old, new in diffs}
+        f"--workdir {workdir}: {what} (config key teacher.checkpoint): resume with the teacher "
+        f"it started from, use a new --workdir, or --config.train.allow_config_change=true to "
+        f"go on (config.json records the change)")
+  changes = {k: [old, new] for k, old, new in every}
   changes.update({f"frozen.{n}.hash": [old, new] for n, old, new in moved})
   return changes
 

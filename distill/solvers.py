@@ -44,6 +44,7 @@ first-order solver that is exact for linear paths in every parameterisation.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
@@ -77,13 +78,21 @@ SOLVERS: Registry[Solver] = Registry("solver")
 
 def check_sampler(spec: str, where: str) -> str:
   """The solver name of sampler spec `spec` ("tcd(gamma=0.3)"); raises ValueError naming
-  `where` (a config key or a flag) when it does not parse or names no solver."""
+  `where` (a config key or a flag) when it does not parse, names no solver or gives an option
+  the solver does not take (`grid_kwargs` go to its grid)."""
   try:
-    name, _ = parse_spec(spec, "sampler")
+    name, options = parse_spec(spec, "sampler")
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
   if name not in SOLVERS:
     raise ValueError(f"{where}: unknown solver {name!r} (known: {', '.join(SOLVERS.names())})")
+  params = inspect.signature(SOLVERS.get(name).run).parameters
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    known = ["grid_kwargs"] + [p for p in list(params)[5:]]
+    bad = sorted(set(options) - set(known))
+    if bad:
+      raise ValueError(f"{where}: solver {name!r} has no option {bad[0]!r} (its options: "
+                       f"{', '.join(known)})")
   return name
 
 

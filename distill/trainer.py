@@ -159,6 +159,24 @@ def check_platform(config: ml_collections.ConfigDict, platform: Optional[str] = 
     raise config_lib.ConfigError(str(e)) from None
 
 
+def runnable_here(config: ml_collections.ConfigDict,
+                  platform: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`config` with every attention kernel that cannot run on `platform` (default: this host's)
+  replaced by XLA's: a run trained with cuDNN or splash is sampled, evaluated or exported
+  anywhere (the kernels compute the same function; the weights do not depend on them)."""
+  platform = platform or jax.default_backend()
+  runtime = config.teacher.get("runtime") or {}
+  with config.unlocked():
+    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
+      for key in ("attention", "jvp_attention"):
+        name = node.get(key)
+        where = attention_lib.IMPL_PLATFORMS.get(name)
+        if where is not None and platform not in where:
+          log.info("%s.%s=%r does not run on %s: using xla", prefix, key, name, platform)
+          node[key] = "xla"
+  return config
+
+
 # Config keys whose value must be at least a minimum.
 _MINIMUMS = (("train.batch_size", 1), ("train.grad_accum", 1), ("train.steps", 0),
              ("train.log_every", 1), ("checkpoint.every_steps", 0), ("checkpoint.keep", 1))
@@ -213,6 +231,14 @@ def _resolved(engine: Engine) -> dict:
                            "base": engine.objective.network(n).base}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
+
+
+def _trace(engine: Engine, state, frozen, stage: int) -> None:
+  """`engine.trace_phases`, a config error it meets as one SetupError line naming the key."""
+  try:
+    engine.trace_phases(state, frozen, stage)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), engine.config)) from e
 
 
 def frozen_references(engine: Engine) -> dict:
@@ -418,9 +444,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
     state, frozen = engine.init_state()
-    engine.trace_phases(state, frozen)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
+  # A new run's steps are traced before its directory exists; a resumed one's after its
+  # checkpoint is restored (the stage it resumes in), before anything is written either way.
+  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if not resuming:
+    _trace(engine, state, frozen, 0)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -442,6 +472,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError as e:
       ckpt.close()
       raise SetupError(str(e)) from None
+  if resuming:
+    stage = engine.stage_of(restored[0])[0] if restored is not None else 0
+    if restored is None or int(restored[1].stage) == stage:   # else the loop enters it first
+      try:
+        _trace(engine, restored[1] if restored is not None else state, frozen, stage)
+      except SetupError:
+        ckpt.close()
+        raise
   rlog = runlog.RunLog(workdir, is_main=is_main)
   start = 0
   provenance = {"git_commit": runlog.git_commit(), "packages": runlog.package_versions(),
@@ -454,8 +492,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history = resume.recorded_changes(workdir)
     if changes:
       history.append({"step": start, "changes": changes})
-      rlog.message(f"config changed at step {start} (train.allow_config_change): "
-                   + ", ".join(changes))
+      rlog.message(f"config changed at step {start}: {', '.join(changes)}")
     if history:
       provenance["config_changes"] = history
   elif os.path.exists(rlog.metrics_path) and is_main:
@@ -617,7 +654,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
     config.data = ml_collections.ConfigDict({"name": names[-1]})
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
   config = prepare_config(config, eval_files=False)
-  check_platform(config)
+  config = runnable_here(config)
   teacher = teacher_lib.from_config(config)
   engine = Engine(config, teacher=teacher)
   state, frozen = engine.init_state()

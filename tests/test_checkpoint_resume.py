@@ -229,11 +229,12 @@ def test_changed_keys_compares_defaults_and_skips_what_a_resume_may_change():
   from distill import resume
   stored = {"model": {"hidden": 64}, "optim": {"lr": 1e-3}, "train": {"steps": 10},
             "eval": {"steps": [1, 2]}, "provenance": {"git_commit": "x"}, "resolved": {}}
-  defaults = {"model": {"hidden": 128, "time_scale": 1.0, "blocks": None}}
+  defaults = {"model": {"hidden": 128, "time_scale": 1.0, "blocks": None},
+              "optim": {"lr": 1e-4, "b2": 0.999}, "key_of_a_newer_version": 3}
   same = {"model": {"hidden": 64}, "optim": {"lr": 1e-3}, "train": {"steps": 50},
-          "eval": {"steps": (1, 2, 4)}, "new_key_of_a_newer_version": 3}
+          "eval": {"steps": (1, 2, 4)}, "key_of_a_newer_version": 3}
   assert resume.changed_keys(stored, same, defaults) == []
-  # A key the stored run left out stands for its default; one with an unknown default is skipped.
+  # A key the stored run left out stands for its default; one declared without one is skipped.
   assert resume.changed_keys(stored, {**same, "model": {"hidden": 64, "time_scale": 1.0}},
                              defaults) == []
   assert resume.changed_keys(stored, {**same, "model": {"hidden": 64, "time_scale": 0.5}},
@@ -245,6 +246,14 @@ def test_changed_keys_compares_defaults_and_skips_what_a_resume_may_change():
       ("model.hidden", 64, 128)]
   assert resume.changed_keys(stored, {**same, "optim": {"lr": 2e-3}}, defaults) == [
       ("optim.lr", 1e-3, 2e-3)]
+  # A network's own optimizer key defaults to the run's optim key.
+  per_net = lambda **kw: {**same, "optim": {"lr": 1e-3, "networks": {"fake": kw}}}
+  assert resume.changed_keys(stored, per_net(lr=1e-3, b2=0.999), defaults) == []
+  assert resume.changed_keys(stored, per_net(b2=0.5), defaults) == [
+      ("optim.networks.fake.b2", 0.999, 0.5)]
+  # A key the schema does not know (an init.<network>) is a change when one side lacks it.
+  assert resume.changed_keys(stored, {**same, "init": {"student": "runs/x"}}, defaults) == [
+      ("init.student", None, "runs/x")]
 
 
 def test_changed_frozen_names_networks_whose_hash_changed():
@@ -253,7 +262,12 @@ def test_changed_frozen_names_networks_whose_hash_changed():
   assert resume.changed_frozen(stored, {"teacher": {"path": "/b", "hash": "h1"}}) == []
   assert resume.changed_frozen(stored, {"teacher": {"path": "/a", "hash": "h2"}}) == [
       ("teacher", "h1", "h2")]
-  assert resume.changed_frozen({"resolved": {"frozen": {}}}, {"teacher": {"hash": "h2"}}) == []
+  # A teacher added to (or dropped from) a run is a change; a record without frozen networks
+  # (written before they were recorded) is not compared.
+  assert resume.changed_frozen({"resolved": {"frozen": {}}}, {"teacher": {"hash": "h2"}}) == [
+      ("teacher", None, "h2")]
+  assert resume.changed_frozen(stored, {}) == [("teacher", "h1", None)]
+  assert resume.changed_frozen({"resolved": {}}, {"teacher": {"hash": "h2"}}) == []
 
 
 @pytest.mark.slow
@@ -268,3 +282,21 @@ def test_a_toy_teacher_is_not_distilled_on_another_toy_distribution(tmp_path):
   assert len(lines) == 1 and "config key 'data.name': 'checkerboard' here" in lines[0]
   assert "data.name='gmm'" in lines[0]
   assert not (tmp_path / "dmd2").exists()
+
+
+def test_check_records_a_moved_dataset_and_refuses_a_new_init(tmp_path):
+  """A dataset staged elsewhere is the same run (recorded); an `init.<network>` added on resume
+  is not (it would change the frozen weights the run reads), nor is a teacher it started
+  without."""
+  from distill import resume
+  stored = {"data": {"name": "latents", "path": "/scratch/a"}, "train": {"steps": 10},
+            "resolved": {"frozen": {}}}
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  moved = {"data": {"name": "latents", "path": "/scratch/b"}, "train": {"steps": 20}}
+  assert resume.check(str(tmp_path), moved, {}, {}) == {"data.path": ["/scratch/a", "/scratch/b"]}
+  with pytest.raises(ValueError, match=r"init.student is None there, 'runs/x' here"):
+    resume.check(str(tmp_path), {**moved, "init": {"student": "runs/x"}}, {}, {})
+  with pytest.raises(ValueError, match="the run started without a frozen teacher"):
+    resume.check(str(tmp_path), moved, {}, {"teacher": {"hash": "h"}})
+  assert resume.check(str(tmp_path), moved, {}, {"teacher": {"hash": "h"}}, allow=True) == {
+      "data.path": ["/scratch/a", "/scratch/b"], "frozen.teacher.hash": [None, "h"]}

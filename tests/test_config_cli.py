@@ -73,6 +73,8 @@ def test_bad_overrides_name_the_key(override, fragment):
     (lambda c: c.eval.__setitem__("sampler", "eulr"), "eval.sampler': unknown solver 'eulr'"),
     (lambda c: c.eval.__setitem__("sampler", "tcd(gamma="), "eval.sampler': sampler spec"),
     (lambda c: c.eval.__setitem__("steps", (1, 0)), "eval.steps': every entry must be >= 1"),
+    (lambda c: c.eval.__setitem__("sampler", "consistency(foo=1)"),
+     "eval.sampler': solver 'consistency' has no option 'foo'"),
 ])
 def test_validation_names_the_key(mutate, fragment):
   c = load()
@@ -84,6 +86,23 @@ def test_validation_names_the_key(mutate, fragment):
     return
   with pytest.raises((config_lib.ConfigError, ValueError), match=fragment.replace(".", r"\.")):
     trainer.prepare_config(c)
+
+
+def test_kernels_that_cannot_run_here_are_checked_for_runs_and_replaced_for_reading_one():
+  """Training, benchmarking or compiling with a kernel the platform lacks stops in one line;
+  sampling, evaluating or exporting a run trained with one reads it with XLA attention."""
+  c = load("model.attention=cudnn", "model.jvp_attention=pallas_jvp")
+  with c.teacher.runtime.unlocked():
+    c.teacher.runtime.attention = "splash"
+  with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn' does not run on cpu"):
+    trainer.check_platform(c, "cpu")
+  with pytest.raises(config_lib.ConfigError, match="teacher.runtime.attention='splash'"):
+    trainer.check_platform(c, "gpu")
+  with pytest.raises(config_lib.ConfigError, match="model.jvp_attention='pallas_jvp'"):
+    trainer.check_platform(load("model.jvp_attention=pallas_jvp"), "tpu")
+  here = trainer.runnable_here(c, "cpu")
+  assert (here.model.attention, here.model.jvp_attention) == ("xla", "pallas_jvp")
+  assert here.teacher.runtime.attention == "xla"
 
 
 class _nullctx:
