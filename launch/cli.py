@@ -74,7 +74,10 @@ def _die(msg: str) -> None:
 
 
 def fail(e: BaseException) -> int:
-  msg = e.args[0] if getattr(e, "args", None) else str(e)
+  if isinstance(e, OSError) and e.filename is not None:   # args[0] is only the errno
+    msg = f"{e.filename}: {e.strerror or e}"
+  else:
+    msg = e.args[0] if getattr(e, "args", None) else str(e)
   parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
   print(f"error: {' '.join(parts)}", file=sys.stderr)  # one line, every detail kept
   return 2

@@ -34,7 +34,8 @@ Sharding and resuming. Examples go to `ceil(N / shard_size)` shard files in orde
 P (multi-host: `--distributed`) writes shards p, p + P, ...; each batch is encoded on all local
 devices (the batch split over a 1-D mesh). A shard is written to a temporary name and renamed
 when complete, so a killed run resumes at the first missing shard and rewrites nothing that is
-finished; meta.json is written last (by process 0 once every shard exists). `--vae` is a
+finished (precompute.json, written before the first shard, holds the settings that decide the
+records: a rerun with others stops with one line instead of mixing them); meta.json is written last (by process 0 once every shard exists). `--vae` is a
 diffusers-layout AutoencoderKL directory (config.json + safetensors; no network access).
 """
 from __future__ import annotations
@@ -128,6 +129,40 @@ def vae_hash(path: str) -> str:
   return h.hexdigest()
 
 
+SETTINGS = "precompute.json"
+
+
+def settings(args, count: int) -> dict:
+  """What decides the records an output holds: resuming with other values would mix them."""
+  return {"input": args.input, "count": int(count), "size": args.size, "kind": args.kind,
+          "flip": bool(args.flip), "dtype": args.dtype, "shard_size": args.shard_size,
+          "seed": args.seed if args.kind == "sample" else None, "vae_hash": vae_hash(args.vae)}
+
+
+def check_settings(out: str, now: dict, write: bool) -> None:
+  """Records `now` in `out`/precompute.json before the first shard; an output written with other
+  settings (a resumed or repeated run with another --size, --flip, --vae, ...) raises one line."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out, SETTINGS)
+  if os.path.isfile(path):
+    with open(path) as f:
+      before = json.load(f)
+    diff = [k for k in sorted(now) if before.get(k) != now[k]]
+    if diff:
+      shown = "; ".join(f"{k} {before.get(k)!r} there, {now[k]!r} here" for k in diff[:3])
+      raise ValueError(f"--out {out} holds shards written with other settings ({shown}): "
+                       f"rerun with the same arguments to resume, or choose a new --out")
+    return
+  if os.path.isdir(out) and any(f.startswith("latents-") for f in os.listdir(out)):
+    raise ValueError(f"--out {out} holds shards without {SETTINGS} (written by an older "
+                     f"version): choose a new --out")
+  os.makedirs(out, exist_ok=True)
+  if write:
+    with open(path + ".tmp", "w") as f:
+      json.dump(now, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
 def run(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -139,8 +174,8 @@ def run(args) -> int:
   vae_module, variables = convert.load_diffusers_dir(args.vae)
   if not hasattr(vae_module, "encode"):
     raise ValueError(f"--vae {args.vae}: {type(vae_module).__name__} has no encoder")
-  os.makedirs(args.out, exist_ok=True)
   n = len(source)
+  check_settings(args.out, settings(args, n), write=jax.process_index() == 0)
   num_shards = math.ceil(n / args.shard_size)
   names = [records.shard_name(i, num_shards) for i in range(num_shards)]
   mine = [i for i in range(num_shards) if i % jax.process_count() == jax.process_index()]

@@ -102,6 +102,13 @@ def test_precomputed_latents_equal_direct_encoding_and_resume(vae_dir, tmp_path)
   os.remove(os.path.join(out, records.META))
   with pytest.raises(ValueError, match="meta.json"):
     make_source({"name": "latents", "path": out}, 0)
+  # Resuming with another setting would mix two kinds of records: one line, nothing written.
+  listing = sorted(os.listdir(out))
+  with pytest.raises(ValueError, match=r"other settings \(size 16 there, 8 here\)"):
+    other = list(common)
+    other[other.index("--size") + 1] = "8"
+    precompute.run(precompute.parse(other))
+  assert sorted(os.listdir(out)) == listing
   _precompute(*common)
   assert [os.stat(f).st_mtime_ns for f in shard_files[:2]] == mtimes
   assert [open(f, "rb").read() for f in shard_files] == before
@@ -367,4 +374,16 @@ def test_bad_inputs_are_one_line_errors(vae_dir, tmp_path, capsys):
   assert len(err) == 1 and "line 1" in err[0] and "caption_id" in err[0], err
   assert precompute.main(["--input", "nope", "--vae", vae_dir, "--out", str(tmp_path)]) == 2
   assert "kind:argument" in capsys.readouterr().err
+  # An image the jsonl names that is missing, or a file that is no image: named in one line.
+  (tmp_path / "m.jsonl").write_text('{"image": "missing.png", "caption_id": 0}\n')
+  assert precompute.main(["--input", f"jsonl:{tmp_path / 'm.jsonl'}", "--vae", vae_dir,
+                          "--out", str(tmp_path / "m")]) == 2
+  err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]  # beside the bar
+  assert len(err) == 1 and "missing.png: cannot be read" in err[0], err
+  os.makedirs(tmp_path / "bad" / "a")
+  (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not an image")
+  assert precompute.main(["--input", f"folder:{tmp_path / 'bad'}", "--vae", vae_dir,
+                          "--out", str(tmp_path / "b")]) == 2
+  err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+  assert len(err) == 1 and "x.png: cannot be read (UnidentifiedImageError" in err[0], err
   jax.clear_caches()

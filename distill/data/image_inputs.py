@@ -62,10 +62,15 @@ def _cropped(image, size: int) -> dict[str, Any]:
 
 
 def _open(path: str):
+  """The image at `path`; a missing or unreadable file raises one ValueError line naming it."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    im.load()
-    return im
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im
+  except OSError as e:   # FileNotFoundError, PIL.UnidentifiedImageError, a truncated file
+    raise ValueError(f"image {path}: cannot be read ({type(e).__name__}: "
+                     f"{getattr(e, 'strerror', None) or e})") from None
 
 
 def _is_image(name: str) -> bool:
