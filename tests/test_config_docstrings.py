@@ -14,7 +14,7 @@ from distill import trainer
 from launch import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_TOOLS = ("launch.train", "launch.bench", "launch.aot")
+CONFIG_TOOLS = ("launch.train", "launch.bench", "launch.aot", "launch.precompute")
 TOOL_FLAGS = {"--random_teacher": 0, "--compare": 1, "--topology": 1, "--steps": 1}
 
 
@@ -50,12 +50,16 @@ def _parse(tool, argv):
 def test_the_docstrings_hold_commands():
   files = {f for f, _, _ in COMMANDS}
   assert len(COMMANDS) >= 40 and len(files) >= 25, (len(COMMANDS), sorted(files))
+  assert sum(t == "launch.precompute" for _, t, _ in COMMANDS) >= 3
   assert all(any(t == "launch.train" for f, t, _ in COMMANDS if f == x)
              for x in files if x.startswith("configs/toy/"))
 
 
-@pytest.mark.parametrize("where,tool,argv", COMMANDS,
-                         ids=[f"{f}:{i}" for i, (f, _, _) in enumerate(COMMANDS)])
+CONFIG_COMMANDS = [c for c in COMMANDS if c[1] != "launch.precompute"]
+
+
+@pytest.mark.parametrize("where,tool,argv", CONFIG_COMMANDS,
+                         ids=[f"{f}:{i}" for i, (f, _, _) in enumerate(CONFIG_COMMANDS)])
 def test_documented_command_names_valid_keys(where, tool, argv):
   args = _parse(tool, argv)
   config = trainer.load_config(os.path.join(ROOT, args.config), args.overrides)
@@ -63,6 +67,18 @@ def test_documented_command_names_valid_keys(where, tool, argv):
   trainer.prepare_config(config, num_devices=8, eval_files=False)
   if tool == "launch.aot":           # compiled for a TPU topology: its kernels must run there
     trainer.check_platform(config, "tpu")
+
+
+def test_documented_precompute_inputs_exist():
+  """`launch.precompute --input KIND:...` names a registered image input (the t2i recipes once
+  said `captions:`, which does not exist)."""
+  from distill.data import image_inputs
+  from launch import precompute
+  found = [(f, argv) for f, tool, argv in COMMANDS if tool == "launch.precompute"]
+  assert len(found) >= 3
+  for where, argv in found:
+    kind = precompute.parse(argv).input.partition(":")[0]
+    assert kind in image_inputs.IMAGE_INPUTS, (where, kind)
 
 
 def test_a_run_directory_is_written_by_one_config():

@@ -7,7 +7,7 @@ arg: `scm_ladd` (default) | `scm` (sCD alone).
     python -m launch.encode_prompts --kind sana --pipeline $SANA --captions captions.jsonl \
         --out $PROMPTS --clip_tokenizer $CLIP_VIT_B32
     # 2. Latents: 1024 px center crops through the DC-AE encoder.
-    python -m launch.precompute --input captions:captions.jsonl --vae $SANA/vae --size 1024 \
+    python -m launch.precompute --input jsonl:captions.jsonl --vae $SANA/vae --size 1024 \
         --out $LATENTS --batch 16
     # 3. The teacher: SANA-Sprint's teacher checkpoint (SANA 1.6B fine-tuned with QK-norm and a
     #    dense time input: the transformer sees flow time s in [0, 1], not 1000 s), converted

@@ -10,7 +10,7 @@ optionally `,prompts` for the data-free ones (below).
     # 2. Latents (once; the matching family's GAN, LCM and Hyper-SD train on them; SiD-LSG,
     #    SwiftBrush and DMD2 without GAN read only the prompts: `<recipe>,prompts` trains them
     #    from $PROMPTS alone, without this step): 512 px center crops, SD VAE.
-    python -m launch.precompute --input captions:captions.jsonl --vae $SD15/vae --size 512 \
+    python -m launch.precompute --input jsonl:captions.jsonl --vae $SD15/vae --size 512 \
         --out $LATENTS --batch 64
     # 3. Distil (the teacher is the pipeline directory itself: unet/ + scheduler/).
     python -m launch.train --config configs/t2i/sd15.py:dmd2 --workdir runs/sd15_dmd2 \

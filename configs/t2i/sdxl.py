@@ -9,7 +9,7 @@ arg: `dmd2` (4-step, backward simulation) | `dmd2_1step` | `lcm_lora` (default d
         --out $PROMPTS
     # 2. Latents: 1024 px center crops with their original size and crop corner (SDXL's size /
     #    crop micro-conditioning, `time_ids`), SDXL VAE.
-    python -m launch.precompute --input captions:captions.jsonl --vae $SDXL/vae --size 1024 \
+    python -m launch.precompute --input jsonl:captions.jsonl --vae $SDXL/vae --size 1024 \
         --out $LATENTS --batch 16
     # 3. Distil; 2.6B-parameter UNets need FSDP (DMD2 trained on 64 GPUs with FSDP).
     python -m launch.train --config configs/t2i/sdxl.py:dmd2 --workdir runs/sdxl_dmd2 \
