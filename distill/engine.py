@@ -229,7 +229,7 @@ class Engine:
     self.stage_objectives = self._build_stage_objectives()
     self.objective: Objective = self.stage_objectives[0]
     self.stage_bounds = self._stage_bounds()
-    self.total_steps = self.stage_bounds[-1]
+    self.total_steps = self.stage_bounds[-1]   # a staged objective's stages set the length
     self.plans = self._plan_networks()
     self.nets = {n: p.info for n, p in self.plans.items()}
     self._check_promotions()

@@ -502,6 +502,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runlog.write_json(os.path.join(workdir, "config.json"), {
         **config.to_dict(), "provenance": provenance, "resolved": _resolved(engine)})
 
+  if engine.stages and engine.total_steps != int(config.train.steps):
+    rlog.message(f"objective {config.objective.name!r} runs {len(engine.stage_bounds) - 1} "
+                 f"stages, {engine.total_steps} steps in all, set by its objective.*steps keys; "
+                 f"train.steps={config.train.steps} is not used")
   stop = _Stop()
   prev_handlers = stop.install()
   total = engine.total_steps
