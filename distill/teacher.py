@@ -206,6 +206,9 @@ def _load_diffusers_dir(path: str, process: Optional[str] = None) -> Teacher:
   with open(os.path.join(model_path, "config.json")) as f:
     class_name = json.load(f)["_class_name"]
   module, variables = convert.load_diffusers_dir(model_path)
+  if hasattr(module, "encode"):
+    raise ValueError(f"config key 'teacher.checkpoint': {path!r} holds {class_name}, an "
+                     "autoencoder: a teacher is a denoiser (a pipeline's transformer/ or unet/)")
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   override, override_kind = process_from_spec(process) if process else (None, None)
   proc_cfg, prediction = None, None

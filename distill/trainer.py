@@ -233,6 +233,24 @@ def _resolved(engine: Engine) -> dict:
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
 
 
+def _check_text_inputs(engine: Engine) -> None:
+  """A network that reads prompt embeddings needs them in the data, at its width (embeddings
+  encoded for another pipeline, or class-labelled latents, fail here in one line)."""
+  batch = engine.abstract_batch()
+  for name, info in engine.nets.items():
+    width = getattr(info.module, "text_width", None)
+    if width is None:
+      continue
+    if "text_embeds" not in batch:
+      raise ValueError(f"config key 'data.text_embeds': network {name!r} reads prompt "
+                       f"embeddings of width {width}, but data {engine.config.data.name!r} "
+                       f"gives none (a directory from launch.encode_prompts)")
+    got = batch["text_embeds"].shape[-1]
+    if got != width:
+      raise ValueError(f"config key 'data.text_embeds': prompt embeddings of width {got}, but "
+                       f"network {name!r} reads width {width} (encoded for another pipeline?)")
+
+
 def _trace(engine: Engine, state, frozen, stage: int) -> None:
   """`engine.trace_phases`, a config error it meets as one SetupError line naming the key."""
   try:
@@ -443,6 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher = teacher_lib.from_config(config)
     teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
+    _check_text_inputs(engine)
     state, frozen = engine.init_state()
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e

@@ -48,7 +48,11 @@ def main(argv: list[str]) -> int:
   from distill import teacher as teacher_lib
   try:
     if args.diffusers:
-      t = teacher_lib.load_teacher(args.diffusers, "raw", process=args.process)
+      try:
+        t = teacher_lib.load_teacher(args.diffusers, "raw", process=args.process)
+      except (ValueError, FileNotFoundError) as e:   # named as the flag this command took
+        raise type(e)(str(e.args[0] if e.args else e).replace(
+            "config key 'teacher.checkpoint'", "--diffusers")) from None
       out = teacher_lib.write_converted(t, args.out)
       print(f"converted {t.model_config['name']} ({t.reference['hash'][:12]}) -> {out}")
       return 0

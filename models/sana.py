@@ -434,6 +434,11 @@ class Sana(nn.Module):
     return self.out_channels or self.in_channels
 
   @property
+  def text_width(self) -> int:
+    """The width of the prompt embeddings (`text_embeds`) the network reads."""
+    return self.caption_channels
+
+  @property
   def mlp_hidden(self) -> int:
     return int(self.mlp_ratio * self.hidden_size)
 

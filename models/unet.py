@@ -532,6 +532,15 @@ class UNet(nn.Module):
       return names[int(f)] if -len(names) <= int(f) < len(names) else None
     return f
 
+  @property
+  def text_width(self) -> Optional[int]:
+    """The width of the prompt embeddings (`text_embeds`) the network reads; None without
+    cross-attention blocks."""
+    blocks = (*self.down_block_types, *self.up_block_types, self.mid_block_type or "")
+    if not any("CrossAttn" in b for b in blocks):
+      return None
+    return self.encoder_hid_dim or self.plan("cross_attention_dim")[0]
+
   def dummy_inputs(self, batch: int = 1, height: Optional[int] = None,
                    width: Optional[int] = None, text_length: int = 77):
     """(args, kwargs) of a forward on zeros at the given (or the config's) latent size."""

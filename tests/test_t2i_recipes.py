@@ -100,6 +100,23 @@ TRACED = [fr for fr in RECIPES if fr not in (("sdxl", "dmd2_1step"), ("sd15", "l
                                                ("sdxl", "lcm_lora"), ("sana_sprint", "scm"))]
 
 
+def test_prompt_embeddings_must_fit_the_network():
+  """Embeddings of another width, or none (class-labelled latents), are one line before work."""
+  c = trainer.prepare_config(_narrow(_config("sd15", "dmd2"), "sd15"), num_devices=1)
+  engine = Engine(c, teacher=random_teacher(c, abstract=True))
+  trainer._check_text_inputs(engine)   # pylint: disable=protected-access
+  width = engine.nets["student"].module.text_width
+  wide = {**engine.abstract_batch()}
+  wide["text_embeds"] = jax.ShapeDtypeStruct(wide["text_embeds"].shape[:-1] + (width + 8,),
+                                             wide["text_embeds"].dtype)
+  none = {k: v for k, v in wide.items() if k != "text_embeds"}
+  for batch, match in ((wide, f"width {width + 8}, but network '\\w+' reads width {width}"),
+                       (none, "reads prompt embeddings of width")):
+    engine.abstract_batch = lambda b=batch: b
+    with pytest.raises(ValueError, match=f"data.text_embeds': .*{match}"):
+      trainer._check_text_inputs(engine)   # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("family,recipe", TRACED)
 def test_recipe_phase_steps_trace(family, recipe):
   c = trainer.prepare_config(_narrow(_config(family, recipe), family), num_devices=1)

@@ -62,6 +62,14 @@ def test_our_export_json_gives_the_exact_process(tmp_path):
   assert (t.process.timestep_scale, t.process.shift) == (1.0, 3.0)
 
 
+def test_an_autoencoder_is_not_a_teacher(tmp_path):
+  from tests.test_export import tiny_vae
+  tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
+  with pytest.raises(ValueError, match="holds AutoencoderKL, an autoencoder"):
+    teacher_lib.load_teacher(str(tmp_path / "vae"), "raw",
+                             process="rectified_flow(prediction='flow')")
+
+
 def convert(*args):
   return subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, env=env())
