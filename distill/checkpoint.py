@@ -76,17 +76,16 @@ class Checkpointer:
       if misfit:
         self.last_restore_error = f"step {step}: {misfit}"
         log.info("checkpoint at step %d in %s does not fit this config: %s", step,
-                    self.directory, misfit)
+                 self.directory, misfit)
         continue
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
-        self.last_restore_error = (f"step {step}: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}")
-        log.warning("checkpoint at step %d in %s could not be restored (%s: %s); "
-                    "falling back to the previous one", step, self.directory,
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.last_restore_error = f"step {step}: {error}"
+        log.warning("checkpoint at step %d in %s could not be restored (%s); "
+                    "falling back to the previous one", step, self.directory, error)
     return None
 
   def close(self) -> None:

@@ -146,6 +146,16 @@ class NetInfo:
     object.__setattr__(self, "process", process)
     object.__setattr__(self, "prediction", prediction)
 
+  @property
+  def own_process(self) -> Any:
+    """The process of the network's raw output (what it computes, under any wrapper)."""
+    return self.inner_process if self.inner_process is not None else self.process
+
+  @property
+  def own_prediction(self) -> str:
+    """The prediction kind of the network's raw output."""
+    return self.inner_prediction if self.inner_prediction is not None else self.prediction
+
 
 def merge_params(info: NetInfo, params: Params, all_params: Mapping[str, Params]) -> Params:
   """The full weights of a network: its own, or its base's with a LoRA adapter merged."""

@@ -6,9 +6,10 @@ would claim one config for weights trained with another (a toy teacher trained w
 `model.time_scale=1` resumed at its last step with 0.001 looks finished and is silently wrong
 for every run that later distils from it). A resume may change how and where the run goes on:
 its length, logging, checkpointing, evaluation, devices and kernels (`RESUME_MAY_CHANGE`), and
-where its data lives (`RESUME_MAY_MOVE`, recorded in config.json); any other difference, or a frozen teacher whose weights changed since the run started, stops the
-command with one line before anything is written, unless `train.allow_config_change` says to go
-on; config.json then records each change (`provenance.config_changes`).
+where its data lives (`RESUME_MAY_MOVE`, recorded in config.json). Any other difference, or a
+frozen teacher whose weights changed since the run started (or that it gained or lost), stops
+the command with one line before anything is written, unless `train.allow_config_change` says
+to go on; config.json then records each change (`provenance.config_changes`).
 """
 from __future__ import annotations
 

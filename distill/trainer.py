@@ -132,8 +132,7 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
   try:
     sources.resolve_config(config.data)
-    runtime = config.teacher.get("runtime") or {}
-    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
+    for prefix, node in _attention_nodes(config):
       attention_lib.check_impls(node.get("attention", "xla"), node.get("jvp_attention", "xla"),
                                 prefix)
   except ValueError as e:
@@ -146,13 +145,18 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
   return config
 
 
+def _attention_nodes(config: ml_collections.ConfigDict) -> tuple:
+  """(key prefix, config node) of every place a config names attention kernels: the model and
+  the loaded teacher's runtime options."""
+  return (("model", config.model), ("teacher.runtime", config.teacher.get("runtime") or {}))
+
+
 def check_platform(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> None:
   """Raises ConfigError when an attention kernel the config names cannot run on `platform`
   (default: this host's backend; launch.aot: the topology's). Separate from `prepare_config`,
   which validates a config wherever it will run."""
-  runtime = config.teacher.get("runtime") or {}
   try:
-    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
+    for prefix, node in _attention_nodes(config):
       attention_lib.check_platform(node.get("attention", "xla"), node.get("jvp_attention", "xla"),
                                    platform or jax.default_backend(), prefix)
   except ValueError as e:
@@ -165,13 +169,11 @@ def runnable_here(config: ml_collections.ConfigDict,
   replaced by XLA's: a run trained with cuDNN or splash is sampled, evaluated or exported
   anywhere (the kernels compute the same function; the weights do not depend on them)."""
   platform = platform or jax.default_backend()
-  runtime = config.teacher.get("runtime") or {}
   with config.unlocked():
-    for prefix, node in (("model", config.model), ("teacher.runtime", runtime)):
+    for prefix, node in _attention_nodes(config):
       for key in ("attention", "jvp_attention"):
         name = node.get(key)
-        where = attention_lib.IMPL_PLATFORMS.get(name)
-        if where is not None and platform not in where:
+        if name is not None and not attention_lib.runs_on(name, platform):
           log.info("%s.%s=%r does not run on %s: using xla", prefix, key, name, platform)
           node[key] = "xla"
   return config
@@ -217,7 +219,7 @@ def _resolved(engine: Engine) -> dict:
   model_cfgs, processes = {}, {}
   for name, plan in engine.plans.items():
     model_cfgs[name] = plan.model_config
-    own = plan.info.inner_process or plan.info.process
+    own = plan.info.own_process
     if own is not None:
       processes[name] = procs.process_config(own)
   obj = engine.objective

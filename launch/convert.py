@@ -94,13 +94,11 @@ def _export(args) -> int:
   parent = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-  raw_process = info.inner_process if info.inner_process is not None else info.process
   notes = {"workdir": os.path.abspath(args.workdir), "step": int(step), "network": net,
            "sampler": sampler, "subfolder": sub,
            # What the exported network computes (read back by `launch.convert --diffusers`).
-           "process": procs.process_config(raw_process),
-           "prediction": (info.inner_prediction if info.inner_prediction is not None
-                          else info.prediction)}
+           "process": procs.process_config(info.own_process),
+           "prediction": info.own_prediction}
   try:
     torch_module = convert.to_diffusers(info.module, {"params": jax.device_get(full)},
                                         out_dir=os.path.join(tmp, sub))

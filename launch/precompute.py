@@ -35,8 +35,9 @@ P (multi-host: `--distributed`) writes shards p, p + P, ...; each batch is encod
 devices (the batch split over a 1-D mesh). A shard is written to a temporary name and renamed
 when complete, so a killed run resumes at the first missing shard and rewrites nothing that is
 finished (precompute.json, written before the first shard, holds the settings that decide the
-records: a rerun with others stops with one line instead of mixing them); meta.json is written last (by process 0 once every shard exists). `--vae` is a
-diffusers-layout AutoencoderKL directory (config.json + safetensors; no network access).
+records: a rerun with others stops with one line instead of mixing them); meta.json is written
+last (by process 0 once every shard exists). `--vae` is a diffusers-layout AutoencoderKL
+directory (config.json + safetensors; no network access).
 """
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def run(args) -> int:
   if not hasattr(vae_module, "encode"):
     raise ValueError(f"--vae {args.vae}: {type(vae_module).__name__} has no encoder")
   n = len(source)
-  check_settings(args.out, settings(args, n), write=jax.process_index() == 0)
+  recipe = settings(args, n)
+  check_settings(args.out, recipe, write=jax.process_index() == 0)
   num_shards = math.ceil(n / args.shard_size)
   names = [records.shard_name(i, num_shards) for i in range(num_shards)]
   mine = [i for i in range(num_shards) if i % jax.process_count() == jax.process_index()]
@@ -209,7 +211,7 @@ def run(args) -> int:
         "count": n, "shape": shape, "kind": args.kind, "flip": bool(args.flip),
         "num_classes": int(source.num_classes), "fields": fields, "shards": names,
         "dtype": args.dtype, "size": args.size,
-        "vae": {"path": os.path.abspath(args.vae), "hash": vae_hash(args.vae)},
+        "vae": {"path": os.path.abspath(args.vae), "hash": recipe["vae_hash"]},
         "source": source.describe()})
     print(f"wrote {n} examples ({num_shards} shards, latent {shape}) to {args.out}")
   return 0

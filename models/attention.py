@@ -788,14 +788,18 @@ _PLATFORM_CHOICE = {"tpu": "splash (gradient) / mosaic_jvp or xla (tangent)",
                     "cpu": "xla"}
 
 
+def runs_on(name: str, platform: str) -> bool:
+  """Whether attention implementation `name` runs on `platform` ("cpu", "gpu", "cuda", "tpu")."""
+  return platform in IMPL_PLATFORMS.get(name, (platform,))
+
+
 def check_platform(attention_impl: str, jvp_attention_impl: str, platform: str,
                    prefix: str = "model") -> None:
   """Raises one ValueError line when a named kernel cannot run on `platform` ("cpu", "gpu",
   "cuda", "tpu"): before a run or an ahead-of-time compile, instead of at the first trace."""
   for name, key in ((attention_impl, f"{prefix}.attention"),
                     (jvp_attention_impl, f"{prefix}.jvp_attention")):
-    where = IMPL_PLATFORMS.get(name)
-    if where is not None and platform not in where:
+    if not runs_on(name, platform):
       choice = _PLATFORM_CHOICE.get("gpu" if platform == "cuda" else platform, "xla")
       raise ValueError(f"{key}={name!r} does not run on {platform}; there use {choice} "
                        f"(--config.{key}=...)")

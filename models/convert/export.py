@@ -108,8 +108,7 @@ def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
   spec = sampler
   sampler, options = parse_spec(spec, "sampler")
   wrapper = type(info.wrapper).__name__ if info.wrapper is not None else None
-  process = info.inner_process if info.inner_process is not None else info.process
-  prediction = info.inner_prediction if info.inner_prediction is not None else info.prediction
+  process, prediction = info.own_process, info.own_prediction
   if wrapper == "EDMConsistency":
     raise ValueError("export: a consistency-model student (edm_consistency wrapper: cd, ct, "
                      "ect) has no diffusers scheduler over its raw network; the transformer is "
