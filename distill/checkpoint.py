@@ -42,6 +42,18 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
                                          options=options)
+    self._await_tmp_cleanup()
+
+  def _await_tmp_cleanup(self) -> None:
+    """Waits for Orbax's removal of a killed run's temporary directories.
+
+    The manager starts it in a thread and only a save awaits it (`close` does not), so a
+    command that stopped before its first save (a refused resume) could exit mid-cleanup and
+    print a page of "cannot schedule new futures after shutdown" after its one-line error.
+    """
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:   # absent in an Orbax without the threaded cleanup
+      await_cleanup()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

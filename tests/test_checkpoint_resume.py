@@ -69,6 +69,29 @@ def test_unfinished_save_is_ignored(tmp_path):
   assert 30 in _steps(w)
 
 
+def test_a_killed_runs_temporaries_are_gone_once_the_checkpointer_opens(tmp_path, monkeypatch):
+  # Orbax removes them in a background thread; a command that stops before its first save (a
+  # refused resume) must not exit while that thread still runs (CI saw it print a page of
+  # "cannot schedule new futures after shutdown" after the one-line error). A slow cleanup makes
+  # the race certain: the Checkpointer must wait for it.
+  import asyncio
+  from orbax.checkpoint._src.path import temporary_paths
+  from distill import checkpoint as ckpt
+  original = temporary_paths.cleanup_temporary_paths
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(0.5)
+    return await original(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  tmp = tmp_path / "ck" / "30.orbax-checkpoint-tmp-1"
+  tmp.mkdir(parents=True)
+  c = ckpt.Checkpointer(str(tmp_path / "ck"), every_steps=1, keep=3, async_save=False)
+  assert not tmp.exists()
+  assert c.all_steps() == []
+  c.close()
+
+
 def test_partial_restore_reads_only_the_selected_subtrees(tmp_path):
   """`restore_raw(select=...)` (how a teacher or an `init.<network>` is taken out of a run) returns
   exactly the selected subtrees, equal to the full restore, from the newest readable step; a
