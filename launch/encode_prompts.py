@@ -156,7 +156,26 @@ def encoder_dirs(args) -> dict[str, str]:
       raise ValueError(f"--{role}: {path!r} is not a directory (expected a transformers "
                        f"{'tokenizer' if role.startswith('tokenizer') else 'model'} folder)")
     out[role] = path
+  for role in ROLES[args.kind][1::2]:   # the encoders: their config says which family they are
+    _check_family(args.kind, role, out[role])
   return out
+
+
+CLIP_TYPE = "clip_text_model"   # CLIPTextModel's and CLIPTextModelWithProjection's model_type
+
+
+def _check_family(kind: str, role: str, path: str) -> None:
+  """A CLIP encoder for sd15 / sdxl, a non-CLIP (Gemma-2) one for sana, from its config.json."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config):
+    raise ValueError(f"--{role}: {config} is missing (expected a transformers model folder)")
+  with open(config) as f:
+    found = json.load(f).get("model_type")
+  if (found == CLIP_TYPE) == (kind == "sana"):
+    expected = "a Gemma-2" if kind == "sana" else f"a CLIP ({CLIP_TYPE!r})"
+    other = "sd15 or sdxl" if found == CLIP_TYPE else "sana"
+    raise ValueError(f"--{role}: --kind {kind} encodes with {expected} text encoder, {config} "
+                     f"has model_type {found!r} (--kind {other}?)")
 
 
 def load(kind: str, dirs: dict[str, str], precision: str, device: str) -> dict:

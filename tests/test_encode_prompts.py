@@ -214,7 +214,8 @@ def test_encode_prompts_sana_equals_pipeline(sana_dir, sdxl_dir, tmp_path, instr
   np.testing.assert_array_equal(got["clip_tokens"], np.asarray(ids, np.int32))
 
 
-def test_encode_prompts_failures_leave_no_output(sdxl_dir, tmp_path, capsys, monkeypatch):
+def test_encode_prompts_failures_leave_no_output(sdxl_dir, sana_dir, tmp_path, capsys,
+                                                 monkeypatch):
   out = tmp_path / "o"
   base = ["--kind", "sd15", "--pipeline", sdxl_dir, "--out", str(out)]
   bad = tmp_path / "bad.jsonl"
@@ -231,6 +232,13 @@ def test_encode_prompts_failures_leave_no_output(sdxl_dir, tmp_path, capsys, mon
                               "--out", str(out)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--tokenizer" in err[0], err
+  # The kind must match the encoders: a SANA pipeline is not encoded as SD1.5, nor the reverse.
+  clip = encode_prompts.CLIP_TYPE
+  for kind, pipeline, found in (("sd15", sana_dir, "gemma2"), ("sana", sdxl_dir, clip)):
+    assert encode_prompts.main(["--kind", kind, "--pipeline", pipeline, "--captions", good,
+                                "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--kind {kind}" in err[0] and repr(found) in err[0], err
   calls = []
 
   def failing(models, texts):
