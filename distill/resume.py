@@ -6,7 +6,8 @@ would claim one config for weights trained with another (a toy teacher trained w
 `model.time_scale=1` resumed at its last step with 0.001 looks finished and is silently wrong
 for every run that later distils from it). A resume may change how and where the run goes on:
 its length, logging, checkpointing, evaluation, devices and kernels (`RESUME_MAY_CHANGE`), and
-where its data lives (`RESUME_MAY_MOVE`, recorded in config.json). Any other difference, or a
+where its data lives (`RESUME_MAY_MOVE`, recorded in config.json) as long as the data's content
+hash is the one the run started with. Any other difference, data whose content changed, or a
 frozen teacher whose weights changed since the run started (or that it gained or lost), stops
 the command with one line before anything is written, unless `train.allow_config_change` says
 to go on; config.json then records each change (`provenance.config_changes`).
@@ -108,20 +109,33 @@ def changed_frozen(stored: Mapping[str, Any], frozen_refs: Mapping[str, Mapping[
   return out
 
 
+def changed_data(stored: Mapping[str, Any], data_hash: Optional[str]
+                 ) -> Optional[tuple[Any, Any]]:
+  """(stored hash, new hash) when the data's content hash differs from the one the run started
+  with (`resolved.data_hash`; runs that predate it are not compared), else None."""
+  old = (stored.get("resolved") or {}).get("data_hash")
+  if old is None or data_hash is None or old == data_hash:
+    return None
+  return old, data_hash
+
+
 def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
-          frozen_refs: Mapping[str, Mapping[str, Any]], allow: bool = False
-          ) -> dict[str, list[Any]]:
+          frozen_refs: Mapping[str, Mapping[str, Any]], allow: bool = False,
+          data_hash: Optional[str] = None) -> dict[str, list[Any]]:
   """The changes resuming the run in `workdir` (it has a checkpoint) with `config` would make:
-  {key: [there, here]}, a frozen network's weights as `frozen.<network>.hash`. Raises
-  ValueError (one line) when there are any and not `allow`. `defaults`: see `changed_keys`;
-  `frozen_refs`: {network: reference with its weights' hash} of the networks loaded from the
-  teacher checkpoint now."""
+  {key: [there, here]}, a frozen network's weights as `frozen.<network>.hash`, the data's
+  content as `data.hash`. Raises ValueError (one line) when there are any and not `allow`
+  (a moved dataset, `RESUME_MAY_MOVE`, is allowed when its content hash is unchanged).
+  `defaults`: see `changed_keys`; `frozen_refs`: {network: reference with its weights' hash}
+  of the networks loaded from the teacher checkpoint now; `data_hash`: the data source's
+  `content_hash()` now."""
   stored = _stored(workdir)
   if stored is None:
     return {}
   every = changed_keys(stored, config, defaults)
   diffs = [d for d in every if not _may_change(d[0], RESUME_MAY_MOVE)]
   moved = changed_frozen(stored, frozen_refs)
+  data = changed_data(stored, data_hash)
   if not allow and diffs:
     shown = "; ".join(f"{k} is {old!r} there, {new!r} here" for k, old, new in diffs[:3])
     more = f" (and {len(diffs) - 3} more keys)" if len(diffs) > 3 else ""
@@ -141,8 +155,19 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
         f"--workdir {workdir}: {what} (config key teacher.checkpoint): resume with the teacher "
         f"it started from, use a new --workdir, or --config.train.allow_config_change=true to "
         f"go on (config.json records the change)")
+  if not allow and data:
+    paths = [f"{k} {old!r} there, {new!r} here" for k, old, new in every
+             if _may_change(k, RESUME_MAY_MOVE)]
+    where = f" ({'; '.join(paths)})" if paths else ""
+    raise ValueError(
+        f"--workdir {workdir}: the data differs from the data the run started with{where}: "
+        f"content hash {data[0][:12]} there, {data[1][:12]} now: resume with the data it "
+        f"started from, use a new --workdir, or --config.train.allow_config_change=true to go "
+        f"on (config.json records the change)")
   changes = {k: [old, new] for k, old, new in every}
   changes.update({f"frozen.{n}.hash": [old, new] for n, old, new in moved})
+  if data:
+    changes["data.hash"] = list(data)
   return changes
 
 

@@ -213,9 +213,10 @@ def _naming_the_key(message: str, config) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _resolved(engine: Engine) -> dict:
+def _resolved(engine: Engine, data_hash: Optional[str] = None) -> dict:
   """What config.json records beyond the config: each network's model, its own process (the
-  one its raw output and `prediction` refer to) and how the objective presents it (wrapper)."""
+  one its raw output and `prediction` refer to) and how the objective presents it (wrapper),
+  the frozen networks' and the data's hashes (a resume compares them)."""
   model_cfgs, processes = {}, {}
   for name, plan in engine.plans.items():
     model_cfgs[name] = plan.model_config
@@ -228,6 +229,7 @@ def _resolved(engine: Engine) -> dict:
           "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
           "stage_bounds": engine.stage_bounds,
+          "data_hash": engine.source.content_hash() if data_hash is None else data_hash,
           "networks": {n: {"init": p.init_from, "frozen": p.frozen,
                            "wrapper": engine.objective.network(n).wrapper,
                            "base": engine.objective.network(n).base}
@@ -479,11 +481,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                keep=config.checkpoint.keep, keep_steps=engine.boundary_steps,
                                async_save=config.checkpoint.async_save)
   changes, restored = {}, None
+  data_hash = engine.source.content_hash()
   steps = ckpt.all_steps()
   if steps:  # a run is there: this command may only go on with it
     try:
       changes = resume.check(workdir, config.to_dict(), schema_for(config).to_dict(),
-                             frozen_references(engine), allow=config.train.allow_config_change)
+                             frozen_references(engine), allow=config.train.allow_config_change,
+                             data_hash=data_hash)
       restored = ckpt.restore_latest(ckpt_lib.abstract_of(state))
       if restored is None:
         raise ValueError(
@@ -521,7 +525,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if is_main:
     runlog.write_json(os.path.join(workdir, "config.json"), {
-        **config.to_dict(), "provenance": provenance, "resolved": _resolved(engine)})
+        **config.to_dict(), "provenance": provenance, "resolved": _resolved(engine, data_hash)})
 
   if engine.stages and engine.total_steps != int(config.train.steps):
     rlog.message(f"objective {config.objective.name!r} runs {len(engine.stage_bounds) - 1} "

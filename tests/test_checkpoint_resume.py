@@ -323,3 +323,18 @@ def test_check_records_a_moved_dataset_and_refuses_a_new_init(tmp_path):
     resume.check(str(tmp_path), moved, {}, {"teacher": {"hash": "h"}})
   assert resume.check(str(tmp_path), moved, {}, {"teacher": {"hash": "h"}}, allow=True) == {
       "data.path": ["/scratch/a", "/scratch/b"], "frozen.teacher.hash": [None, "h"]}
+  # A run that recorded its data's content hash: a move is allowed when the content is the same,
+  # other data at the new path (or the old one) is refused, naming the path and both hashes.
+  stored["resolved"]["data_hash"] = "a" * 64
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  assert resume.check(str(tmp_path), moved, {}, {}, data_hash="a" * 64) == {
+      "data.path": ["/scratch/a", "/scratch/b"]}
+  with pytest.raises(ValueError, match=r"the data differs .*data.path '/scratch/a' there, "
+                                       r"'/scratch/b' here.*hash aaaaaaaaaaaa there, "
+                                       r"bbbbbbbbbbbb now"):
+    resume.check(str(tmp_path), moved, {}, {}, data_hash="b" * 64)
+  same_path = {**moved, "data": stored["data"]}
+  with pytest.raises(ValueError, match=r"the data differs from the data the run started with: "):
+    resume.check(str(tmp_path), same_path, {}, {}, data_hash="b" * 64)
+  assert resume.check(str(tmp_path), same_path, {}, {}, data_hash="b" * 64, allow=True) == {
+      "data.hash": ["a" * 64, "b" * 64]}

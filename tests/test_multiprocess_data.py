@@ -167,3 +167,33 @@ def test_multiprocess_training_resumes_with_identical_global_batches(latents, tm
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
+
+
+@pytest.mark.slow
+def test_resume_goes_on_with_moved_data_and_refuses_other_data(latents, tmp_path):
+  """A dataset staged to another path is the same run (the content hash config.json recorded is
+  unchanged); another precompute of the same images (without flipped twins) under the path is
+  not, and the refusal is one line that writes nothing."""
+  import shutil
+  from launch import precompute
+  run = str(tmp_path / "run")
+  _run_processes([_train(run, latents, 2)], _env(1))
+  moved = shutil.copytree(latents, tmp_path / "moved")
+  out = _run_processes([_train(run, str(moved), 4)], _env(1))[0]
+  assert "resumed from step 2" in out
+  with open(os.path.join(run, "config.json")) as f:
+    recorded = json.load(f)["provenance"]["config_changes"]
+  assert recorded == [{"step": 2, "changes": {"data.path": [latents, str(moved)]}}]
+  imgs = os.path.join(os.path.dirname(latents), "imgs")
+  vae = os.path.join(os.path.dirname(latents), "vae")
+  other = str(tmp_path / "other")
+  assert precompute.main(["--input", f"folder:{imgs}", "--vae", vae, "--out", other,
+                          "--size", "16", "--shard_size", "6"]) == 0
+  before = open(os.path.join(run, "config.json")).read()
+  proc = subprocess.run(_train(run, other, 6), env=_env(1), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "the data differs from the data the run started with" in lines[0]
+  assert f"data.path {str(moved)!r} there, {other!r} here" in lines[0], lines
+  assert open(os.path.join(run, "config.json")).read() == before

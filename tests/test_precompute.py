@@ -236,6 +236,17 @@ def test_captions_bring_text_embeds_pooled_and_time_ids(caption_latents):
                                                     "pooled_text_embeds"}
 
 
+def test_content_hash_covers_the_prompts(caption_latents, tmp_path):
+  """The hash a resume compares (and the teacher-row cache keys on): the same records and
+  embeddings elsewhere hash the same; other embeddings for the same records do not."""
+  out, emb, arr, _ = caption_latents
+  hash_of = lambda text: make_source({"name": "latents", "path": out, "text_embeds": text},
+                                     0).content_hash()
+  moved = _save(tmp_path / "moved", **arr)
+  other = _save(tmp_path / "other", **{**arr, "embeds": arr["embeds"][::-1].copy()})
+  assert hash_of(emb) == hash_of(moved) != hash_of(other)
+
+
 def _error_line(data: dict) -> str:
   with pytest.raises(ValueError) as e:
     make_source({"name": "latents", **data}, 0)

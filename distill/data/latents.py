@@ -107,6 +107,18 @@ def _check_shape(name: str, arr: np.ndarray, want: tuple, what: str,
   raise ValueError(f"{key}: {name} has shape {arr.shape}, expected {shown} ({what})")
 
 
+def text_fingerprint(text: dict[str, np.ndarray]) -> str:
+  """sha256 of every prompt array's dtype and shape and of its first and last 64 rows (the
+  arrays are memory-mapped and may hold gigabytes)."""
+  h = hashlib.sha256(b"prompts")
+  for name in sorted(text):
+    arr = text[name]
+    h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+    for part in (arr[:64], arr[-64:]):
+      h.update(np.ascontiguousarray(part).tobytes())
+  return h.hexdigest()
+
+
 def load_text_embeds(path: str, null_prompt: str = "file",
                      key: str = "data.text_embeds") -> dict[str, np.ndarray]:
   """The arrays of a caption-embedding directory (module docstring) by short name: `embeds`,
@@ -306,6 +318,10 @@ class Latents(Source):
     return noise, flips
 
   def content_hash(self) -> str:
-    """sha256 of meta.json's identifying fields (count, shape, kind, the source and VAE)."""
+    """sha256 of meta.json's identifying fields (count, shape, kind, the source and VAE), and
+    of the prompt embeddings' fingerprint when the records hold caption ids."""
     keys = ("count", "shape", "kind", "flip", "fields", "source", "vae")
-    return hashlib.sha256(repr([self.meta.get(k) for k in keys]).encode()).hexdigest()
+    records = hashlib.sha256(repr([self.meta.get(k) for k in keys]).encode()).hexdigest()
+    if self.text is None:
+      return records
+    return hashlib.sha256(f"{records}:{text_fingerprint(self.text)}".encode()).hexdigest()

@@ -25,12 +25,10 @@ gives n prompts drawn from `reference_rng(seed)` (sample grids, `launch.sample`)
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from distill.data.latents import (NULL_PROMPTS, load_text_embeds, null_prompt_inputs,
-                                  stream_indices, text_rows)
+                                  stream_indices, text_fingerprint, text_rows)
 from distill.data.sources import Source, process_rows, reference_rng, register_dataset
 
 
@@ -97,12 +95,4 @@ class Prompts(Source):
     return null_prompt_inputs(self.text)
 
   def content_hash(self) -> str:
-    """sha256 of every caption array's dtype and shape and of its first and last 64 rows (the
-    arrays are memory-mapped and may hold gigabytes)."""
-    h = hashlib.sha256(b"prompts")
-    for name in sorted(self.text):
-      arr = self.text[name]
-      h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
-      for part in (arr[:64], arr[-64:]):
-        h.update(np.ascontiguousarray(part).tobytes())
-    return h.hexdigest()
+    return text_fingerprint(self.text)
