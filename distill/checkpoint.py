@@ -26,20 +26,26 @@ log = logging.getLogger(__name__)
 class Checkpointer:
   """A CheckpointManager over `directory` with the run's save and keep rules."""
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int,
-               keep_steps: Sequence[int] = (), async_save: bool = True):
+  def __init__(self, directory: str, *, every_steps: int = 0, keep: int = 1,
+               keep_steps: Sequence[int] = (), async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: restore only, for reading a run another process may be training (its
+    in-flight save's temporary directory is left alone; nothing is created or deleted)."""
     self.directory = os.path.abspath(directory)
     self.every_steps = int(every_steps)
     self.last_restore_error = ""
-    policies = [cm.LatestN(max(1, int(keep)))]
-    if keep_steps:
-      policies.append(cm.CustomSteps(list(int(s) for s in keep_steps)))
-    options = ocp.CheckpointManagerOptions(
-        create=True,
-        enable_async_checkpointing=async_save,
-        preservation_policy=cm.AnyPreservationPolicy(policies),
-        cleanup_tmp_directories=True,
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+      policies = [cm.LatestN(max(1, int(keep)))]
+      if keep_steps:
+        policies.append(cm.CustomSteps(list(int(s) for s in keep_steps)))
+      options = ocp.CheckpointManagerOptions(
+          create=True,
+          enable_async_checkpointing=async_save,
+          preservation_policy=cm.AnyPreservationPolicy(policies),
+          cleanup_tmp_directories=True,
+      )
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
                                          options=options)
     self._await_tmp_cleanup()

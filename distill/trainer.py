@@ -75,16 +75,34 @@ def fill_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
+# Config sections whose `name` picks a component that declares the section's other keys.
+COMPONENTS = {"objective": "objective", "data": "dataset", "model": "model", "process": "process"}
+
+
 def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """Loads `configs/X.py[:arg]` and applies `a.b=value` overrides (keys the file left out are
-  accepted when the chosen objective, dataset or model declares them)."""
+  accepted when the chosen objective, dataset or model declares them). A component the command
+  line swaps (`--config.data.name=synthetic` on a digits config) drops the keys the file set
+  for the one it replaces that the new one does not declare, with a line saying which."""
   config = config_lib.load_config_file(spec)
   names, rest = config_lib.split_overrides(overrides)
+  chosen = {s: config[s].get("name") for s in COMPONENTS if s in config}
   config = config_lib.apply_overrides(config, names)
   try:
     schema = schema_for(config)
   except KeyError as e:
     raise config_lib.ConfigError(e.args[0]) from None
+  for section, old in chosen.items():
+    new = config[section].get("name")
+    stale = [k for k in config[section] if k not in schema[section]] if new != old else []
+    if stale:
+      with config.unlocked():
+        for k in stale:
+          del config[section][k]
+      what = COMPONENTS[section]
+      log.warning("%s.name=%r replaces the config file's %s %r: dropped %s (not keys of "
+                      "%r)", section, new, what, old, ", ".join(f"{section}.{k}" for k in stale),
+                      new)
   return config_lib.apply_overrides(config, rest, schema)
 
 
@@ -235,6 +253,24 @@ def _resolved(engine: Engine, data_hash: Optional[str] = None) -> dict:
                            "base": engine.objective.network(n).base}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
+
+
+def check_data_fits(engine: Engine) -> None:
+  """The data's labels and prompt embeddings are ones the networks can read (ValueError)."""
+  _check_class_labels(engine)
+  _check_text_inputs(engine)
+
+
+def _check_class_labels(engine: Engine) -> None:
+  """A class-conditional network embeds classes 0..K-1 (K: the null class); labels beyond
+  them (data of another label set) would index past its table and train on NaNs silently."""
+  data = int(engine.source.num_classes)
+  for name, info in engine.nets.items():
+    if info.num_classes and data > info.num_classes:
+      raise ValueError(
+          f"config key 'data.name': data {engine.config.data.name!r} has {data} classes "
+          f"(labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} (a teacher "
+          f"or model for another label set?)")
 
 
 def _check_text_inputs(engine: Engine) -> None:
@@ -465,7 +501,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher = teacher_lib.from_config(config)
     teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
-    _check_text_inputs(engine)
+    check_data_fits(engine)
     state, frozen = engine.init_state()
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
@@ -686,9 +722,10 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   config = runnable_here(config)
   teacher = teacher_lib.from_config(config)
   engine = Engine(config, teacher=teacher)
+  check_data_fits(engine)
   state, frozen = engine.init_state()
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1,
-                               async_save=False)
+  # Read-only: the run may be training in another process (its in-flight save stays).
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     restored = ckpt.restore_latest(ckpt_lib.abstract_of(state))
     if restored is None:

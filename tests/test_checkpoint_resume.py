@@ -92,6 +92,29 @@ def test_a_killed_runs_temporaries_are_gone_once_the_checkpointer_opens(tmp_path
   c.close()
 
 
+def test_a_read_only_checkpointer_leaves_an_in_flight_save_alone(tmp_path):
+  """How a run is read (sample, evaluate, export) while it may be training elsewhere: the
+  training's temporary save directory survives, the newest finished step restores, and
+  nothing is created in a directory without checkpoints."""
+  import numpy as np
+  from distill import checkpoint as ckpt
+  state = {"w": np.arange(3, dtype=np.float32)}
+  writer = ckpt.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  writer.save(1, state, {"step": 1})
+  writer.close()
+  in_flight = tmp_path / "ck" / "2.orbax-checkpoint-tmp-1"
+  in_flight.mkdir()
+  reader = ckpt.Checkpointer(str(tmp_path / "ck"), read_only=True)
+  step, restored, meta = reader.restore_latest(
+      {"w": __import__("jax").ShapeDtypeStruct((3,), np.float32)})
+  reader.close()
+  assert step == 1 and meta == {"step": 1} and in_flight.is_dir()
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  empty = ckpt.Checkpointer(str(tmp_path / "none"), read_only=True)
+  assert empty.all_steps() == [] and not (tmp_path / "none").exists()
+  empty.close()
+
+
 def test_partial_restore_reads_only_the_selected_subtrees(tmp_path):
   """`restore_raw(select=...)` (how a teacher or an `init.<network>` is taken out of a run) returns
   exactly the selected subtrees, equal to the full restore, from the newest readable step; a

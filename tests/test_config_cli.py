@@ -169,3 +169,33 @@ def test_cli_error_is_one_line_without_jax_platforms(tmp_path):
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
   assert lines == ["error: model.jvp_attention='pallas' cannot serve this pass; choose one of "
                    "('xla', 'pallas_jvp', 'mosaic_jvp')"], proc.stderr
+
+
+DEMO_DMD2 = os.path.join(ROOT, "configs", "demo", "dmd2.py")
+
+
+def test_a_component_swapped_on_the_command_line_drops_the_keys_of_the_one_it_replaces(caplog):
+  # The demo configs set data.size for the digits; the synthetic data has no such key, and a
+  # command line cannot delete a key, so the swap drops it (saying so) instead of refusing.
+  with caplog.at_level("WARNING", logger="distill.trainer"):
+    c = trainer.load_config(DEMO_DMD2, ["data.name=synthetic", "data.height=8"])
+  assert c.data.name == "synthetic" and c.data.height == 8 and "size" not in c.data
+  assert "dropped data.size" in caplog.text and "dataset 'digits'" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="distill.trainer"):   # nothing dropped, nothing said
+    assert trainer.load_config(TEACHER, ["data.name=spiral"]).data.name == "spiral"
+    c = trainer.load_config(DEMO_DMD2, [])
+  assert c.data.size == 8 and not caplog.text
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'data.size'"):
+    trainer.load_config(DEMO_DMD2, ["data.name=synthetic", "data.size=8"])
+
+
+def test_labels_beyond_the_networks_classes_stop_before_anything_is_written(tmp_path):
+  # 1000-class data for the demo's 10-class teacher: the labels would index past its class
+  # table (NaN losses that trained on silently).
+  c = trainer.load_config(DEMO_DMD2, ["data.name=synthetic", "data.height=8", "data.width=8",
+                                      "data.channels=1", "data.num_classes=1000"])
+  with pytest.raises(trainer.SetupError, match=r"data 'synthetic' has 1000 classes \(labels "
+                                               r"0..999\), but network '\w+' embeds 10"):
+    trainer.train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

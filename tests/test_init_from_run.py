@@ -60,9 +60,13 @@ def test_student_starts_from_the_other_runs_ema_and_trains_on(sid_run, tmp_path)
   rows = mu.metrics(work)
   assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k.endswith("loss"))
 
-  # A resumed run restores its own checkpoint, whatever init says now.
+  # A resumed run restores its own checkpoint, whatever init says now. Reading a run leaves
+  # a save another process has in flight (Orbax's temporary directory) alone.
+  in_flight = os.path.join(work, "checkpoints", "4.orbax-checkpoint-tmp-1")
+  os.makedirs(in_flight)
   engine2, state2, _, step = trainer.open_run(work, [])
   assert step == 2 and _equal(state2.params["student"], trained.params)
+  assert os.path.isdir(in_flight)
 
 
 def test_bad_init_values_are_one_clear_error(sid_run, tmp_path):
