@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
@@ -698,13 +698,21 @@ def _peak_flops() -> float:
 # ----------------------------------------------------------------------------- reading runs
 
 
+def _recorded_teacher(resolved: Mapping[str, Any]) -> Optional[dict]:
+  """The teacher checkpoint's reference (path, step, hash) a run's config.json recorded (every
+  network loaded from it shares it), or None (no teacher, or a run that predates the record)."""
+  refs = [r for r in (resolved.get("frozen") or {}).values() if r]
+  return dict(refs[0]) if refs else None
+
+
 def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   """Rebuilds a run's engine from its config.json and restores its latest checkpoint.
 
   Returns (engine, state, frozen, step). `overrides` are `a.b=value` strings (e.g. eval keys);
   `data.name=<other>` evaluates on another data set: the run's own data keys are dropped (they
   belong to its data set) and the new one takes its defaults plus the `data.*` overrides (a run
-  trained on `prompts` evaluated against `latents`).
+  trained on `prompts` evaluated against `latents`). The teacher is read from the absolute
+  path config.json recorded (unless `teacher.checkpoint=` is given) and must hash as it did.
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -712,15 +720,26 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   with open(path) as f:
     saved = json.load(f)
   saved.pop("provenance", None)
-  saved.pop("resolved", None)
+  recorded = _recorded_teacher(saved.pop("resolved", None) or {})
   config = config_lib.from_dict(saved)
   names = [o.partition("=")[2] for o in overrides if o.startswith("data.name=")]
   if names and names[-1] != config.data.name:
     config.data = ml_collections.ConfigDict({"name": names[-1]})
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
+  given = any(o.startswith("teacher.checkpoint=") for o in overrides)
+  if recorded and not given and os.path.exists(recorded.get("path") or ""):
+    # config.json keeps teacher.checkpoint as typed (maybe relative to where training ran);
+    # the recorded reference holds its absolute path.
+    config.teacher.checkpoint = recorded["path"]
   config = prepare_config(config, eval_files=False)
   config = runnable_here(config)
   teacher = teacher_lib.from_config(config)
+  if recorded and teacher is not None and teacher.reference.get("hash") != recorded.get("hash"):
+    raise ValueError(
+        f"config key 'teacher.checkpoint': {teacher.reference.get('path')} is not the teacher "
+        f"the run {workdir} was trained with (weights hash {str(recorded.get('hash'))[:12]} "
+        f"recorded, {str(teacher.reference.get('hash'))[:12]} there; it was "
+        f"{recorded.get('path')}): give that teacher with --config.teacher.checkpoint=PATH")
   engine = Engine(config, teacher=teacher)
   check_data_fits(engine)
   state, frozen = engine.init_state()

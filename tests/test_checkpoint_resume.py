@@ -238,6 +238,22 @@ def test_resume_refuses_a_frozen_teacher_whose_weights_changed(tmp_path):
   assert len(lines) == 1 and "teacher's weights changed" in lines[0], proc.stderr
   assert "teacher.checkpoint" in lines[0]
   assert _snapshot(student) == before
+  # Reading the run (sample, evaluate, export) takes the teacher from the recorded absolute path
+  # (where the run last resumed: `moved`, since retrained) and refuses other weights; the
+  # teacher it was trained with, given explicitly, reads it.
+  from distill import trainer
+  with pytest.raises(ValueError, match=f"{moved} is not the teacher the run {student} was "
+                                       "trained with"):
+    trainer.open_run(str(student))
+  assert trainer.open_run(str(student), [f"teacher.checkpoint={teacher}"])[3] == 20
+  # config.json keeps teacher.checkpoint as typed, e.g. relative to where the run was trained:
+  # the recorded absolute path is what is read.
+  cfg = json.loads((student / "config.json").read_text())
+  cfg["teacher"]["checkpoint"] = "runs/elsewhere"
+  for ref in cfg["resolved"]["frozen"].values():
+    ref["path"] = str(teacher)
+  (student / "config.json").write_text(json.dumps(cfg))
+  assert trainer.open_run(str(student))[3] == 20
 
 
 def test_layout_mismatch_is_read_from_metadata(tmp_path):
