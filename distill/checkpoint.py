@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -34,6 +35,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.every_steps = int(every_steps)
     self.last_restore_error = ""
+    self.skipped: dict[int, str] = {}   # step -> why restore_latest passed it over
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True)
     else:
@@ -89,26 +91,76 @@ class Checkpointer:
     failure's first line is kept in `last_restore_error`). A step whose stored arrays do not
     have `abstract_state`'s paths and shapes (another config's run) is skipped without reading
     its data."""
+    self.skipped = {}
     for step in reversed(self.all_steps()):
       misfit = layout_mismatch(self.directory, step, abstract_state)
       if misfit:
-        self.last_restore_error = f"step {step}: {misfit}"
+        self.last_restore_error = self.skipped[step] = f"step {step}: {misfit}"
         log.info("checkpoint at step %d in %s does not fit this config: %s", step,
                  self.directory, misfit)
         continue
+      _quiet_closed_loop_echoes()
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        self.last_restore_error = f"step {step}: {error}"
+        _quiet_unretrieved_tasks()
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        self.last_restore_error = self.skipped[step] = f"step {step}: {error}"
         log.warning("checkpoint at step %d in %s could not be restored (%s); "
                     "falling back to the previous one", step, self.directory, error)
     return None
 
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the run's checkpoints (to `../unreadable_checkpoints/`,
+    kept for inspection) so that training past it saves that step anew; returns where it went.
+    For the steps `restore_latest` skipped when a resume goes on from an earlier one: left in
+    place, the step would block its own save (Orbax keeps an existing step) and be skipped
+    again at every later resume."""
+    aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    dest, n = os.path.join(aside, str(step)), 0
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(aside, f"{step}.{n}")
+    os.rename(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+_QUIETED = set()
+
+
+def _quiet_closed_loop_echoes() -> None:
+  """Drops the echoes of a failed restore's reads (its warning names the failure): Orbax's
+  reads still in flight complete on its closed event loop and each prints an unraisable
+  "Event loop is closed" traceback (some 900 lines for a toy run's checkpoint). Installed
+  once, before the first restore (some echo while the restore is still failing); other
+  unraisable exceptions pass."""
+  if "loop" in _QUIETED:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  _QUIETED.add("loop")
+
+
+def _quiet_unretrieved_tasks() -> None:
+  """After a failed restore: asyncio's "Task exception was never retrieved" record for each of
+  its reads that failed too (the same error, once per array)."""
+  if "tasks" not in _QUIETED:
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "Task exception was never retrieved" not in record.getMessage())
+    _QUIETED.add("tasks")
 
 
 def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -547,6 +548,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "command": " ".join(sys.argv)}
   if restored is not None:
     start, state, meta = restored
+    _set_aside_skipped(ckpt, start, is_main)
     frozen = _restore_promoted(engine, ckpt, state, frozen, start)
     rlog.truncate_after(start)
     rlog.message(f"resumed from step {start}")
@@ -696,6 +698,19 @@ def _peak_flops() -> float:
 
 
 # ----------------------------------------------------------------------------- reading runs
+
+
+def _set_aside_skipped(ckpt: ckpt_lib.Checkpointer, start: int, is_main: bool) -> None:
+  """Moves the checkpoints newer than `start` that the restore passed over (unreadable, or not
+  this config's) out of the way: the resumed run saves those steps anew."""
+  for step, why in sorted(ckpt.skipped.items()):
+    if step > start and is_main:
+      dest = ckpt.set_aside(step)
+      log.warning("checkpoint %d moved to %s (%s); resuming from step %d", step, dest, why,
+                  start)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpoints set aside")
+    ckpt.manager.reload()
 
 
 def _recorded_teacher(resolved: Mapping[str, Any]) -> Optional[dict]:
