@@ -216,6 +216,8 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str],
     parts = key.split(".")
     node = config
     for i, part in enumerate(parts[:-1]):
+      if isinstance(node, ConfigDict) and part not in node and _is_open(parts[:i]):
+        node[part] = ConfigDict()   # a per-name entry (ema.<net>, optim.networks.<net>)
       if not isinstance(node, ConfigDict) or part not in node:
         raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}")
       node = node[part]

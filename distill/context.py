@@ -165,6 +165,14 @@ def merge_params(info: NetInfo, params: Params, all_params: Mapping[str, Params]
   return lora.lora_merge(all_params[info.base], params, info.lora_scale)
 
 
+class Networks(dict):
+  """name -> NetInfo of an objective's networks; a name it lacks (a misspelt `ctx.x0("teachr",
+  ...)` in a loss) is a KeyError that lists the names it has."""
+
+  def __missing__(self, name):
+    raise KeyError(f"no network {name!r} in this objective (it has {', '.join(self)})")
+
+
 @struct.dataclass
 class Context:
   params: dict               # name -> params of networks this phase does not train

@@ -26,6 +26,7 @@ from flax.core import meta
 from distill import context as ctx_lib
 from distill import optim as optim_lib
 from distill import processes as procs
+from distill import solvers
 from distill import sharding as shd
 from distill import teacher as teacher_lib
 from distill.data import sources
@@ -214,6 +215,32 @@ class NetPlan:
   lora: Any = None
 
 
+
+def _loss_parts(out: Any, where: str) -> tuple[Any, dict, dict]:
+  """(loss, metrics, updates) of a phase loss's return value, checked while the step is traced
+  (before a run writes anything): `(loss, metrics)` or `(loss, metrics, updates)` with a
+  scalar loss and a dict of scalar metrics. A mistake is one line naming `where`."""
+  shape = "(loss, metrics) or (loss, metrics, updates)"
+  if not isinstance(out, tuple) or len(out) not in (2, 3):
+    got = (f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape") else
+           f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else ""))
+    raise ValueError(f"{where}: the loss must return {shape}, got {got}")
+  loss, metrics, updates = out if len(out) == 3 else (*out, {})
+  if jnp.shape(loss) != ():
+    raise ValueError(f"{where}: the loss must be a scalar, got shape {jnp.shape(loss)} (average "
+                     "it over the batch)")
+  if not isinstance(metrics, Mapping):
+    raise ValueError(f"{where}: metrics must be a dict of scalars, got "
+                     f"{type(metrics).__name__}")
+  for k, v in metrics.items():
+    if jnp.shape(v) != ():
+      raise ValueError(f"{where}: metric {k!r} must be a scalar, got shape {jnp.shape(v)}")
+  if not isinstance(updates, Mapping):
+    raise ValueError(f"{where}: updates (mutable collections) must be a dict, got "
+                     f"{type(updates).__name__}")
+  return loss, dict(metrics), updates
+
+
 class Engine:
   """Builds networks, state and phase steps for one config."""
 
@@ -231,7 +258,8 @@ class Engine:
     self.stage_bounds = self._stage_bounds()
     self.total_steps = self.stage_bounds[-1]   # a staged objective's stages set the length
     self.plans = self._plan_networks()
-    self.nets = {n: p.info for n, p in self.plans.items()}
+    self.nets = ctx_lib.Networks({n: p.info for n, p in self.plans.items()})
+    self._check_objective_names()
     self._check_promotions()
     self.init_runs = self._init_runs()
     self._check_data_free()
@@ -252,7 +280,7 @@ class Engine:
   # ------------------------------------------------------------------ objective and stages
   def _build_stage_objectives(self) -> list[Objective]:
     ocfg = self.config.objective
-    first = self.entry.build(ocfg)
+    first = self._build_objective(ocfg)
     # The stage list is the one the configured objective declares (a stage's own objective is
     # built from overridden keys and may declare other stages: those are not used).
     self.stages: tuple[Stage, ...] = tuple(first.stages)
@@ -266,8 +294,56 @@ class Engine:
           raise ValueError(f"stage override: unknown config key 'objective.{k}'")
         with c.ignore_type():
           c[k] = v
-      out.append(self.entry.build(c))
+      out.append(self._build_objective(c))
     return out
+
+  def _build_objective(self, ocfg: ml_collections.ConfigDict) -> Objective:
+    """The registered builder's Objective; a key it reads that the config lacks (one missing
+    from its `register_objective(defaults=...)`) is one line naming it."""
+    try:
+      return self.entry.build(ocfg)
+    except (AttributeError, KeyError) as e:
+      m = re.fullmatch(r"""["']*(\w+)["']*""", str(e.args[0]) if e.args else "")
+      if not m or m.group(1) in ocfg:
+        raise
+      raise ValueError(f"objective {ocfg.name!r}: its builder reads config key "
+                       f"'objective.{m.group(1)}', which the config lacks (declare it in "
+                       f"register_objective(..., defaults=...))") from None
+
+  def _check_objective_names(self) -> None:
+    """The names an objective gives (its student, its sampler, each phase's networks and data
+    stream) exist, so that a misspelt one stops at setup instead of after training."""
+    name = self.config.objective.name
+    for obj in self.stage_objectives:   # (its `student`: checked where it is evaluated)
+      solvers.check_sampler(obj.sampler, f"objective {name!r}: sampler")
+      for phase in obj.phases:
+        missing = [n for n in phase.trains if n not in self.plans]
+        if missing:
+          raise ValueError(f"objective {name!r}: phase {phase.name!r} trains {missing[0]!r}, "
+                           f"not one of its networks ({', '.join(self.plans)})")
+        if phase.data != "train":
+          raise ValueError(f"objective {name!r}: phase {phase.name!r} reads data stream "
+                           f"{phase.data!r}; only the config's `data` stream ('train') exists "
+                           "(per-phase data streams are not implemented yet)")
+    # Per-network config entries must name what the objective has (else silently unused).
+    roles = {}
+    for obj in self.stage_objectives:
+      for net, rs in obj.ema.items():
+        if not isinstance(rs, Mapping):
+          raise ValueError(f"objective {name!r}: ema[{net!r}] must map roles to decays, e.g. "
+                           f"{{{net!r}: {{'eval': 0.999}}}}, got {rs!r}")
+        roles.setdefault(net, set()).update(rs)
+    have = "; ".join(f"{n}: {', '.join(sorted(r))}" for n, r in roles.items()) or "none"
+    for net, entry in (self.config.get("ema") or {}).items():
+      for role in (entry or {}):
+        if role not in roles.get(net, ()):
+          raise ValueError(f"config key 'ema.{net}.{role}': objective {name!r} keeps no EMA "
+                           f"role {role!r} of network {net!r} (its EMA roles: {have})")
+    trained = {n for obj in self.stage_objectives for n in obj.trained}
+    for net in (self.config.optim.get("networks") or {}):
+      if net not in trained:
+        raise ValueError(f"config key 'optim.networks.{net}': objective {name!r} trains no "
+                         f"network {net!r} (it trains {', '.join(sorted(trained))})")
 
   def _check_promotions(self) -> None:
     """A LoRA network promoted into its own base would carry its adapter twice afterwards."""
@@ -320,20 +396,24 @@ class Engine:
     t = self.teacher
     null_inputs = {k: np.asarray(v) for k, v in self.source.null_inputs().items()}
     for net in self.objective.networks:
-      if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
-        src = plans[net.init]
-        mcfg = with_network_kwargs(net, src.model_config)
-        module = src.info.module if not net.kwargs else module_from_config(mcfg)
-        process, prediction, ncls = (src.info.process, src.info.prediction,
-                                     src.info.num_classes)
-      elif net.init in ("checkpoint", "teacher"):
-        if t is None:
-          raise ValueError(f"config key 'teacher.checkpoint': objective "
-                           f"{self.config.objective.name!r} needs a teacher (network {net.name!r})")
-        mcfg = with_network_kwargs(net, {**t.model_config,
+      if net.init in plans or net.init in ("checkpoint", "teacher"):
+        if net.init in plans:  # a copy of an earlier network (also one named 'teacher')
+          src = plans[net.init].info
+          base_cfg, base_module = plans[net.init].model_config, src.module
+          process, prediction, ncls = src.process, src.prediction, src.num_classes
+        else:
+          if t is None:
+            raise ValueError(f"config key 'teacher.checkpoint': objective "
+                             f"{self.config.objective.name!r} needs a teacher (network "
+                             f"{net.name!r})")
+          base_cfg, base_module = t.model_config, t.module
+          process, prediction, ncls = t.process, t.prediction, t.num_classes
+        # `model` and `reparameterize` apply to a copy of the teacher however it is reached.
+        mcfg = with_network_kwargs(net, {**base_cfg,
                                          **({"name": net.model} if net.model is not None else {})})
-        module = t.module if (net.model is None and not net.kwargs) else module_from_config(mcfg)
-        process, prediction, ncls = t.process, mcfg.get("prediction", t.prediction), t.num_classes
+        module = (base_module if (net.model is None and not net.kwargs)
+                  else module_from_config(mcfg))
+        prediction = mcfg.get("prediction", prediction)
         if net.reparameterize:  # the teacher's weights, trained in the config's parameterisation
           process = procs.make_process(**self.config.process.to_dict())
           prediction = mcfg["prediction"] = self.config.model.prediction
@@ -631,12 +711,17 @@ class Engine:
                                             self.stage_length(stage)) for n in phase.trains}
     optimizers = self.optimizers
 
+    where = f"objective {self.config.objective.name!r}, phase {phase.name!r}"
+
     def loss_fn(trainable, ctx, batch, rng, t):
-      out = phase.loss(trainable, ctx, batch, rng, t)
-      if len(out) == 3:
-        loss, metrics, updates = out
-      else:
-        (loss, metrics), updates = out, {}
+      try:
+        out = phase.loss(trainable, ctx, batch, rng, t)
+      except KeyError as e:   # a name the loss looked up (a network, a batch key)
+        message = str(e.args[0] if e.args else e)
+        if re.match(r"unknown [\w ]+ '", message):   # a config value's name: it names the key
+          raise
+        raise KeyError(f"{where}: {message}") from e
+      loss, metrics, updates = _loss_parts(out, where)
       return loss, (metrics, updates)
 
     def step(state: TrainState, frozen: dict, batch: dict, t: Time):

@@ -69,6 +69,23 @@ def _fd_metric(samples: np.ndarray, reference: np.ndarray) -> dict:
 for _name, _fn in suite.METRIC_FUNCTIONS.items():
   METRICS.add(_name, _fn)
 
+# What the data must be for a metric with a fixed input (the image metrics check theirs in
+# MetricSetup.check; swd flattens any shape): checked before anything is sampled.
+DATA_OF_METRIC = {
+    "fd": (lambda shape: len(shape) == 3 and shape[-1] == 1,
+           "grayscale images (H, W, 1) in the digit classifier's features"),
+}
+
+
+def check_metric_data(names: Sequence[str], shape: Sequence[int]) -> None:
+  """One line when a metric cannot score data of `shape` (e.g. `fd` on 2-D toy points)."""
+  for m in names:
+    fits, what = DATA_OF_METRIC.get(m, (lambda _: True, ""))
+    if not fits(tuple(shape)):
+      raise suite.MetricError(f"config key 'eval.metric(s)': metric {m!r} scores {what}; the "
+                              f"data are {tuple(shape)} (swd scores any data; images: fid and "
+                              "the other image metrics)")
+
 
 def takes_setup(metric: str) -> bool:
   """Whether metric `metric` takes the evaluation's `MetricSetup` (keyword `setup`)."""
@@ -97,9 +114,10 @@ def check_eval_config(eval_cfg, files: bool = True) -> None:
                        f"{', '.join(METRICS.names())})")
   if eval_cfg.get("sampler", ""):
     solvers.check_sampler(eval_cfg.sampler, "config key 'eval.sampler'")
-  bad = [s for s in eval_cfg.get("steps", ()) if int(s) < 1]
-  if bad:
-    raise ValueError(f"config key 'eval.steps': every entry must be >= 1, got {bad[0]}")
+  for key in ("steps", "ideal_steps"):
+    bad = [s for s in eval_cfg.get(key, ()) if int(s) < 1]
+    if bad:
+      raise ValueError(f"config key 'eval.{key}': every entry must be >= 1, got {bad[0]}")
   if files:
     MetricSetup.from_config(eval_cfg, names).check_files()
 
@@ -434,6 +452,7 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
   if CLIP_TOKENS in conds and setup.prompt_tokens is None and not setup.clip_tokens:
     setup.prompt_tokens = conds[CLIP_TOKENS]
   conds = network_conditions(conds)
+  check_metric_data(names, source.shape)
   setup.check(tuple(source.shape), num_samples)
   uses_setup = [m for m in names if takes_setup(m)]
   use_cache = teacher_cache is not None and bool(teacher_hash)

@@ -1,12 +1,12 @@
 """The objective API: an objective is data (networks, phases, EMA roles, stages); its losses are
 pure functions. The engine (distill/engine.py) does everything else.
 
-    @register_objective("denoise", defaults={"weighting": "uniform", ...})
-    def denoise(cfg: ObjectiveConfig) -> Objective:
+    @register_objective("denoise", defaults={"weighting": "none", "ema_decay": 0.999, ...})
+    def denoise(cfg: ml_collections.ConfigDict) -> Objective:   # cfg: the `objective` section
       return Objective(
           networks=(Network("model", init="random"),),
           phases=(Phase("denoise", loss=functools.partial(loss, ...), trains=("model",)),),
-          ema={"model": ("eval",)})
+          ema={"model": {"eval": float(cfg.ema_decay)}})   # {network: {role: decay}}
 
 A phase loss is
 
@@ -119,7 +119,9 @@ class Stage:
 class Objective:
   networks: tuple[Network, ...]
   phases: tuple[Phase, ...]
-  ema: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # {network: {role: decay}}: a decay (float) or a schedule (callable(Time) -> decay); the
+  # config's `ema.<network>.<role>` overrides it. ctx.ema[network][role] holds the average.
+  ema: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   stages: tuple[Stage, ...] = ()
   # The network evaluated and sampled as "student" and its sampler ("euler", "consistency",
   # "trigflow", ...). A teacher-training objective names its network here with role "teacher".

@@ -200,7 +200,10 @@ def runnable_here(config: ml_collections.ConfigDict,
 
 # Config keys whose value must be at least a minimum.
 _MINIMUMS = (("train.batch_size", 1), ("train.grad_accum", 1), ("train.steps", 0),
-             ("train.log_every", 1), ("checkpoint.every_steps", 0), ("checkpoint.keep", 1))
+             ("train.log_every", 1), ("checkpoint.every_steps", 0), ("checkpoint.keep", 1),
+             ("eval.num_samples", 1), ("eval.teacher_steps", 1), ("eval.batch_size", 1),
+             ("eval.feature_batch", 1), ("eval.every_steps", 0), ("sample.num", 0),
+             ("sample.every_steps", 0))
 
 
 def _check_counts(config) -> None:
@@ -260,6 +263,23 @@ def check_data_fits(engine: Engine) -> None:
   """The data's labels and prompt embeddings are ones the networks can read (ValueError)."""
   _check_class_labels(engine)
   _check_text_inputs(engine)
+
+
+def _check_what_training_evaluates(engine: Engine) -> None:
+  """When the run evaluates or samples, the network it evaluates exists and its metrics score
+  this data (ValueError): found after training otherwise."""
+  e, obj = engine.config.eval, engine.objective
+  evaluates = bool(e.at_end) or int(e.every_steps) > 0
+  if not (evaluates or int(engine.config.sample.num) > 0):
+    return
+  if obj.student not in engine.plans:
+    raise ValueError(f"objective {engine.config.objective.name!r}: student {obj.student!r} "
+                     f"(the network it evaluates and samples) is not one of its networks "
+                     f"({', '.join(engine.plans)})")
+  if evaluates:
+    evaluation.check_metric_data(
+        evaluation.resolve_metrics(engine.source, e.get("metric", ""), e.get("metrics", ())),
+        engine.source.shape)
 
 
 def _check_class_labels(engine: Engine) -> None:
@@ -503,6 +523,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
     check_data_fits(engine)
+    _check_what_training_evaluates(engine)
     state, frozen = engine.init_state()
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
@@ -746,7 +767,15 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
     # config.json keeps teacher.checkpoint as typed (maybe relative to where training ran);
     # the recorded reference holds its absolute path.
     config.teacher.checkpoint = recorded["path"]
-  config = prepare_config(config, eval_files=False)
+  try:
+    config = prepare_config(config, eval_files=False)
+  except config_lib.ConfigError as e:
+    m = re.match(r"unknown config key '([^']+)'", str(e))
+    if m and not any(o.startswith(m.group(1)) for o in overrides):
+      raise config_lib.ConfigError(
+          f"{path}: {e} (the run was trained with a version that had it; remove it from "
+          f"config.json to read the run with this one)") from None
+    raise
   config = runnable_here(config)
   teacher = teacher_lib.from_config(config)
   if recorded and teacher is not None and teacher.reference.get("hash") != recorded.get("hash"):

@@ -25,8 +25,8 @@ from launch import cli
 
 def _extra(p):
   p.add_argument("--steps", type=int, nargs="*", default=None)
-  p.add_argument("--num", type=int, default=0)
-  p.add_argument("--teacher_steps", type=int, default=0)
+  p.add_argument("--num", type=int, default=None, help="samples (eval.num_samples)")
+  p.add_argument("--teacher_steps", type=int, default=None, help="eval.teacher_steps")
   p.add_argument("--metric", default="")
   p.add_argument("--metrics", default="", help="comma list, e.g. fid,is,pr (eval.metrics)")
 
@@ -38,9 +38,9 @@ def main(argv: list[str]) -> int:
   overrides = list(args.overrides)
   if args.steps:
     overrides.append(f"eval.steps={tuple(args.steps)}")
-  if args.num:
+  if args.num is not None:   # checked with the config (>= 1)
     overrides.append(f"eval.num_samples={args.num}")
-  if args.teacher_steps:
+  if args.teacher_steps is not None:
     overrides.append(f"eval.teacher_steps={args.teacher_steps}")
   if args.metric:
     overrides.append(f"eval.metric={args.metric}")
@@ -52,6 +52,10 @@ def main(argv: list[str]) -> int:
     engine, state, frozen, step = trainer.open_run(args.workdir, overrides)
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
+  if args.steps and engine.objective.evaluates_as == "teacher":
+    print(f"note: {args.workdir} trains a teacher: its rows are the teacher at 1 and "
+          f"eval.teacher_steps={engine.config.eval.teacher_steps} steps (--teacher_steps); "
+          f"--steps is not used", file=sys.stderr)
   try:
     report = trainer.run_evaluation(engine, state, frozen, step)
   except MetricError as e:  # a missing file, a stale statistics file, too few samples

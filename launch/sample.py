@@ -124,6 +124,11 @@ def run_conditions(source, args) -> dict[str, np.ndarray]:
   return prompt_conditions(prompts, need, args.prompt_embeds, args.num)
 
 
+def _image_extensions() -> set[str]:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
 def main(argv: list[str]) -> int:
   args = cli.parse(argv, prog="launch.sample", need_config=False, extra=_extra)
   cli.setup(args)
@@ -131,6 +136,9 @@ def main(argv: list[str]) -> int:
   try:
     if args.prompt_embeds and args.class_label >= 0:
       raise ValueError("--class and --prompt_embeds: give one of them")
+    if args.out and os.path.splitext(args.out)[1].lower() not in _image_extensions():
+      raise ValueError(f"--out {args.out}: expected an image file name (.png, .jpg, ...); the "
+                       "samples are also saved beside it as .npy")
     engine, state, frozen, step = trainer.open_run(args.workdir, args.overrides)
     obj = engine.objective
     role = args.network or ("teacher" if obj.evaluates_as == "teacher" else "student")

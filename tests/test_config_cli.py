@@ -199,3 +199,40 @@ def test_labels_beyond_the_networks_classes_stop_before_anything_is_written(tmp_
                                                r"0..999\), but network '\w+' embeds 10"):
     trainer.train(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_per_network_entries_are_created_on_the_command_line_and_must_name_the_objectives():
+  # `ema.<net>.<role>` and `optim.networks.<net>.<key>` need no sub-dictionary in the file...
+  dmd2 = os.path.join(ROOT, "configs", "toy", "dmd2.py")
+  c = trainer.load_config(dmd2, ["optim.networks.fake_score.lr=1e-4", "ema.student.eval=0.9"])
+  assert c.optim.networks.fake_score.lr == 1e-4 and c.ema.student.eval == 0.9
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.nets'"):
+    trainer.load_config(dmd2, ["optim.nets.fake_score.lr=1e-4"])
+  # ... and a name the objective does not have stops at setup instead of being ignored.
+  from distill.engine import Engine
+  from tests._matching_utils import make_teacher
+  for overrides, fragment in (
+      (["optim.networks.fakescore.lr=1e-4"],
+       "config key 'optim.networks.fakescore': objective 'dmd2' trains no network 'fakescore' "
+       "(it trains fake_score, gan_head, student)"),
+      (["ema.student.eval=0.9"], "config key 'ema.student.eval': objective 'dmd2' keeps no EMA "
+                                 "role 'eval' of network 'student'")):
+    c = trainer.prepare_config(trainer.load_config(dmd2, overrides + ["teacher.checkpoint="]))
+    with pytest.raises(ValueError) as e:
+      Engine(c, teacher=make_teacher(0))
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("eval.num_samples=0", "'eval.num_samples': must be >= 1, got 0"),
+    ("eval.teacher_steps=0", "'eval.teacher_steps': must be >= 1, got 0"),
+    ("eval.ideal_steps=(0,)", "'eval.ideal_steps': every entry must be >= 1, got 0"),
+    ("sample.num=-3", "'sample.num': must be >= 0, got -3"),
+    ("eval.metric=fd", "metric 'fd' scores grayscale images (H, W, 1)"),
+])
+def test_evaluation_settings_that_would_fail_after_training_stop_before_it(tmp_path, override,
+                                                                           fragment):
+  with pytest.raises((config_lib.ConfigError, trainer.SetupError)) as e:
+    trainer.train(load(override), str(tmp_path / "run"))
+  assert fragment in str(e.value)
+  assert not (tmp_path / "run").exists()

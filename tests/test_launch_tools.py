@@ -57,15 +57,38 @@ def test_evaluate_writes_eval_json(tiny_run):
     (["--sampler", "eulr"], "--sampler: unknown solver 'eulr'"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--num", "-2"], "--num: must be >= 1"),
+    (["--out", "samples"], "--out samples: expected an image file name"),
+    # launch.evaluate's counts are checked with the config, before any sampling
+    (["--num", "-5", "evaluate"], "config key 'eval.num_samples': must be >= 1, got -5"),
+    (["--teacher_steps", "0", "evaluate"], "'eval.teacher_steps': must be >= 1, got 0"),
+    (["--metric", "fd", "evaluate"], "metric 'fd' scores grayscale images"),
 ])
 @pytest.mark.slow
 def test_sample_bad_input_one_line_exit_2(tiny_run, args, fragment):
+  which = "evaluate" if args[-1] == "evaluate" else "sample"
+  args = [a for a in args if a != "evaluate"]
   if "--workdir" not in args:
     args = ["--workdir", str(tiny_run), *args]
-  p = tool("sample", *args)
+  before = sorted(os.listdir(tiny_run))
+  p = tool(which, *args)
   assert p.returncode == 2, p.stderr[-2000:]
   lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and fragment in lines[0], p.stderr
+  assert sorted(os.listdir(tiny_run)) == before
+
+
+def test_a_run_whose_config_json_has_a_key_this_version_lacks_is_named(tiny_run, tmp_path):
+  import shutil
+  old = tmp_path / "old"
+  shutil.copytree(tiny_run, old)
+  cfg = json.loads((old / "config.json").read_text())
+  cfg["objective"]["retired_key"] = 1
+  (old / "config.json").write_text(json.dumps(cfg))
+  from distill import config as config_lib, trainer
+  with pytest.raises(config_lib.ConfigError) as e:
+    trainer.open_run(str(old))
+  assert str(e.value).startswith(f"{old / 'config.json'}: unknown config key "
+                                 "'objective.retired_key'") and "remove it" in str(e.value)
 
 
 def _dry(script, env, *args):

@@ -1,0 +1,103 @@
+"""A researcher's realistic mistakes in a new objective stop at setup, in one line naming the
+objective and phase, before a run writes anything (README "Adding an objective")."""
+import functools
+
+import jax.numpy as jnp
+import pytest
+
+from distill import trainer
+from distill.engine import Engine
+from distill.objective import OBJECTIVES, Network, Objective, Phase, register_objective
+from tests._matching_utils import make_teacher, tiny_config
+
+
+def _loss(trainable, ctx, batch, rng, t, *, mode):
+  x = batch["x"]
+  per = jnp.mean(jnp.square(ctx.call("student", x, jnp.zeros((x.shape[0],)),
+                                     params=trainable["student"])), axis=-1)
+  loss = jnp.mean(per)
+  if mode == "ctx_typo":
+    ctx.x0("teachr", x, jnp.zeros((x.shape[0],)))
+  return {
+      "bare": lambda: loss,
+      "vector": lambda: (per, {}),
+      "aux_list": lambda: (loss, [loss]),
+      "aux_vec": lambda: (loss, {"per_example": per}),
+  }.get(mode, lambda: (loss, {"mean": loss}))()
+
+
+def _build(cfg):
+  mode = cfg.mode
+  if mode == "missing_key":
+    _ = cfg.temperature   # a key the objective forgot to declare in its defaults
+  phase = Phase("regress", loss=functools.partial(_loss, mode=mode),
+                trains=("studnet",) if mode == "trains_typo" else ("student",),
+                data="prompt" if mode == "data_typo" else "train")
+  ema = {"student": ("eval",)} if mode == "ema_tuple" else {}
+  return Objective(networks=(Network("student"),), phases=(phase,), ema=ema,
+                   student="studnt" if mode == "student_typo" else "student",
+                   sampler="eulr" if mode == "sampler_typo" else "euler")
+
+
+if "test_mistakes" not in OBJECTIVES:
+  register_objective("test_mistakes", defaults={"mode": "ok"})(_build)
+
+
+@pytest.mark.parametrize("mode, fragment", [
+    ("bare", "phase 'regress': the loss must return (loss, metrics) or (loss, metrics, "
+             "updates), got an array of shape ()"),
+    ("vector", "phase 'regress': the loss must be a scalar, got shape (16,)"),
+    ("aux_list", "phase 'regress': metrics must be a dict of scalars, got list"),
+    ("aux_vec", "phase 'regress': metric 'per_example' must be a scalar, got shape (16,)"),
+    ("ctx_typo", "no network 'teachr' in this objective (it has student)"),
+    ("missing_key", "its builder reads config key 'objective.temperature', which the config "
+                    "lacks"),
+    ("trains_typo", "phase 'regress' trains 'studnet', not one of its networks (student)"),
+    ("student_typo", "student 'studnt' (the network it evaluates and samples) is not one of its "
+                     "networks (student)"),
+    ("sampler_typo", "sampler: unknown solver 'eulr'"),
+    ("data_typo", "phase 'regress' reads data stream 'prompt'"),
+    ("ema_tuple", "ema['student'] must map roles to decays, e.g. {'student': {'eval': 0.999}}"),
+])
+def test_mistakes_are_one_line_before_anything_is_written(tmp_path, mode, fragment):
+  config = tiny_config("test_mistakes", mode=mode)
+  with pytest.raises(trainer.SetupError) as e:
+    trainer.train(config, str(tmp_path / "run"))
+  message = str(e.value)
+  assert fragment in message and "objective 'test_mistakes'" in message, message
+  assert "\n" not in message
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_correct_objective_trains(tmp_path):
+  summary = trainer.train(tiny_config("test_mistakes"), str(tmp_path / "run"))
+  assert summary and (tmp_path / "run" / "config.json").exists()
+
+
+def _copies(cfg):
+  return Objective(
+      networks=(Network("teacher", init="checkpoint", trainable=None),
+                Network("student", init="teacher", model=cfg.model_name or None,
+                        reparameterize=cfg.reparameterize)),
+      phases=(Phase("regress", loss=functools.partial(_loss, mode="ok"), trains=("student",)),),
+      ema={})
+
+
+if "test_copies" not in OBJECTIVES:
+  register_objective("test_copies", defaults={"model_name": "", "reparameterize": False})(
+      _copies)
+
+
+def test_a_copy_of_a_network_named_teacher_honours_model_and_reparameterize():
+  # init="teacher" reaches the earlier network named "teacher": its `model` and
+  # `reparameterize` apply as they do to a copy of the teacher checkpoint.
+  teacher = make_teacher(4)
+  c = tiny_config("test_copies", reparameterize=True)
+  c.process.name = "vp_discrete"
+  c.model.prediction = "eps"
+  info = Engine(c, teacher=teacher).nets["student"]
+  assert (info.process.name, info.prediction) == ("vp_discrete", "eps")
+  plain = Engine(tiny_config("test_copies"), teacher=teacher).nets["student"]
+  assert (plain.process.name, plain.prediction) == ("rectified_flow", "flow")
+  with pytest.raises(KeyError, match="mpl"):
+    Engine(tiny_config("test_copies", model_name="mpl"), teacher=teacher)
