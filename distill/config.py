@@ -47,6 +47,13 @@ def base_config() -> ConfigDict:
   # but it still reads the init run when it starts, so that directory must stay readable.
   c.init = ConfigDict()
   c.data = ConfigDict({"name": "gmm"})
+  # More data streams, for objectives whose phases read their own (`Phase(..., data="prompts")`;
+  # the `data` section above is the stream named "train"): name -> a dataset section like
+  # `data` (its `name` and that dataset's keys) plus an optional `batch_size` (default
+  # train.batch_size), e.g. --config.data_streams.prompts.name=prompts
+  # --config.data_streams.prompts.text_embeds=DIR. Each stream is a pure function of (seed,
+  # step, process) like `data`, so resuming needs no iterator state.
+  c.data_streams = ConfigDict()
 
   c.train = ConfigDict()
   c.train.steps = 1000
@@ -260,7 +267,8 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
   return names, rest
 
 
-_OPEN_DICTS = (("ema",), ("optim", "networks"), ("teacher", "runtime"), ("init",))
+_OPEN_DICTS = (("ema",), ("optim", "networks"), ("teacher", "runtime"), ("init",),
+               ("data_streams",))
 
 
 def _is_open(prefix: list[str]) -> bool:

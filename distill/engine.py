@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import hashlib
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -252,6 +253,9 @@ class Engine:
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     self.rules = shd.parse_rules(config.sharding.rules)
     self.source = source if source is not None else sources.make_source(config.data, config.seed)
+    # Every data stream a phase may read (`Phase.data`): "train" is `self.source`.
+    self.streams = sources.make_stream_sources(config, train=self.source)
+    self.stream_batch = {n: bs for n, (_, bs) in sources.stream_settings(config).items()}
     self.entry = OBJECTIVES.get(config.objective.name)
     self.stage_objectives = self._build_stage_objectives()
     self.objective: Objective = self.stage_objectives[0]
@@ -268,7 +272,7 @@ class Engine:
     self._abstract = {}
     self._steps: dict[tuple[int, int], Callable] = {}
     self._reader = None   # the data read-ahead thread (global_batch)
-    self._next = None     # (key, future) of the batch being read ahead
+    self._next = {}       # stream -> (key, future) of its batch being read ahead
     self.optimizers = {}
     self.schedules = {}
     for n in self.trained:
@@ -321,10 +325,16 @@ class Engine:
         if missing:
           raise ValueError(f"objective {name!r}: phase {phase.name!r} trains {missing[0]!r}, "
                            f"not one of its networks ({', '.join(self.plans)})")
-        if phase.data != "train":
+        if phase.data not in self.streams:
           raise ValueError(f"objective {name!r}: phase {phase.name!r} reads data stream "
-                           f"{phase.data!r}; only the config's `data` stream ('train') exists "
-                           "(per-phase data streams are not implemented yet)")
+                           f"{phase.data!r}, which the config does not give (its streams: "
+                           f"{', '.join(self.streams)}): add it with --config.data_streams."
+                           f"{phase.data}.name=DATASET and that dataset's keys")
+    read = {p.data for obj in self.stage_objectives for p in obj.phases}
+    for stream in self.streams:
+      if stream != sources.TRAIN_STREAM and stream not in read:
+        raise ValueError(f"config key 'data_streams.{stream}': no phase of objective {name!r} "
+                         f"reads it (its phases read: {', '.join(sorted(read))})")
     # Per-network config entries must name what the objective has (else silently unused).
     roles = {}
     for obj in self.stage_objectives:
@@ -643,13 +653,12 @@ class Engine:
     self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     return state, frozen
 
-  def abstract_batch(self) -> dict:
-    """The global batch of a step as sharded jax.ShapeDtypeStructs."""
-    bs = int(self.config.train.batch_size)
-    local = self.source.batch(0, self.per_process_batch_probe(), 0, 1)
-    return {k: jax.ShapeDtypeStruct((bs,) + v.shape[1:], v.dtype,
-                                    sharding=shd.batch_sharding(self.mesh, v.ndim))
-            for k, v in local.items()}
+  def abstract_batch(self, stream: str = sources.TRAIN_STREAM) -> dict:
+    """The global batch of a step of data stream `stream` as sharded jax.ShapeDtypeStructs."""
+    bs = self.stream_batch[stream]
+    return {k: jax.ShapeDtypeStruct((bs,) + shape[1:], dtype,
+                                    sharding=shd.batch_sharding(self.mesh, len(shape)))
+            for k, (shape, dtype) in self._batch_shapes(stream).items()}
 
   def _opt_state_shapes(self, name: str, params, param_sh):
     """(abstract optimizer state, its shardings): moments follow their parameters, scalars
@@ -801,14 +810,28 @@ class Engine:
                                 stage=t.stage)
       return new_state, out_metrics
 
-    batch_sh = {k: shd.batch_sharding(self.mesh, len(v)) for k, v in self._batch_shapes().items()}
+    batch_sh = {k: shd.batch_sharding(self.mesh, len(shape))
+                for k, (shape, _) in self._batch_shapes(phase.data).items()}
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh,
                                        None),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
-  def _batch_shapes(self) -> dict[str, tuple]:
-    b = self.source.batch(0, self.per_process_batch_probe(), 0, 1)
-    return {k: v.shape for k, v in b.items()}
+  def data_hash(self) -> str:
+    """The content hash of the run's data: the train stream's, combined with the other
+    streams' when there are any (a resume compares it)."""
+    train = self.source.content_hash()
+    others = sorted(n for n in self.streams if n != sources.TRAIN_STREAM)
+    if not others:
+      return train
+    h = hashlib.sha256(train.encode())
+    for name in others:
+      h.update(f"{name}:{self.streams[name].content_hash()}".encode())
+    return h.hexdigest()
+
+  def _batch_shapes(self, stream: str = sources.TRAIN_STREAM) -> dict[str, tuple]:
+    """{key: (shape, dtype)} of a small batch of `stream` (the leading size is a probe's)."""
+    b = self.streams[stream].batch(0, self.per_process_batch_probe(), 0, 1)
+    return {k: (v.shape, v.dtype) for k, v in b.items()}
 
   def per_process_batch_probe(self) -> int:
     return max(1, shd.data_parallel_size(self.mesh))
@@ -817,9 +840,8 @@ class Engine:
     """Traces every phase step of `stage` (no compile, no computation): what a config names
     only inside the losses (a weighting, a prediction kind, shapes that do not fit) fails here,
     before a run writes anything. jit keeps the traces, so the first real step reuses them."""
-    batch = self.abstract_batch()
     for i, phase in enumerate(self.stage_objectives[stage].phases):
-      self.phase_step(stage, i).trace(state, frozen, batch,
+      self.phase_step(stage, i).trace(state, frozen, self.abstract_batch(phase.data),
                                       make_time(phase.start, 0, stage, 0))
 
   def phase_step(self, stage: int, phase_index: int) -> Callable:
@@ -829,32 +851,32 @@ class Engine:
     return self._steps[key]
 
   # ------------------------------------------------------------------ data
-  def global_batch(self, step: int, stream: str = "train") -> dict:
-    """This process's slice of the global batch of `step`, assembled into global arrays."""
-    if stream != "train":
-      raise ValueError(f"phase data stream {stream!r}: only 'train' is configured")
-    bs = int(self.config.train.batch_size)
-    local = self._read_ahead(step, bs)
+  def global_batch(self, step: int, stream: str = sources.TRAIN_STREAM) -> dict:
+    """This process's slice of the global batch of `step` of data stream `stream`, assembled
+    into global arrays."""
+    bs = self.stream_batch[stream]
+    local = self._read_ahead(stream, step, bs)
     out = {}
     for k, v in local.items():
       sh = shd.batch_sharding(self.mesh, v.ndim)
       out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v), (bs,) + v.shape[1:])
     return out
 
-  def _read_ahead(self, step: int, bs: int) -> dict:
-    """This process's rows of `step`, read one step ahead on a background thread while the
-    device runs the step before (sources are pure functions of the step, so reading ahead
-    changes no batch; a jump, e.g. a resume, just reads `step` directly)."""
+  def _read_ahead(self, stream: str, step: int, bs: int) -> dict:
+    """This process's rows of `step` of `stream`, read one step ahead on a background thread
+    while the device runs the step before (sources are pure functions of the step, so reading
+    ahead changes no batch; a jump, e.g. a resume, just reads `step` directly)."""
     import concurrent.futures  # pylint: disable=import-outside-toplevel
+    source = self.streams[stream]
     args = (bs, jax.process_index(), jax.process_count())
     if self._reader is None:
       self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
-    pending, self._next = self._next, None
+    pending = self._next.pop(stream, None)
     if pending is not None and pending[0] == (step,) + args:
       local = pending[1].result()
     else:
-      local = self.source.batch(step, *args)
-    self._next = ((step + 1,) + args, self._reader.submit(self.source.batch, step + 1, *args))
+      local = source.batch(step, *args)
+    self._next[stream] = ((step + 1,) + args, self._reader.submit(source.batch, step + 1, *args))
     return local
 
   # ------------------------------------------------------------------ stages

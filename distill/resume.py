@@ -14,6 +14,7 @@ to go on; config.json then records each change (`provenance.config_changes`).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from typing import Any, Iterable, Mapping, Optional
@@ -31,7 +32,8 @@ RESUME_MAY_CHANGE = (
 )
 # Keys a resumed run may change that say where its inputs live: a dataset staged to another path
 # is the same data. The change is recorded (`provenance.config_changes`), not refused.
-RESUME_MAY_MOVE = ("data.path", "data.text_embeds")
+RESUME_MAY_MOVE = ("data.path", "data.text_embeds", "data_streams.*.path",
+                   "data_streams.*.text_embeds")
 _NOT_CONFIG = ("provenance", "resolved")
 
 
@@ -47,7 +49,9 @@ def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _may_change(key: str, allowed: Iterable[str]) -> bool:
-  return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+  """`key` is one of `allowed`: exact names, prefixes ending in ".", `*` patterns."""
+  return any(key == a or (a.endswith(".") and key.startswith(a))
+             or ("*" in a and fnmatch.fnmatchcase(key, a)) for a in allowed)
 
 
 def changed_keys(stored: Mapping[str, Any], config: Mapping[str, Any],

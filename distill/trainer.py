@@ -149,6 +149,17 @@ def prepare_config(config: ml_collections.ConfigDict, num_devices: Optional[int]
   if config.teacher.params not in ("ema", "raw"):
     raise config_lib.ConfigError(
         f"config key 'teacher.params': expected 'ema' or 'raw', got {config.teacher.params!r}")
+  for stream, (data_cfg, bs) in _stream_settings(config).items():
+    if stream == sources.TRAIN_STREAM:
+      continue
+    try:
+      sources.resolve_config(data_cfg)
+    except ValueError as e:
+      raise config_lib.ConfigError(sources.for_stream(str(e), stream)) from None
+    if bs < 1 or bs % (config.train.grad_accum * dp):
+      raise config_lib.ConfigError(
+          f"config key 'data_streams.{stream}.batch_size': {bs} does not split into "
+          f"{config.train.grad_accum} micro-batches over {dp} data-parallel devices")
   try:
     sources.resolve_config(config.data)
     for prefix, node in _attention_nodes(config):
@@ -206,6 +217,13 @@ _MINIMUMS = (("train.batch_size", 1), ("train.grad_accum", 1), ("train.steps", 0
              ("sample.every_steps", 0))
 
 
+def _stream_settings(config) -> dict:
+  try:
+    return sources.stream_settings(config)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
 def _check_counts(config) -> None:
   for key, low in _MINIMUMS:
     node = config
@@ -251,7 +269,7 @@ def _resolved(engine: Engine, data_hash: Optional[str] = None) -> dict:
           "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
           "stage_bounds": engine.stage_bounds,
-          "data_hash": engine.source.content_hash() if data_hash is None else data_hash,
+          "data_hash": engine.data_hash() if data_hash is None else data_hash,
           "networks": {n: {"init": p.init_from, "frozen": p.frozen,
                            "wrapper": engine.objective.network(n).wrapper,
                            "base": engine.objective.network(n).base}
@@ -285,31 +303,40 @@ def _check_what_training_evaluates(engine: Engine) -> None:
 def _check_class_labels(engine: Engine) -> None:
   """A class-conditional network embeds classes 0..K-1 (K: the null class); labels beyond
   them (data of another label set) would index past its table and train on NaNs silently."""
-  data = int(engine.source.num_classes)
-  for name, info in engine.nets.items():
-    if info.num_classes and data > info.num_classes:
-      raise ValueError(
-          f"config key 'data.name': data {engine.config.data.name!r} has {data} classes "
-          f"(labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} (a teacher "
-          f"or model for another label set?)")
+  for stream, source in engine.streams.items():
+    data = int(source.num_classes)
+    for name, info in engine.nets.items():
+      if info.num_classes and data > info.num_classes:
+        raise ValueError(sources.for_stream(
+            f"config key 'data.name': data {source_name(engine, stream)!r} has {data} classes "
+            f"(labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} (a "
+            f"teacher or model for another label set?)", stream))
 
 
 def _check_text_inputs(engine: Engine) -> None:
-  """A network that reads prompt embeddings needs them in the data, at its width (embeddings
-  encoded for another pipeline, or class-labelled latents, fail here in one line)."""
-  batch = engine.abstract_batch()
-  for name, info in engine.nets.items():
-    width = getattr(info.module, "text_width", None)
-    if width is None:
-      continue
-    if "text_embeds" not in batch:
-      raise ValueError(f"config key 'data.text_embeds': network {name!r} reads prompt "
-                       f"embeddings of width {width}, but data {engine.config.data.name!r} "
-                       f"gives none (a directory from launch.encode_prompts)")
-    got = batch["text_embeds"].shape[-1]
-    if got != width:
-      raise ValueError(f"config key 'data.text_embeds': prompt embeddings of width {got}, but "
-                       f"network {name!r} reads width {width} (encoded for another pipeline?)")
+  """A network that reads prompt embeddings needs them in the data (the train stream), at its
+  width in every stream (embeddings encoded for another pipeline, or class-labelled latents,
+  fail here in one line)."""
+  for stream in engine.streams:
+    batch = engine.abstract_batch(stream)
+    for name, info in engine.nets.items():
+      width = getattr(info.module, "text_width", None)
+      if width is None:
+        continue
+      if "text_embeds" not in batch and stream == sources.TRAIN_STREAM:
+        raise ValueError(f"config key 'data.text_embeds': network {name!r} reads prompt "
+                         f"embeddings of width {width}, but data {engine.config.data.name!r} "
+                         f"gives none (a directory from launch.encode_prompts)")
+      got = batch["text_embeds"].shape[-1] if "text_embeds" in batch else width
+      if got != width:
+        raise ValueError(sources.for_stream(
+            f"config key 'data.text_embeds': prompt embeddings of width {got}, but network "
+            f"{name!r} reads width {width} (encoded for another pipeline?)", stream))
+
+
+def source_name(engine: Engine, stream: str) -> str:
+  """The dataset name of data stream `stream` of a run."""
+  return sources.stream_settings(engine.config)[stream][0]["name"]
 
 
 def _trace(engine: Engine, state, frozen, stage: int) -> None:
@@ -539,7 +566,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                keep=config.checkpoint.keep, keep_steps=engine.boundary_steps,
                                async_save=config.checkpoint.async_save)
   changes, restored = {}, None
-  data_hash = engine.source.content_hash()
+  data_hash = engine.data_hash()
   steps = ckpt.all_steps()
   if steps:  # a run is there: this command may only go on with it
     try:

@@ -98,7 +98,6 @@ def compile_config(config, topology: str) -> dict:
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   engine = Engine(config, teacher=teacher, mesh=mesh)
   state, frozen = engine.abstract_state()
-  batch = engine.abstract_batch()
   kind = devices[0].device_kind
   hbm = hbm_bytes(kind)
   nets = {**state.params, **frozen}
@@ -107,8 +106,8 @@ def compile_config(config, topology: str) -> dict:
   for i, phase in enumerate(engine.objective.phases):
     t0 = time.perf_counter()
     try:
-      compiled = compile_step(engine.phase_step(0, i), state, frozen, batch,
-                              make_time(phase.start, 0, 0, 0))
+      compiled = compile_step(engine.phase_step(0, i), state, frozen,
+                              engine.abstract_batch(phase.data), make_time(phase.start, 0, 0, 0))
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses steps that cannot fit
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise

@@ -345,4 +345,4 @@ def test_reading_ahead_changes_no_batch():
     assert set(got) == set(want)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
-  assert engine._next[0][0] == 4   # the batch after the last one asked for is being read
+  assert engine._next["train"][0][0] == 4   # the batch after the last one asked for is being read

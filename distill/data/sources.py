@@ -22,7 +22,8 @@ rejects unknown keys and wrong types with one line naming the key, before any wo
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+import re
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
@@ -218,6 +219,56 @@ def resolve_config(data_config: Any) -> tuple[str, dict[str, Any]]:
   for key, value in cfg.items():
     kwargs[key] = _check_type(name, key, value, defaults[key])
   return name, kwargs
+
+
+TRAIN_STREAM = "train"   # the stream the config's `data` section describes
+
+
+def stream_settings(config: Any) -> dict[str, tuple[dict[str, Any], int]]:
+  """{stream: (its data config, its global batch size)} of a run config: `data` as "train" and
+  each `data_streams.<name>` (a dataset section plus an optional `batch_size`)."""
+  bs = int(config.train.batch_size)
+  out = {TRAIN_STREAM: (_as_dict(config.data), bs)}
+  for name, entry in _as_dict(config.get("data_streams") or {}).items():
+    if name == TRAIN_STREAM:
+      raise ValueError(f"config key 'data_streams.{name}': {name!r} is the `data` section's "
+                       "stream; give another name")
+    if not isinstance(entry, Mapping):
+      raise ValueError(f"config key 'data_streams.{name}': expected a dataset section (name "
+                       f"and its keys), got {entry!r}")
+    entry = dict(entry)
+    out[name] = (entry, int(entry.pop("batch_size", bs)))
+  return out
+
+
+def stream_seed(seed: int, stream: str) -> int:
+  """The seed of a data stream: the run's for "train", a fixed mix of it and the name else."""
+  if stream == TRAIN_STREAM:
+    return int(seed)
+  import zlib  # pylint: disable=import-outside-toplevel
+  return (int(seed) * 1_000_003 + zlib.crc32(stream.encode())) % (2 ** 31)
+
+
+def for_stream(message: str, stream: str) -> str:
+  """A data error's message with `data.<key>` named as the stream's `data_streams.<s>.<key>`."""
+  if stream == TRAIN_STREAM:
+    return message
+  return re.sub(r"(?<![\w/.])data\.", f"data_streams.{stream}.", message)
+
+
+def make_stream_sources(config: Any, train: Optional["Source"] = None) -> dict[str, "Source"]:
+  """{stream: Source} of every stream `stream_settings` lists (errors name the stream's keys);
+  `train`: the train stream's source when it is already built."""
+  out = {}
+  for name, (data_cfg, _) in stream_settings(config).items():
+    if name == TRAIN_STREAM and train is not None:
+      out[name] = train
+      continue
+    try:
+      out[name] = make_source(data_cfg, stream_seed(config.seed, name))
+    except ValueError as e:
+      raise ValueError(for_stream(str(e.args[0] if e.args else e), name)) from None
+  return out
 
 
 def make_source(data_config: Any, seed: int) -> Source:
