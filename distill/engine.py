@@ -12,8 +12,8 @@ The loop around it (logging, checkpoints, evaluation, signals) is distill/traine
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import hashlib
+import inspect
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -27,8 +27,8 @@ from flax.core import meta
 from distill import context as ctx_lib
 from distill import optim as optim_lib
 from distill import processes as procs
-from distill import solvers
 from distill import sharding as shd
+from distill import solvers
 from distill import teacher as teacher_lib
 from distill.data import sources
 from distill.objective import OBJECTIVES, Network, Objective, Stage, Time, make_time
@@ -216,7 +216,6 @@ class NetPlan:
   lora: Any = None
 
 
-
 def _loss_parts(out: Any, where: str) -> tuple[Any, dict, dict]:
   """(loss, metrics, updates) of a phase loss's return value, checked while the step is traced
   (before a run writes anything): `(loss, metrics)` or `(loss, metrics, updates)` with a
@@ -315,10 +314,11 @@ class Engine:
                        f"register_objective(..., defaults=...))") from None
 
   def _check_objective_names(self) -> None:
-    """The names an objective gives (its student, its sampler, each phase's networks and data
-    stream) exist, so that a misspelt one stops at setup instead of after training."""
+    """The names an objective gives (its sampler, each phase's networks and data stream) exist,
+    and every configured stream is read, so that a misspelt one stops at setup instead of after
+    training (its `student`: checked where the run evaluates it)."""
     name = self.config.objective.name
-    for obj in self.stage_objectives:   # (its `student`: checked where it is evaluated)
+    for obj in self.stage_objectives:
       solvers.check_sampler(obj.sampler, f"objective {name!r}: sampler")
       for phase in obj.phases:
         missing = [n for n in phase.trains if n not in self.plans]
@@ -335,7 +335,12 @@ class Engine:
       if stream != sources.TRAIN_STREAM and stream not in read:
         raise ValueError(f"config key 'data_streams.{stream}': no phase of objective {name!r} "
                          f"reads it (its phases read: {', '.join(sorted(read))})")
-    # Per-network config entries must name what the objective has (else silently unused).
+    self._check_per_network_entries()
+
+  def _check_per_network_entries(self) -> None:
+    """The config's `ema.<net>.<role>` and `optim.networks.<net>` name what the objective has
+    (else they would be silently unused)."""
+    name = self.config.objective.name
     roles = {}
     for obj in self.stage_objectives:
       for net, rs in obj.ema.items():

@@ -112,7 +112,7 @@ def test_prompt_embeddings_must_fit_the_network():
   none = {k: v for k, v in wide.items() if k != "text_embeds"}
   for batch, match in ((wide, f"width {width + 8}, but network '\\w+' reads width {width}"),
                        (none, "reads prompt embeddings of width")):
-    engine.abstract_batch = lambda b=batch: b
+    engine.abstract_batch = lambda stream="train", b=batch: b
     with pytest.raises(ValueError, match=f"data.text_embeds': .*{match}"):
       trainer._check_text_inputs(engine)   # pylint: disable=protected-access
 
