@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -48,6 +49,7 @@ class Checkpointer:
           preservation_policy=cm.AnyPreservationPolicy(policies),
           cleanup_tmp_directories=True,
       )
+    _quiet_closed_loop_echoes()
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
                                          options=options)
     self._await_tmp_cleanup()
@@ -99,16 +101,12 @@ class Checkpointer:
         log.info("checkpoint at step %d in %s does not fit this config: %s", step,
                  self.directory, misfit)
         continue
-      _quiet_closed_loop_echoes()
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
-        _quiet_unretrieved_tasks()
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        error = _restore_failed(step, self.directory, e)
         self.last_restore_error = self.skipped[step] = f"step {step}: {error}"
-        log.warning("checkpoint at step %d in %s could not be restored (%s); "
-                    "falling back to the previous one", step, self.directory, error)
     return None
 
   def set_aside(self, step: int) -> str:
@@ -132,25 +130,52 @@ class Checkpointer:
     self.manager.close()
 
 
+def _restore_failed(step: int, directory: str, e: Exception) -> str:
+  """Logs a step that could not be restored in one line (Orbax's errors carry whole
+  tensorstore specs); returns the reason."""
+  _quiet_unretrieved_tasks()
+  error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+  log.warning("checkpoint at step %d in %s could not be restored (%s); falling back to the "
+              "previous one", step, directory, error)
+  return error
+
+
 _QUIETED = set()
+
+
+def _is_closed_loop_echo(e: Optional[BaseException]) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
 def _quiet_closed_loop_echoes() -> None:
   """Drops the echoes of a failed restore's reads (its warning names the failure): Orbax's
-  reads still in flight complete on its closed event loop and each prints an unraisable
-  "Event loop is closed" traceback (some 900 lines for a toy run's checkpoint). Installed
-  once, before the first restore (some echo while the restore is still failing); other
-  unraisable exceptions pass."""
+  reads still in flight complete on its closed event loop and each reports an "Event loop is
+  closed" RuntimeError (some 900 lines of tracebacks for a toy run's checkpoint), as an
+  unraisable exception, through the excepthooks, or as a logged callback error depending on
+  where the read finished. Installed once, when checkpoints are first opened (a damaged step's
+  metadata read can echo too); every other exception and record passes."""
   if "loop" in _QUIETED:
     return
-  previous = sys.unraisablehook
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+  previous_thread = threading.excepthook
 
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop_echo(unraisable.exc_value):
+      previous_unraisable(unraisable)
 
-  sys.unraisablehook = hook
+  def except_hook(kind, value, tb):
+    if not _is_closed_loop_echo(value):
+      previous_except(kind, value, tb)
+
+  def thread_hook(args):
+    if not _is_closed_loop_echo(args.exc_value):
+      previous_thread(args)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  threading.excepthook = thread_hook
+  for name in ("asyncio", "concurrent.futures"):
+    logging.getLogger(name).addFilter(
+        lambda record: not (record.exc_info and _is_closed_loop_echo(record.exc_info[1])))
   _QUIETED.add("loop")
 
 
@@ -172,6 +197,7 @@ def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:
   try:
     stored = _leaves(_structure(mngr.item_metadata(step)["state"]))
   except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore
+    _quiet_unretrieved_tasks()
     return ""
   finally:
     mngr.close()
@@ -205,6 +231,7 @@ def _leaves(tree: Any) -> dict[str, Any]:
 
 
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  _quiet_closed_loop_echoes()
   return ocp.CheckpointManager(
       os.path.abspath(directory), item_names=("state", "meta"),
       options=ocp.CheckpointManagerOptions(read_only=True),
@@ -240,8 +267,7 @@ def restore_raw(directory: str, step: Optional[int] = None, *,
     try:
       structure = _structure(mngr.item_metadata(s)["state"]) if partial else None
     except Exception as e:  # noqa: BLE001 - unreadable metadata: this step is unusable
-      last_error = e
-      log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
+      last_error = _restore_failed(s, directory, e)
       continue
     if partial:   # outside the try: a mistake in `select` is the caller's, not a bad step
       item = _subtrees(structure, select)
@@ -253,8 +279,7 @@ def restore_raw(directory: str, step: Optional[int] = None, *,
     try:
       out = mngr.restore(s, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
-      last_error = e
-      log.warning("checkpoint %d in %s could not be restored: %s", s, directory, e)
+      last_error = _restore_failed(s, directory, e)
       continue
     state = out["state"] if "state" in items else {}
     if select is not None and not partial:   # an Orbax without partial restore: read it all

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -99,6 +100,44 @@ def test_a_killed_runs_temporaries_are_gone_once_the_checkpointer_opens(tmp_path
   assert not tmp.exists()
   assert c.all_steps() == []
   c.close()
+
+
+def test_closed_event_loop_echoes_are_dropped_and_nothing_else():
+  """What a failed restore's reads print when they finish on Orbax's closed event loop, on
+  each channel they can reach (unraisable, a thread's exception, a logged callback error),
+  is dropped once checkpoints are opened; other errors on those channels still print."""
+  script = textwrap.dedent("""
+      import logging, threading
+      from distill import checkpoint as ckpt
+      ckpt._quiet_closed_loop_echoes()
+      logging.basicConfig()
+
+      class Echo:
+        def __init__(self, error):
+          self.error = error
+        def __del__(self):
+          raise self.error
+
+      for error in (RuntimeError("Event loop is closed"), ValueError("other unraisable")):
+        Echo(error)
+      for error in (RuntimeError("Event loop is closed"), ValueError("other in thread")):
+        def fail(e=error):
+          raise e
+        t = threading.Thread(target=fail)
+        t.start()
+        t.join()
+      for error in (RuntimeError("Event loop is closed"), ValueError("other logged")):
+        try:
+          raise error
+        except Exception:
+          logging.getLogger("concurrent.futures").exception("exception calling callback")
+  """)
+  p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "Event loop is closed" not in p.stderr, p.stderr
+  for kept in ("other unraisable", "other in thread", "other logged"):
+    assert kept in p.stderr, p.stderr
 
 
 def test_a_read_only_checkpointer_leaves_an_in_flight_save_alone(tmp_path):
