@@ -265,6 +265,7 @@ class Engine:
     self._check_objective_names()
     self._check_promotions()
     self.init_runs = self._init_runs()
+    self.init_references: dict[str, dict] = {}   # network -> reference of its init.<net> run
     self._check_data_free()
     self.trained = [n for n in self.objective.trained]
     self.frozen_names = [n for n, p in self.plans.items() if n not in self.trained]
@@ -548,6 +549,7 @@ class Engine:
       source = run or plan.init_from
       if run:  # init.<name>: the same network of another run
         src = teacher_lib.load_run_network(run, name, key=f"init.{name}")
+        self.init_references[name] = {**src.reference, "key": f"init.{name}"}
         src_params, src_state, src_cfg = src.params, src.model_state or {}, src.model_config
       elif plan.init_from in self.plans:  # an earlier network
         src_params, src_state = built[plan.init_from]

@@ -151,14 +151,16 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
         f"these values (config.json records the change)")
   if not allow and moved:
     n, old, new = moved[0]
+    key = ((frozen_refs.get(n) or (stored.get("resolved") or {}).get("frozen", {}).get(n) or {})
+           .get("key", "teacher.checkpoint"))
     what = (f"the run has no frozen {n} now" if new is None else
             f"the run started without a frozen {n}" if old is None else
             f"the frozen {n}'s weights changed since the run started (hash {str(old)[:12]} "
             f"there, {str(new)[:12]} now)")
     raise ValueError(
-        f"--workdir {workdir}: {what} (config key teacher.checkpoint): resume with the teacher "
-        f"it started from, use a new --workdir, or --config.train.allow_config_change=true to "
-        f"go on (config.json records the change)")
+        f"--workdir {workdir}: {what} (config key {key}): resume with the weights it started "
+        f"from, use a new --workdir, or --config.train.allow_config_change=true to go on "
+        f"(config.json records the change)")
   if not allow and data:
     paths = [f"{k} {old!r} there, {new!r} here" for k, old, new in every
              if _may_change(k, RESUME_MAY_MOVE)]

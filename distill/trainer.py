@@ -348,9 +348,14 @@ def _trace(engine: Engine, state, frozen, stage: int) -> None:
 
 
 def frozen_references(engine: Engine) -> dict:
-  """{network: reference (path, step, hash)} of each network loaded from the teacher checkpoint."""
-  return {name: engine.teacher.reference for name, plan in engine.plans.items()
+  """{network: reference (path, step, hash)} of each network loaded from the teacher checkpoint,
+  and of each frozen network loaded from another run (`init.<network>`; its reference names
+  that key): a resume compares their hashes, since frozen weights are not checkpointed."""
+  refs = {name: engine.teacher.reference for name, plan in engine.plans.items()
           if plan.init_from == "checkpoint"}
+  refs.update({name: ref for name, ref in engine.init_references.items()
+               if engine.plans[name].frozen})
+  return refs
 
 
 def context_for(engine: Engine, state, frozen) -> ctx_lib.Context:
@@ -764,7 +769,8 @@ def _set_aside_skipped(ckpt: ckpt_lib.Checkpointer, start: int, is_main: bool) -
 def _recorded_teacher(resolved: Mapping[str, Any]) -> Optional[dict]:
   """The teacher checkpoint's reference (path, step, hash) a run's config.json recorded (every
   network loaded from it shares it), or None (no teacher, or a run that predates the record)."""
-  refs = [r for r in (resolved.get("frozen") or {}).values() if r]
+  refs = [r for r in (resolved.get("frozen") or {}).values()
+           if r and r.get("key", "teacher.checkpoint") == "teacher.checkpoint"]
   return dict(refs[0]) if refs else None
 
 

@@ -101,3 +101,41 @@ def test_a_copy_of_a_network_named_teacher_honours_model_and_reparameterize():
   assert (plain.process.name, plain.prediction) == ("rectified_flow", "flow")
   with pytest.raises(KeyError, match="mpl"):
     Engine(tiny_config("test_copies", model_name="mpl"), teacher=teacher)
+
+
+def _two_nets(cfg):
+  """A frozen `student` (from init.student) that a trained `learner` regresses onto."""
+  del cfg
+
+  def learner_loss(trainable, ctx, batch, rng, t):
+    x = batch["x"]
+    guide = ctx.call("student", x, jnp.zeros((x.shape[0],)))
+    out = ctx.call("learner", x, jnp.zeros((x.shape[0],)), params=trainable["learner"])
+    return jnp.mean(jnp.square(out - guide)), {}
+
+  return Objective(networks=(Network("student", trainable=None), Network("learner")),
+                   phases=(Phase("learn", loss=learner_loss, trains=("learner",)),), ema={},
+                   student="learner")
+
+
+if "test_frozen_init" not in OBJECTIVES:
+  register_objective("test_frozen_init")(_two_nets)
+
+
+def test_a_frozen_network_from_another_run_is_hash_checked_on_resume(tmp_path):
+  # Frozen weights are not checkpointed: a resume reloads them from init.<net>, so that run's
+  # weights must still be the ones the run started with.
+  source, run = str(tmp_path / "source"), str(tmp_path / "run")
+  c = tiny_config("test_mistakes")
+  c.train.steps, c.checkpoint.every_steps, c.eval.at_end, c.sample.num = 2, 2, False, 0
+  trainer.train(c, source)
+  d = tiny_config("test_frozen_init")
+  d.train.steps, d.checkpoint.every_steps, d.eval.at_end, d.sample.num = 2, 2, False, 0
+  d.init = {"student": source}
+  trainer.train(d, run)
+  c.train.steps = 4
+  trainer.train(c, source)   # the source run trains on: its latest weights differ
+  d.train.steps = 4
+  with pytest.raises(trainer.SetupError, match=r"the frozen student's weights changed since the "
+                                               r"run started .*config key init.student"):
+    trainer.train(d, run)
