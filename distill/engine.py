@@ -375,7 +375,10 @@ class Engine:
     if not stages:
       return [0, int(self.config.train.steps)]
     bounds = [0]
-    for s in stages:
+    for i, s in enumerate(stages):
+      if int(s.steps) < 1:   # a zero-length stage would be promoted from untrained weights
+        raise ValueError(f"objective {self.config.objective.name!r}: stage {i} has {s.steps} "
+                         f"steps; each stage needs > 0 (its objective.*steps key)")
       bounds.append(bounds[-1] + int(s.steps))
     return bounds
 
@@ -850,6 +853,14 @@ class Engine:
     for i, phase in enumerate(self.stage_objectives[stage].phases):
       self.phase_step(stage, i).trace(state, frozen, self.abstract_batch(phase.data),
                                       make_time(phase.start, 0, stage, 0))
+
+  def phase_plan(self) -> list[tuple[int, int, Any, str]]:
+    """(stage, phase index, phase, label) of every phase step of every stage (what launch.aot
+    and launch.bench compile): label = the phase's name, "stage<s>/<name>" when the objective
+    has stages (a stage may change what a phase computes, e.g. its teacher or step count)."""
+    staged = len(self.stage_objectives) > 1
+    return [(s, i, phase, f"stage{s}/{phase.name}" if staged else phase.name)
+            for s, obj in enumerate(self.stage_objectives) for i, phase in enumerate(obj.phases)]
 
   def phase_step(self, stage: int, phase_index: int) -> Callable:
     key = (stage, phase_index)

@@ -48,7 +48,8 @@ def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-  """Resolves -1 (fill the rest) and checks the product equals the device count."""
+  """Resolves -1 (fill the rest) and checks the mesh fits `num_devices` (a mesh smaller than
+  the device count uses the first devices; `launch.train` says so)."""
   sizes = [data, fsdp, tensor]
   if sum(s == -1 for s in sizes) > 1:
     raise ValueError("config keys 'mesh.*': at most one axis may be -1")

@@ -556,6 +556,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine = Engine(config, teacher=teacher)
     check_data_fits(engine)
     _check_what_training_evaluates(engine)
+    if engine.mesh.size < jax.device_count():
+      log.warning("mesh %s uses %d of the %d devices (mesh.data=-1 fills the rest)",
+                  dict(engine.mesh.shape), engine.mesh.size, jax.device_count())
     state, frozen = engine.init_state()
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
@@ -766,6 +769,18 @@ def _set_aside_skipped(ckpt: ckpt_lib.Checkpointer, start: int, is_main: bool) -
     ckpt.manager.reload()
 
 
+def _fit_mesh_here(config: ml_collections.ConfigDict) -> None:
+  """A run read on another machine (a pod's run sampled or exported on a workstation): its
+  recorded mesh is replaced by all local devices on the data axis when it does not fit them
+  (the weights do not depend on the mesh; a restore reshards them)."""
+  try:
+    shd.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
+  except ValueError:
+    log.info("the run's mesh %s does not fit %d devices here: reading it on all of them",
+             dict(config.mesh), jax.device_count())
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+
+
 def _recorded_teacher(resolved: Mapping[str, Any]) -> Optional[dict]:
   """The teacher checkpoint's reference (path, step, hash) a run's config.json recorded (every
   network loaded from it shares it), or None (no teacher, or a run that predates the record)."""
@@ -795,6 +810,8 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   if names and names[-1] != config.data.name:
     config.data = ml_collections.ConfigDict({"name": names[-1]})
   config = config_lib.apply_overrides(config, overrides, schema_for(config))
+  if not any(o.startswith("mesh.") for o in overrides):
+    _fit_mesh_here(config)
   given = any(o.startswith("teacher.checkpoint=") for o in overrides)
   if recorded and not given and os.path.exists(recorded.get("path") or ""):
     # config.json keeps teacher.checkpoint as typed (maybe relative to where training ran);

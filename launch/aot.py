@@ -6,8 +6,8 @@
 
 The topology (`jax.experimental.topologies.get_topology_desc`, e.g. v5p:4x4x4, v6e:8x8,
 v5e:4x4, v4:2x2x2) gives abstract devices; the config's mesh is laid over them
-(`mesh.data`/`fsdp`/`tensor`, -1 fills) and every phase of the objective's first stage is
-lowered and compiled through the same step builder `launch.train` uses (distill.engine.Engine),
+(`mesh.data`/`fsdp`/`tensor`, -1 fills) and every phase of every stage of the objective
+(`Engine.phase_plan`; a staged objective's rows are "stage<s>/<phase>") is lowered and compiled through the same step builder `launch.train` uses (distill.engine.Engine),
 against the engine's abstract state (`Engine.abstract_state`: ShapeDtypeStructs with the real
 shardings, no memory). The teacher is abstract too: the config's `model.*` architecture, or the
 architecture of `teacher.checkpoint` when one is given (its weights are read for their shapes).
@@ -18,7 +18,8 @@ chip's HBM and whether the step fits; plus parameter counts and bytes per networ
 line is JSON:
 
     {"config": ..., "topology": "v5p:4x4x4", "chips": 64, "device_kind": "TPU v5",
-     "mesh": {"data": 8, "fsdp": 8, "tensor": 1}, "hbm_per_chip_bytes": ...,
+     "mesh": {"data": 8, "fsdp": 8, "tensor": 1}, "bytes_per_chip": <the largest phase peak>,
+     "hbm_per_chip": ..., "hbm_per_chip_bytes": <the same, kept for older readers>,
      "params": {net: count}, "param_bytes": {net: bytes}, "fits": true,
      "phases": {name: {"compile_s", "argument_bytes", "output_bytes", "alias_bytes",
                        "temp_bytes", "peak_bytes_per_chip", "fits", "flops_per_chip"}}}
@@ -103,15 +104,16 @@ def compile_config(config, topology: str) -> dict:
   nets = {**state.params, **frozen}
   count = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
   phases = {}
-  for i, phase in enumerate(engine.objective.phases):
+  for stage, i, phase, label in engine.phase_plan():
     t0 = time.perf_counter()
     try:
-      compiled = compile_step(engine.phase_step(0, i), state, frozen,
-                              engine.abstract_batch(phase.data), make_time(phase.start, 0, 0, 0))
+      compiled = compile_step(engine.phase_step(stage, i), state, frozen,
+                              engine.abstract_batch(phase.data),
+                              make_time(phase.start, 0, stage, 0))
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses steps that cannot fit
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      phases[phase.name] = {"compile_s": round(time.perf_counter() - t0, 2), "fits": False,
+      phases[label] = {"compile_s": round(time.perf_counter() - t0, 2), "fits": False,
                             "error": _first_line(str(e))}
       continue
     row = {"compile_s": round(time.perf_counter() - t0, 2)}
@@ -125,10 +127,14 @@ def compile_config(config, topology: str) -> dict:
       row["flops_per_chip"] = float(compiled.cost_analysis().get("flops", 0.0))
     except Exception:  # noqa: BLE001 - not every backend reports it
       row["flops_per_chip"] = 0.0
-    phases[phase.name] = row
-  return {"config": config.objective.name, "topology": topology, "chips": len(devices),
+    phases[label] = row
+  peaks = [p["peak_bytes_per_chip"] for p in phases.values() if "peak_bytes_per_chip" in p]
+  return {"config": config.objective.name, "topology": topology, "chips": int(mesh.size),
           "device_kind": kind, "mesh": {k: int(v) for k, v in mesh.shape.items()},
-          "batch_size": int(config.train.batch_size), "hbm_per_chip_bytes": hbm,
+          "batch_size": int(config.train.batch_size),
+          # DESIGN.md's keys: the largest phase's peak, the chip's HBM
+          "bytes_per_chip": max(peaks) if peaks else None, "hbm_per_chip": hbm,
+          "hbm_per_chip_bytes": hbm,
           "params": {n: count(p) for n, p in nets.items()},
           "param_bytes": {n: tree_bytes(p) for n, p in nets.items()},
           "fits": all(p["fits"] for p in phases.values()), "phases": phases}

@@ -101,15 +101,15 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
   bs = int(config.train.batch_size)
   peak = trainer._peak_flops()  # pylint: disable=protected-access
   phases = {}
-  for i, phase in enumerate(engine.objective.phases):
-    fn = engine.phase_step(0, i)
+  for stage, i, phase, label in engine.phase_plan():
+    fn = engine.phase_step(stage, i)
     batch = engine.global_batch(0, phase.data)
-    t = make_time(phase.start, 0, 0, 0)
-    _progress(f"{phase.name}: compiling")
+    t = make_time(phase.start, 0, stage, 0)
+    _progress(f"{label}: compiling")
     t0 = time.perf_counter()
     compiled = fn.lower(state, frozen, batch, t).compile()
     compile_s = time.perf_counter() - t0
-    _progress(f"{phase.name}: compiled in {compile_s:.0f} s; timing {warmup} + {steps} steps")
+    _progress(f"{label}: compiled in {compile_s:.0f} s; timing {warmup} + {steps} steps")
     try:
       xla_flops = float(compiled.cost_analysis().get("flops", 0.0))
     except Exception:  # noqa: BLE001 - not every backend reports it
@@ -129,7 +129,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
            "xla_tflops": xla_flops / 1e12, "xla_temp_bytes": xla_temp}
     if peak and model_flops:
       row["mfu"] = model_flops / med / (peak * jax.device_count())
-    phases[phase.name] = row
+    phases[label] = row
   model = config.model.to_dict()
   return {"config": config.objective.name, "batch_size": bs, "devices": jax.device_count(),
           "device": jax.devices()[0].device_kind, "peak_memory_bytes": peak_memory_bytes(),
@@ -145,13 +145,24 @@ def main(argv: list[str]) -> int:
   from distill import config as config_lib
   from distill import trainer
   grid = []
-  for item in args.compare:
-    key, _, values = item.partition("=")
-    grid.append([f"{key}={v}" for v in values.split(",") if v])
   rows = []
   try:
-    for combo in itertools.product(*grid) if grid else [()]:
+    if args.steps < 1 or args.warmup < 0:
+      raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and "
+                       f"{args.warmup}")
+    for item in args.compare:
+      key, sep, values = item.partition("=")
+      grid.append([f"{key}={v}" for v in values.split(",") if v])
+      if not sep or not grid[-1]:
+        raise ValueError(f"--compare {item!r}: expected KEY=V1,V2,... (a config key and the "
+                         "values to compare)")
+    combos = list(itertools.product(*grid)) if grid else [()]
+    configs = []
+    for combo in combos:   # every variant is checked before anything compiles
       config = trainer.load_config(args.config, list(args.overrides) + list(combo))
+      trainer.check_platform(trainer.prepare_config(config))
+      configs.append(config)
+    for combo, config in zip(combos, configs):
       result = bench_config(config, steps=args.steps, warmup=args.warmup,
                             use_random_teacher=args.random_teacher)
       result["settings"] = list(combo)

@@ -63,6 +63,17 @@ def test_bad_topology_and_bad_key_are_one_line_errors():
   assert p.returncode == 2 and "no_such_key" in p.stderr
 
 
+def test_every_stage_of_a_staged_objective_compiles_and_the_json_has_designs_keys():
+  guided = os.path.join(ROOT, "configs", "toy", "guided.py")
+  r = report(aot(f"--config={guided}", "--topology=v5p:2x2x1", "--config.train.batch_size=16",
+                 "--config.model.hidden=32", "--config.model.depth=1"))
+  # guidance, then two progressive stages (8 -> 4 steps): each compiled, named by its stage
+  assert list(r["phases"]) == ["stage0/guidance", "stage1/progressive", "stage2/progressive"]
+  assert r["bytes_per_chip"] == max(p["peak_bytes_per_chip"] for p in r["phases"].values())
+  assert r["hbm_per_chip"] == r["hbm_per_chip_bytes"] > r["bytes_per_chip"] and r["fits"]
+  assert {"topology", "params", "bytes_per_chip", "hbm_per_chip", "fits"} <= set(r)
+
+
 FULL = {
     "scm": ["--config.model.attention=xla", "--config.model.jvp_attention=xla"],
     "dmd2": ["--config.model.attention=xla"],

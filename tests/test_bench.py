@@ -97,3 +97,19 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
                        capture_output=True, text=True, timeout=60,
                        env=e | {"LIMIT_SCALE": "1.5"})
   assert bad.returncode == 2 and "LIMIT_SCALE must be a positive integer" in bad.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--compare", "bogus"], "--compare 'bogus': expected KEY=V1,V2"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--warmup", "-1"], "--warmup >= 0"),
+    # every variant is checked before the first compiles
+    (["--compare", "model.attention=xla,bogus"], "bogus"),
+])
+def test_bench_bad_flags_are_one_line_before_any_compile(args, fragment):
+  p = subprocess.run([sys.executable, "-m", "launch.bench", "--config", TEACHER, *args],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and fragment in lines[0], p.stderr
+  assert "compiling" not in p.stdout + p.stderr

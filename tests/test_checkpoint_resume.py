@@ -32,6 +32,16 @@ def test_restore_onto_a_different_mesh(tmp_path):
   assert [r["step"] for r in rows] == list(range(5, 31, 5))
   assert json.load(open(w / "config.json"))["resolved"]["mesh"] == {"data": 2, "fsdp": 2,
                                                                    "tensor": 1}
+  # Read (sample, evaluate, export) on this one-device process: the recorded 2 x 2 mesh does
+  # not fit, so the run is read on the devices there are.
+  import jax
+  from distill import trainer
+  engine, _, _, step = trainer.open_run(str(w))
+  assert step == 30 and engine.mesh.size == jax.device_count() == 1
+  # A mesh smaller than the devices trains on a subset, and says so.
+  third = run(tmp_path / "part", *BASE, "--config.train.steps=5", "--config.mesh.data=2",
+              devices=4)
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} uses 2 of the 4 devices" in third.stderr
 
 
 def _corrupt(step_dir):

@@ -139,3 +139,12 @@ def test_a_frozen_network_from_another_run_is_hash_checked_on_resume(tmp_path):
   with pytest.raises(trainer.SetupError, match=r"the frozen student's weights changed since the "
                                                r"run started .*config key init.student"):
     trainer.train(d, run)
+
+
+def test_a_zero_length_stage_stops_at_setup():
+  # guided with guidance_steps=0 promoted the untrained student (zero guidance embedding) into
+  # the w-teacher at step 0: an unguided student, silently.
+  c = tiny_config("guided", guidance_steps=0)
+  with pytest.raises(ValueError, match=r"objective 'guided': stage 0 has 0 steps; each stage "
+                                       r"needs > 0"):
+    Engine(c, teacher=make_teacher(4))
