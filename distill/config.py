@@ -160,6 +160,9 @@ def load_config_file(spec: str) -> ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"--config: file {path!r} does not exist")
+  if not path.endswith(".py"):
+    raise ConfigError(f"--config: {path} is not a config file (configs/X.py[:arg]; a run's "
+                      "config.json is read by launch.sample / evaluate / convert --workdir)")
   mod_name = "_config_" + os.path.splitext(os.path.basename(path))[0]
   spec_obj = importlib.util.spec_from_file_location(mod_name, path)
   module = importlib.util.module_from_spec(spec_obj)
@@ -167,9 +170,14 @@ def load_config_file(spec: str) -> ConfigDict:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: {path} has no get_config(arg) function")
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except TypeError:
-    return module.get_config()
+    config = module.get_config()
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"--config: {path}'s get_config returned a {type(config).__name__}, "
+                      "expected an ml_collections.ConfigDict (start from "
+                      "distill.config.base_config())")
+  return config
 
 
 def _parse_value(text: str, like: Any, key: str) -> Any:

@@ -604,8 +604,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "command": " ".join(sys.argv)}
   if restored is not None:
     start, state, meta = restored
+    try:
+      frozen = _restore_promoted(engine, ckpt, state, frozen, start)
+    except ValueError as e:
+      ckpt.close()
+      raise SetupError(str(e)) from None
     _set_aside_skipped(ckpt, start, is_main)
-    frozen = _restore_promoted(engine, ckpt, state, frozen, start)
     rlog.truncate_after(start)
     rlog.message(f"resumed from step {start}")
     history = resume.recorded_changes(workdir)
@@ -724,7 +728,14 @@ def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
     if not spec.promote:
       continue
     boundary = engine.stage_bounds[s]
-    b_state, _ = ckpt.restore(boundary, ckpt_lib.abstract_of(state))
+    try:
+      b_state, _ = ckpt.restore(boundary, ckpt_lib.abstract_of(state))
+    except Exception as e:  # noqa: BLE001 - missing or unreadable: the promoted weights are lost
+      raise ValueError(
+          f"{ckpt.directory}: the checkpoint of stage {s}'s first step {boundary} (the "
+          f"weights promoted into {', '.join(spec.promote)}) is missing or unreadable "
+          f"({type(e).__name__}); the stage lengths must stay those the run was trained "
+          f"with, and the boundary checkpoints kept") from None
     for target, source in spec.promote.items():
       if target in frozen:
         src = engine.full_params(source, b_state.params, frozen)

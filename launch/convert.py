@@ -79,6 +79,9 @@ def _export(args) -> int:
   from models.convert import export
   if os.path.exists(args.out):
     raise FileExistsError(f"--out: {args.out!r} exists; choose a new directory")
+  if args.sampler:
+    from distill import solvers  # pylint: disable=import-outside-toplevel
+    solvers.check_sampler(args.sampler, "--sampler")
   if args.vae and not os.path.isfile(os.path.join(args.vae, "config.json")):
     raise FileNotFoundError(f"--vae: {args.vae!r} has no config.json (a diffusers "
                             "AutoencoderKL directory)")

@@ -236,3 +236,13 @@ def test_evaluation_settings_that_would_fail_after_training_stop_before_it(tmp_p
     trainer.train(load(override), str(tmp_path / "run"))
   assert fragment in str(e.value)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_a_config_file_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(config_lib.ConfigError, match="is not a config file"):
+    trainer.load_config(str(tmp_path / "config.json"))
+  (tmp_path / "plain.py").write_text("def get_config(arg=''):\n  return {'objective': {}}\n")
+  with pytest.raises(config_lib.ConfigError, match="get_config returned a dict, expected an "
+                                                   "ml_collections.ConfigDict"):
+    trainer.load_config(str(tmp_path / "plain.py"))

@@ -194,6 +194,13 @@ def test_launch_convert_export_refuses_an_existing_out(tmp_path):
                       "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
                      text=True, timeout=300, env=env())
   assert p.returncode == 2 and "exists" in p.stderr
+  # A misspelt --sampler is refused before anything is read (it exported without a scheduler).
+  p = subprocess.run([sys.executable, "-m", "launch.convert", "--workdir", str(tmp_path),
+                      "--out", str(tmp_path / "new"), "--sampler", "eulr"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300, env=env())
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and "--sampler: unknown solver 'eulr'" in lines[0]
+  assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

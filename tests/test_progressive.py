@@ -170,6 +170,18 @@ def test_kill_between_and_inside_stages_resumes_exactly(tmp_path):
   for k in ("teacher_steps_1", "teacher_steps_8"):
     assert swd["ref"][k] == swd["one_stage"][k]
   assert swd["killed"] == swd["ref"]
+  # Without the boundary checkpoint a promoted teacher is re-read from, a resume is one line
+  # (it printed a FileNotFoundError traceback) and writes nothing.
+  import shutil
+  import subprocess
+  shutil.rmtree(w / "checkpoints" / "12")
+  before = (w / "config.json").read_bytes()
+  p = subprocess.run(mu.train_cmd(CONFIG, w, *args, "--config.train.steps=24"), cwd=mu.ROOT,
+                     capture_output=True, text=True, timeout=600, env=mu.env())
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+  assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+  assert "the checkpoint of stage 2's first step 12" in lines[0] and "missing" in lines[0]
+  assert (w / "config.json").read_bytes() == before
 
 
 @pytest.mark.slow
