@@ -137,7 +137,7 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   if stored is None:
     return {}
   every = changed_keys(stored, config, defaults)
-  diffs = [d for d in every if not _may_change(d[0], RESUME_MAY_MOVE)]
+  diffs = [d for d in every if not _moved(d)]
   moved = changed_frozen(stored, frozen_refs)
   data = changed_data(stored, data_hash)
   if not allow and diffs:
@@ -175,6 +175,15 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   if data:
     changes["data.hash"] = list(data)
   return changes
+
+
+def _moved(diff: tuple[str, Any, Any]) -> bool:
+  """A difference that only says where an input lives now: the data (`RESUME_MAY_MOVE`; its
+  content hash is compared) or the run an `init.<network>` is read from (given on both sides: a
+  trained network's weights come from the checkpoint, a frozen one's hash is compared)."""
+  key, old, new = diff
+  return _may_change(key, RESUME_MAY_MOVE) or (key.startswith("init.") and bool(old)
+                                               and bool(new))
 
 
 def recorded_changes(workdir: str) -> list[dict[str, Any]]:

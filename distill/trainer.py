@@ -556,6 +556,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine = Engine(config, teacher=teacher)
     check_data_fits(engine)
     _check_what_training_evaluates(engine)
+    if _has_checkpoints(workdir):   # a resume: trained networks come from the checkpoint
+      engine.init_runs = {n: r for n, r in engine.init_runs.items() if n not in engine.trained}
     if engine.mesh.size < jax.device_count():
       log.warning("mesh %s uses %d of the %d devices (mesh.data=-1 fills the rest)",
                   dict(engine.mesh.shape), engine.mesh.size, jax.device_count())
@@ -778,6 +780,12 @@ def _set_aside_skipped(ckpt: ckpt_lib.Checkpointer, start: int, is_main: bool) -
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("checkpoints set aside")
     ckpt.manager.reload()
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a saved step (a train command there resumes)."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
 def _fit_mesh_here(config: ml_collections.ConfigDict) -> None:

@@ -83,3 +83,30 @@ def test_bad_init_values_are_one_clear_error(sid_run, tmp_path):
       engine = Engine(config, teacher=teacher_lib.from_config(
           trainer.prepare_config(config)))
       engine.init_state()
+
+
+def test_a_resume_needs_the_init_run_of_a_trained_network_at_no_path(sid_run, tmp_path):
+  """Its weights come from the run's own checkpoint: the init run may have moved (the path is
+  recorded as a move) or be gone."""
+  import json
+  import shutil
+  teacher, sid = sid_run
+  source = str(tmp_path / "source")
+  shutil.copytree(sid, source)
+  work = str(tmp_path / "sida")
+  common = ["objective.discriminator=encoder", "objective.gan_feature_block=0",
+            "checkpoint.every_steps=2"]
+  trainer.train(_config(teacher, f"init.student={source}", "train.steps=2", *common), work)
+  moved = str(tmp_path / "moved")
+  shutil.move(source, moved)
+  trainer.train(_config(teacher, f"init.student={moved}", "train.steps=4", *common), work)
+  with open(os.path.join(work, "config.json")) as f:
+    changes = json.load(f)["provenance"]["config_changes"]
+  assert changes == [{"step": 2, "changes": {"init.student": [source, moved]}}]
+  shutil.rmtree(moved)
+  trainer.train(_config(teacher, f"init.student={moved}", "train.steps=6", *common), work)
+  assert _steps_of(work)[-1] == 6
+
+
+def _steps_of(work: str) -> list:
+  return sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
