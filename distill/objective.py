@@ -39,6 +39,20 @@ class LoRA:
   rank: int = 16
   alpha: Optional[float] = None
 
+  def __post_init__(self):
+    """Checked where an objective builds it (the objective's lora_* keys, in one line)."""
+    import re  # pylint: disable=import-outside-toplevel
+    if int(self.rank) < 1:
+      raise ValueError(f"LoRA adapter: rank must be >= 1, got {self.rank} (objective.*lora_rank)")
+    if self.alpha is not None and not float(self.alpha) > 0:
+      raise ValueError(f"LoRA adapter: alpha must be > 0 (or unset: alpha = rank), got "
+                       f"{self.alpha} (objective.*lora_alpha)")
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"LoRA adapter: pattern {self.pattern!r} is not a regular expression "
+                       f"({e}) (objective.*lora_pattern)") from None
+
 
 @dataclasses.dataclass(frozen=True)
 class Network:

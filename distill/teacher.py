@@ -98,6 +98,12 @@ def load_run_network(path: str, net: str, params_role: str = "ema",
   if net not in resolved["models"]:
     raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
                      f"{', '.join(sorted(resolved['models']))})")
+  base = ((resolved.get("networks") or {}).get(net) or {}).get("base")
+  if base:
+    raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is a LoRA adapter over "
+                     f"its {base!r} (the checkpoint holds the adapter only); export the merged "
+                     f"network with `python -m launch.convert --workdir {path} --out DIR` and "
+                     f"read it with --config.teacher.checkpoint=DIR")
   chosen = {}
 
   def select(structure):   # read this network's weights and model state only

@@ -1,6 +1,7 @@
 """`init.<network>`: a network starts from the same network of another run (SiD2A: SiDA's
 generator from a trained SiD run) instead of its objective's init, at that run's EMA weights;
 bad values are one clear error, and a resumed run keeps its own checkpoint."""
+import json
 import os
 
 import jax
@@ -110,3 +111,14 @@ def test_a_resume_needs_the_init_run_of_a_trained_network_at_no_path(sid_run, tm
 
 def _steps_of(work: str) -> list:
   return sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
+
+
+def test_a_lora_adapter_network_is_not_read_as_a_whole_network(tmp_path):
+  run = tmp_path / "lcm_lora"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"resolved": {
+      "models": {"student": {"name": "mlp"}, "teacher": {"name": "mlp"}},
+      "networks": {"student": {"base": "teacher"}, "teacher": {"base": None}}}}))
+  with pytest.raises(ValueError, match=r"config key 'init.student': network 'student' of .* is "
+                                       r"a LoRA adapter over its 'teacher' .*launch.convert"):
+    teacher_lib.load_run_network(str(run), "student", key="init.student")

@@ -148,3 +148,16 @@ def test_a_zero_length_stage_stops_at_setup():
   with pytest.raises(ValueError, match=r"objective 'guided': stage 0 has 0 steps; each stage "
                                        r"needs > 0"):
     Engine(c, teacher=make_teacher(4))
+
+
+@pytest.mark.parametrize("keys, fragment", [
+    (dict(lora_rank=-3), "'objective.lora_rank': expected >= 0"),
+    (dict(lora_rank=4, lora_pattern="("), "pattern '(' is not a regular expression"),
+    (dict(lora_rank=4, lora_alpha=-1.0), "alpha must be > 0"),
+])
+def test_lora_settings_stop_at_setup(keys, fragment):
+  # a negative rank trained a full fine-tune silently; a bad pattern was a re.error traceback
+  c = tiny_config("lcm", target="online", **keys)
+  with pytest.raises(ValueError) as e:
+    Engine(c, teacher=make_teacher(4))
+  assert fragment in str(e.value)

@@ -257,6 +257,9 @@ def guidance_range(cfg) -> tuple[float, float]:
 def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
            scalings: Optional[dict] = None, stages: tuple = ()) -> Objective:
   target = choice(cfg, "target", ("ema", "online"))
+  if int(cfg.lora_rank) < 0:
+    raise ValueError(f"config key 'objective.lora_rank': expected >= 0 (0: no LoRA), got "
+                     f"{cfg.lora_rank}")
   lora = int(cfg.lora_rank) > 0
   if lora and target != "online":
     raise ValueError("config key 'objective.target': a LoRA student (lora_rank > 0) uses the "

@@ -414,7 +414,10 @@ FAKE_LORA_DEFAULTS = {
 def fake_network(rank: int, pattern: str, alpha: float = 0.0):
   """The "fake_score" Network: a copy of the teacher, or with rank > 0 a LoRA over it."""
   from distill.objective import LoRA, Network
-  if rank <= 0:
+  if rank < 0:
+    raise ValueError(f"config key 'objective.fake_lora_rank' / 'lora_rank': expected >= 0 (0: "
+                     f"no LoRA), got {rank}")
+  if rank == 0:
     return Network(FAKE, init=TEACHER)
   return Network(FAKE, init=TEACHER, base=TEACHER,
                  adapter=LoRA(str(pattern), rank=int(rank), alpha=float(alpha) or None))
