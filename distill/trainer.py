@@ -516,7 +516,8 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str,
 
 
 class _Stop:
-  """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+  """Set by SIGTERM; the loop saves and exits at the next step boundary (SIGINT keeps its
+  KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
@@ -544,7 +545,19 @@ class SetupError(ValueError):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) a run in `workdir`; returns a summary dict."""
+  """Trains (or resumes) a run in `workdir`; returns a summary dict. SIGTERM, from the start
+  (setup may take minutes on a large model), saves a checkpoint at the next step boundary and
+  returns (exit 0): before the first step, of the state it would start from."""
+  stop = _Stop()
+  prev_handlers = stop.install()
+  try:
+    return _train(config, workdir, stop)
+  finally:
+    for s, h in prev_handlers.items():
+      signal.signal(s, h)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> dict:
   config = prepare_config(config)
   check_platform(config)
   if config.compilation_cache:
@@ -631,8 +644,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rlog.message(f"objective {config.objective.name!r} runs {len(engine.stage_bounds) - 1} "
                  f"stages, {engine.total_steps} steps in all, set by its objective.*steps keys; "
                  f"train.steps={config.train.steps} is not used")
-  stop = _Stop()
-  prev_handlers = stop.install()
   total = engine.total_steps
   bs = int(config.train.batch_size)
   flops = sum(engine.nets[n].flops_per_example for n in engine.trained)
@@ -647,6 +658,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start
   summary = {"start_step": start}
   try:
+    if stop.requested and step < total:   # the signal came while the run was set up
+      if step not in ckpt.all_steps():
+        ckpt.save(step, state, _meta(engine, step), force=True)
+      ckpt.wait()
+      rlog.message(f"signal {stop.signal} during setup: saved step {step}, exiting")
+      summary.update(step=step, interrupted=True)
+      return summary
     while step < total:
       stage, stage_step = engine.stage_of(step)
       if stage > 0 and stage_step == 0 and int(state.stage) < stage:
@@ -710,8 +728,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     rlog.close()
     ckpt.close()
-    for s, h in prev_handlers.items():
-      signal.signal(s, h)
 
 
 def _meta(engine: Engine, step: int) -> dict:

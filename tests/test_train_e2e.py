@@ -124,6 +124,27 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert saved and max(saved) >= 50
 
 
+def test_sigterm_during_setup_saves_the_starting_state_and_returns(tmp_path, monkeypatch):
+  """The handler is installed when train() starts (setup can take minutes): a signal that
+  arrives before the first step saves the state the run would start from and returns, where
+  the process died with 143 and left an empty checkpoints/ directory."""
+  from distill import trainer
+  installed = trainer._Stop.install   # pylint: disable=protected-access
+
+  def install_and_signal(self):
+    prev = installed(self)
+    self.requested, self.signal = True, signal.SIGTERM   # as if it came during setup
+    return prev
+
+  monkeypatch.setattr(trainer._Stop, "install", install_and_signal)
+  config = trainer.load_config(TEACHER, ["model.hidden=16", "model.depth=1", "train.steps=50",
+                                         "eval.at_end=false", "sample.num=0"])
+  summary = trainer.train(config, str(tmp_path / "run"))
+  assert summary["interrupted"] and summary["step"] == 0
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0"]
+  assert signal.getsignal(signal.SIGTERM) is not None
+
+
 SHARD_PROBE = r"""
 import json, sys
 import jax, numpy as np
