@@ -39,6 +39,9 @@ def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
   rules = dict(DEFAULT_RULES)
   for item in text.split(","):
     name, _, axis = item.partition("=")
+    if name.strip() not in rules:   # a misspelt name would leave its parameters replicated
+      raise ValueError(f"config key 'sharding.rules': unknown logical axis {name.strip()!r} "
+                       f"(the models' axes: {', '.join(rules)})")
     axes = tuple(a for a in axis.split("+") if a)
     for a in axes:
       if a not in MESH_AXES:

@@ -246,3 +246,15 @@ def test_a_config_that_is_not_a_config_file_is_one_line(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="get_config returned a dict, expected an "
                                                    "ml_collections.ConfigDict"):
     trainer.load_config(str(tmp_path / "plain.py"))
+
+
+def test_sharding_rules_name_the_models_logical_axes():
+  from distill import sharding as shd
+  rules = dict(shd.parse_rules("embed=tensor,mlp=fsdp+tensor,kv="))
+  assert rules["embed"] == "tensor" and rules["mlp"] == ("fsdp", "tensor") and rules["kv"] is None
+  assert rules["heads"] == "tensor"   # the rest keep the table's
+  # a misspelt logical name left its parameters replicated, silently
+  with pytest.raises(ValueError, match="unknown logical axis 'mlps' .*embed, mlp"):
+    shd.parse_rules("mlps=tensor")
+  with pytest.raises(ValueError, match="unknown mesh axis 'fsdpp'"):
+    shd.parse_rules("embed=fsdpp")
