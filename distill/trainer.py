@@ -101,9 +101,8 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
         for k in stale:
           del config[section][k]
       what = COMPONENTS[section]
-      log.warning("%s.name=%r replaces the config file's %s %r: dropped %s (not keys of "
-                      "%r)", section, new, what, old, ", ".join(f"{section}.{k}" for k in stale),
-                      new)
+      log.warning("%s.name=%r replaces the config file's %s %r: dropped %s (not keys of %r)",
+                  section, new, what, old, ", ".join(f"{section}.{k}" for k in stale), new)
   return config_lib.apply_overrides(config, rest, schema)
 
 
@@ -308,7 +307,7 @@ def _check_class_labels(engine: Engine) -> None:
     for name, info in engine.nets.items():
       if info.num_classes and data > info.num_classes:
         raise ValueError(sources.for_stream(
-            f"config key 'data.name': data {source_name(engine, stream)!r} has {data} classes "
+            f"config key 'data.name': data {_source_name(engine, stream)!r} has {data} classes "
             f"(labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} (a "
             f"teacher or model for another label set?)", stream))
 
@@ -334,7 +333,7 @@ def _check_text_inputs(engine: Engine) -> None:
             f"{name!r} reads width {width} (encoded for another pipeline?)", stream))
 
 
-def source_name(engine: Engine, stream: str) -> str:
+def _source_name(engine: Engine, stream: str) -> str:
   """The dataset name of data stream `stream` of a run."""
   return sources.stream_settings(engine.config)[stream][0]["name"]
 
