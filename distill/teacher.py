@@ -80,6 +80,28 @@ def _load_run_dir(path: str, params_role: str) -> Teacher:
   return load_run_network(path, net, params_role, resolved=resolved)
 
 
+def _adapter_base(path: str, net: str, info: Mapping[str, Any], resolved: Mapping[str, Any],
+                  key: str) -> "Teacher":
+  """The base network a LoRA adapter `net` of the run at `path` was trained over, as that run
+  read it (its frozen reference, with its teacher.runtime layout), checked against the recorded
+  hash; the adapter's scale must be recorded (runs written before it was are refused)."""
+  base_ref = (resolved.get("frozen") or {}).get(info["base"])
+  if info.get("lora_scale") is None or not base_ref:
+    raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is a LoRA adapter over "
+                     f"its {info['base']!r}, and the run does not record how to merge it (a run "
+                     f"written before this version); export the merged network with `python -m "
+                     f"launch.convert --workdir {path} --out DIR` and read that")
+  with open(os.path.join(path, "config.json")) as f:
+    runtime = ((json.load(f).get("teacher") or {}).get("runtime") or {})
+  role = "raw" if base_ref.get("params") == "raw" else "ema"
+  base = with_runtime(load_teacher(base_ref["path"], role), runtime)
+  if base.reference.get("hash") != base_ref.get("hash"):
+    raise ValueError(f"config key {key!r}: the base {info['base']!r} of LoRA network {net!r} "
+                     f"of {path!r} is read from {base_ref['path']}, whose weights changed since "
+                     f"that run (hash {str(base_ref.get('hash'))[:12]} recorded)")
+  return base
+
+
 def load_run_network(path: str, net: str, params_role: str = "ema",
                      key: str = "teacher.checkpoint", resolved: Optional[dict] = None) -> Teacher:
   """Network `net` of the run directory `path` at its latest checkpoint: its EMA weights
@@ -98,12 +120,8 @@ def load_run_network(path: str, net: str, params_role: str = "ema",
   if net not in resolved["models"]:
     raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
                      f"{', '.join(sorted(resolved['models']))})")
-  base = ((resolved.get("networks") or {}).get(net) or {}).get("base")
-  if base:
-    raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is a LoRA adapter over "
-                     f"its {base!r} (the checkpoint holds the adapter only); export the merged "
-                     f"network with `python -m launch.convert --workdir {path} --out DIR` and "
-                     f"read it with --config.teacher.checkpoint=DIR")
+  info = (resolved.get("networks") or {}).get(net) or {}
+  base = _adapter_base(path, net, info, resolved, key) if info.get("base") else None
   chosen = {}
 
   def select(structure):   # read this network's weights and model state only
@@ -126,6 +144,11 @@ def load_run_network(path: str, net: str, params_role: str = "ema",
   process = procs.make_process(**resolved["processes"][net])
   model_state = (state.get("model_state") or {}).get(net) or None
   params = jax.tree_util.tree_map(np.asarray, params)
+  if base is not None:   # a LoRA adapter: the whole network is its base with it merged
+    from models import lora  # pylint: disable=import-outside-toplevel
+    params = jax.tree_util.tree_map(np.asarray, lora.lora_merge(base.params, params,
+                                                                float(info["lora_scale"])))
+    model_state = model_state or base.model_state
   ref = {"path": os.path.abspath(path), "step": int(step), "hash": params_hash(params),
          "params": f"ema/{role}" if role else "raw", "network": net}
   return Teacher(module=module, params=params, model_config={"name": name, "prediction": prediction,

@@ -271,7 +271,9 @@ def _resolved(engine: Engine, data_hash: Optional[str] = None) -> dict:
           "data_hash": engine.data_hash() if data_hash is None else data_hash,
           "networks": {n: {"init": p.init_from, "frozen": p.frozen,
                            "wrapper": engine.objective.network(n).wrapper,
-                           "base": engine.objective.network(n).base}
+                           "base": engine.objective.network(n).base,
+                           # a LoRA adapter's multiplier (alpha / rank): how it merges
+                           **({"lora_scale": p.info.lora_scale} if p.info.base else {})}
                        for n, p in engine.plans.items()},
           "devices": jax.device_count(), "mesh": dict(engine.mesh.shape)}
 

@@ -113,12 +113,31 @@ def _steps_of(work: str) -> list:
   return sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
 
 
-def test_a_lora_adapter_network_is_not_read_as_a_whole_network(tmp_path):
-  run = tmp_path / "lcm_lora"
-  (run / "checkpoints").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"resolved": {
-      "models": {"student": {"name": "mlp"}, "teacher": {"name": "mlp"}},
-      "networks": {"student": {"base": "teacher"}, "teacher": {"base": None}}}}))
+def test_a_lora_run_is_read_as_its_merged_network(tmp_path):
+  """An LCM-LoRA run's student is its teacher with the adapter merged, as the run itself
+  evaluated it (init.<net> and teacher.checkpoint read it so); a run that does not record the
+  adapter's scale is named in one line."""
+  teacher = mu.shared_tiny_teacher("gmm", 20)
+  run = str(tmp_path / "lcm_lora")
+  lcm = os.path.join(mu.ROOT, "configs", "toy", "lcm.py")
+  mu.run_train(lcm, run, f"--config.teacher.checkpoint={teacher}", "--config.train.steps=3",
+               "--config.objective.lora_rank=4", "--config.objective.lora_alpha=8.0",
+               "--config.objective.target=online", "--config.eval.at_end=false",
+               "--config.sample.num=0", "--config.train.batch_size=16")
+  engine, state, frozen, _ = trainer.open_run(run)
+  want = trainer.eval_params(engine, state, frozen)["student"]
+  info = engine.nets["student"]
+  assert info.base == "teacher" and info.lora_scale == 2.0
+  from distill.context import merge_params
+  want = merge_params(info, want, {**frozen, **state.params})
+  got = teacher_lib.load_run_network(run, "student", key="init.student")
+  assert _equal(got.params, want) and not _equal(got.params, frozen["teacher"])
+  # The same run without the recorded scale (written before it was recorded):
+  cfg_path = os.path.join(run, "config.json")
+  cfg = json.loads(open(cfg_path).read())
+  del cfg["resolved"]["networks"]["student"]["lora_scale"]
+  open(cfg_path, "w").write(json.dumps(cfg))
   with pytest.raises(ValueError, match=r"config key 'init.student': network 'student' of .* is "
-                                       r"a LoRA adapter over its 'teacher' .*launch.convert"):
-    teacher_lib.load_run_network(str(run), "student", key="init.student")
+                                       r"a LoRA adapter over its 'teacher', and the run does not "
+                                       r"record how to merge it"):
+    teacher_lib.load_run_network(run, "student", key="init.student")
