@@ -253,8 +253,10 @@ class Engine:
     self.rules = shd.parse_rules(config.sharding.rules)
     self.source = source if source is not None else sources.make_source(config.data, config.seed)
     # Every data stream a phase may read (`Phase.data`): "train" is `self.source`.
-    self.streams = sources.make_stream_sources(config, train=self.source)
-    self.stream_batch = {n: bs for n, (_, bs) in sources.stream_settings(config).items()}
+    settings = sources.stream_settings(config)
+    self.streams = sources.make_stream_sources(settings, config.seed, train=self.source)
+    self.stream_batch = {n: bs for n, (_, bs) in settings.items()}
+    self.stream_datasets = {n: data["name"] for n, (data, _) in settings.items()}
     self.entry = OBJECTIVES.get(config.objective.name)
     self.stage_objectives = self._build_stage_objectives()
     self.objective: Objective = self.stage_objectives[0]

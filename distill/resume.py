@@ -151,16 +151,14 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
         f"these values (config.json records the change)")
   if not allow and moved:
     n, old, new = moved[0]
-    key = ((frozen_refs.get(n) or (stored.get("resolved") or {}).get("frozen", {}).get(n) or {})
-           .get("key", "teacher.checkpoint"))
+    recorded = ((stored.get("resolved") or {}).get("frozen") or {}).get(n)
+    key = (frozen_refs.get(n) or recorded or {}).get("key", "teacher.checkpoint")
     what = (f"the run has no frozen {n} now" if new is None else
             f"the run started without a frozen {n}" if old is None else
             f"the frozen {n}'s weights changed since the run started (hash {str(old)[:12]} "
             f"there, {str(new)[:12]} now)")
-    raise ValueError(
-        f"--workdir {workdir}: {what} (config key {key}): resume with the weights it started "
-        f"from, use a new --workdir, or --config.train.allow_config_change=true to go on "
-        f"(config.json records the change)")
+    raise ValueError(f"--workdir {workdir}: {what} (config key {key}): resume with the weights "
+                     f"it started from, {_OR_GO_ON}")
   if not allow and data:
     paths = [f"{k} {old!r} there, {new!r} here" for k, old, new in every
              if _may_change(k, RESUME_MAY_MOVE)]
@@ -168,13 +166,17 @@ def check(workdir: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
     raise ValueError(
         f"--workdir {workdir}: the data differs from the data the run started with{where}: "
         f"content hash {data[0][:12]} there, {data[1][:12]} now: resume with the data it "
-        f"started from, use a new --workdir, or --config.train.allow_config_change=true to go "
-        f"on (config.json records the change)")
+        f"started from, {_OR_GO_ON}")
   changes = {k: [old, new] for k, old, new in every}
   changes.update({f"frozen.{n}.hash": [old, new] for n, old, new in moved})
   if data:
     changes["data.hash"] = list(data)
   return changes
+
+
+# How each refusal for changed inputs ends.
+_OR_GO_ON = ("use a new --workdir, or --config.train.allow_config_change=true to go on "
+             "(config.json records the change)")
 
 
 def _moved(diff: tuple[str, Any, Any]) -> bool:

@@ -8,6 +8,7 @@ out non-finite stops with a clear message, keeping its last good checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -309,9 +310,9 @@ def _check_class_labels(engine: Engine) -> None:
     for name, info in engine.nets.items():
       if info.num_classes and data > info.num_classes:
         raise ValueError(sources.for_stream(
-            f"config key 'data.name': data {_source_name(engine, stream)!r} has {data} classes "
-            f"(labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} (a "
-            f"teacher or model for another label set?)", stream))
+            f"config key 'data.name': data {engine.stream_datasets[stream]!r} has {data} "
+            f"classes (labels 0..{data - 1}), but network {name!r} embeds {info.num_classes} "
+            f"(a teacher or model for another label set?)", stream))
 
 
 def _check_text_inputs(engine: Engine) -> None:
@@ -333,11 +334,6 @@ def _check_text_inputs(engine: Engine) -> None:
         raise ValueError(sources.for_stream(
             f"config key 'data.text_embeds': prompt embeddings of width {got}, but network "
             f"{name!r} reads width {width} (encoded for another pipeline?)", stream))
-
-
-def _source_name(engine: Engine, stream: str) -> str:
-  """The dataset name of data stream `stream` of a run."""
-  return sources.stream_settings(engine.config)[stream][0]["name"]
 
 
 def _trace(engine: Engine, state, frozen, stage: int) -> None:
@@ -570,8 +566,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
     engine = Engine(config, teacher=teacher)
     check_data_fits(engine)
     _check_what_training_evaluates(engine)
-    if _has_checkpoints(workdir):   # a resume: trained networks come from the checkpoint
-      engine.init_runs = {n: r for n, r in engine.init_runs.items() if n not in engine.trained}
+    resuming = bool(_saved_steps(workdir))
+    if resuming:
+      _restoring_trained_networks(engine)
     if engine.mesh.size < jax.device_count():
       log.warning("mesh %s uses %d of the %d devices (mesh.data=-1 fills the rest)",
                   dict(engine.mesh.shape), engine.mesh.size, jax.device_count())
@@ -580,7 +577,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), config)) from e
   # A new run's steps are traced before its directory exists; a resumed one's after its
   # checkpoint is restored (the stage it resumes in), before anything is written either way.
-  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
   if not resuming:
     _trace(engine, state, frozen, 0)
 
@@ -593,7 +589,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
   data_hash = engine.data_hash()
   steps = ckpt.all_steps()
   if steps:  # a run is there: this command may only go on with it
-    try:
+    with _setup_failure_closes(ckpt):
       changes = resume.check(workdir, config.to_dict(), schema_for(config).to_dict(),
                              frozen_references(engine), allow=config.train.allow_config_change,
                              data_hash=data_hash)
@@ -603,28 +599,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
             f"--workdir {workdir}: none of its checkpoints (steps {steps}) restores into this "
             f"config's state ({ckpt.last_restore_error}); nothing was changed, use a new "
             f"--workdir")
-    except ValueError as e:
-      ckpt.close()
-      raise SetupError(str(e)) from None
-  if resuming:
-    stage = engine.stage_of(restored[0])[0] if restored is not None else 0
-    if restored is None or int(restored[1].stage) == stage:   # else the loop enters it first
-      try:
-        _trace(engine, restored[1] if restored is not None else state, frozen, stage)
-      except SetupError:
-        ckpt.close()
-        raise
+      stage = engine.stage_of(restored[0])[0]
+      if int(restored[1].stage) == stage:   # else the loop enters it first
+        _trace(engine, restored[1], frozen, stage)
   rlog = runlog.RunLog(workdir, is_main=is_main)
   start = 0
   provenance = {"git_commit": runlog.git_commit(), "packages": runlog.package_versions(),
                 "command": " ".join(sys.argv)}
   if restored is not None:
     start, state, meta = restored
-    try:
+    with _setup_failure_closes(ckpt):
       frozen = _restore_promoted(engine, ckpt, state, frozen, start)
-    except ValueError as e:
-      ckpt.close()
-      raise SetupError(str(e)) from None
     _set_aside_skipped(ckpt, start, is_main)
     rlog.truncate_after(start)
     rlog.message(f"resumed from step {start}")
@@ -799,10 +784,36 @@ def _set_aside_skipped(ckpt: ckpt_lib.Checkpointer, start: int, is_main: bool) -
     ckpt.manager.reload()
 
 
-def _has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir` holds a saved step (a train command there resumes)."""
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+def _restoring_trained_networks(engine: Engine) -> None:
+  """The trained networks of a run that restores its checkpoint (a resume, reading a run) come
+  from that checkpoint: their init.<net> runs are not read (they may have moved or gone)."""
+  engine.init_runs = {n: r for n, r in engine.init_runs.items() if n not in engine.trained}
+
+
+def _saved_steps(workdir: str) -> list[int]:
+  """The steps saved in `workdir` as Orbax sees them (a train command there resumes), read
+  without creating anything."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  reader = ckpt_lib.Checkpointer(directory, read_only=True)
+  try:
+    return reader.all_steps()
+  finally:
+    reader.close()
+
+
+@contextlib.contextmanager
+def _setup_failure_closes(ckpt: ckpt_lib.Checkpointer):
+  """A resume's setup after the checkpoints are opened: a ValueError (a refused resume, a
+  missing boundary checkpoint, a trace error) closes them and stops as one SetupError line."""
+  try:
+    yield
+  except ValueError as e:
+    ckpt.close()
+    if isinstance(e, SetupError):
+      raise
+    raise SetupError(str(e)) from None
 
 
 def _fit_mesh_here(config: ml_collections.ConfigDict) -> None:

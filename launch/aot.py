@@ -7,8 +7,9 @@
 The topology (`jax.experimental.topologies.get_topology_desc`, e.g. v5p:4x4x4, v6e:8x8,
 v5e:4x4, v4:2x2x2) gives abstract devices; the config's mesh is laid over them
 (`mesh.data`/`fsdp`/`tensor`, -1 fills) and every phase of every stage of the objective
-(`Engine.phase_plan`; a staged objective's rows are "stage<s>/<phase>") is lowered and compiled through the same step builder `launch.train` uses (distill.engine.Engine),
-against the engine's abstract state (`Engine.abstract_state`: ShapeDtypeStructs with the real
+(`Engine.phase_plan`; a staged objective's rows are "stage<s>/<phase>") is lowered and compiled
+through the same step builder `launch.train` uses (distill.engine.Engine), against the
+engine's abstract state (`Engine.abstract_state`: ShapeDtypeStructs with the real
 shardings, no memory). The teacher is abstract too: the config's `model.*` architecture, or the
 architecture of `teacher.checkpoint` when one is given (its weights are read for their shapes).
 
@@ -114,7 +115,7 @@ def compile_config(config, topology: str) -> dict:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       phases[label] = {"compile_s": round(time.perf_counter() - t0, 2), "fits": False,
-                            "error": _first_line(str(e))}
+                       "error": _first_line(str(e))}
       continue
     row = {"compile_s": round(time.perf_counter() - t0, 2)}
     mem = compiled.memory_analysis()

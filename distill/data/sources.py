@@ -256,16 +256,17 @@ def for_stream(message: str, stream: str) -> str:
   return re.sub(r"(?<![\w/.])data\.", f"data_streams.{stream}.", message)
 
 
-def make_stream_sources(config: Any, train: Optional["Source"] = None) -> dict[str, "Source"]:
-  """{stream: Source} of every stream `stream_settings` lists (errors name the stream's keys);
-  `train`: the train stream's source when it is already built."""
+def make_stream_sources(settings: Mapping[str, tuple[dict[str, Any], int]], seed: int,
+                        train: Optional["Source"] = None) -> dict[str, "Source"]:
+  """{stream: Source} of every stream of `settings` (`stream_settings`; errors name the
+  stream's keys); `train`: the train stream's source when it is already built."""
   out = {}
-  for name, (data_cfg, _) in stream_settings(config).items():
+  for name, (data_cfg, _) in settings.items():
     if name == TRAIN_STREAM and train is not None:
       out[name] = train
       continue
     try:
-      out[name] = make_source(data_cfg, stream_seed(config.seed, name))
+      out[name] = make_source(data_cfg, stream_seed(seed, name))
     except ValueError as e:
       raise ValueError(for_stream(str(e.args[0] if e.args else e), name)) from None
   return out
