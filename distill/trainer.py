@@ -883,6 +883,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
         f"{recorded.get('path')}): give that teacher with --config.teacher.checkpoint=PATH")
   engine = Engine(config, teacher=teacher)
   check_data_fits(engine)
+  _restoring_trained_networks(engine)
   state, frozen = engine.init_state()
   # Read-only: the run may be training in another process (its in-flight save stays).
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

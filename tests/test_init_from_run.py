@@ -107,6 +107,8 @@ def test_a_resume_needs_the_init_run_of_a_trained_network_at_no_path(sid_run, tm
   shutil.rmtree(moved)
   trainer.train(_config(teacher, f"init.student={moved}", "train.steps=6", *common), work)
   assert _steps_of(work)[-1] == 6
+  # Reading the run (sample, evaluate, export) restores it the same way.
+  assert trainer.open_run(work)[3] == 6
 
 
 def _steps_of(work: str) -> list:
