@@ -328,17 +328,29 @@ class Engine:
         if missing:
           raise ValueError(f"objective {name!r}: phase {phase.name!r} trains {missing[0]!r}, "
                            f"not one of its networks ({', '.join(self.plans)})")
-        if phase.data not in self.streams:
-          raise ValueError(f"objective {name!r}: phase {phase.name!r} reads data stream "
-                           f"{phase.data!r}, which the config does not give (its streams: "
-                           f"{', '.join(self.streams)}): add it with --config.data_streams."
-                           f"{phase.data}.name=DATASET and that dataset's keys")
-    read = {p.data for obj in self.stage_objectives for p in obj.phases}
+        for stream in phase.streams:
+          if stream not in self.streams:
+            raise ValueError(f"objective {name!r}: phase {phase.name!r} reads data stream "
+                             f"{stream!r}, which the config does not give (its streams: "
+                             f"{', '.join(self.streams)}): add it with --config.data_streams."
+                             f"{stream}.name=DATASET and that dataset's keys")
+        self._check_stream_keys(phase)
+    read = {s for obj in self.stage_objectives for p in obj.phases for s in p.streams}
     for stream in self.streams:
       if stream != sources.TRAIN_STREAM and stream not in read:
         raise ValueError(f"config key 'data_streams.{stream}': no phase of objective {name!r} "
                          f"reads it (its phases read: {', '.join(sorted(read))})")
     self._check_per_network_entries()
+
+  def _check_stream_keys(self, phase) -> None:
+    """A phase reading several streams gets each further one under its name: that name must not
+    be a key of its first stream's batch (it would hide that key)."""
+    first, *more = phase.streams
+    clash = [n for n in more if n in self._batch_shapes(first)]
+    if clash:
+      raise ValueError(f"config key 'data_streams.{clash[0]}': phase {phase.name!r} reads this "
+                       f"stream under batch[{clash[0]!r}], which is also a key of stream "
+                       f"{first!r}'s batch: name the stream otherwise")
 
   def _check_per_network_entries(self) -> None:
     """The config's `ema.<net>.<role>` and `optim.networks.<net>` name what the objective has
@@ -474,15 +486,21 @@ class Engine:
   def _check_data_free(self) -> None:
     """A source without real data (`prompts`) feeds only data-free objectives and cannot be
     evaluated against: one line naming the key otherwise."""
+    for objective in self.stage_objectives:
+      stream = (objective.real_data if isinstance(objective.real_data, str)
+                else sources.TRAIN_STREAM if objective.real_data else None)
+      if stream is None or self.streams[stream].real_data:
+        continue
+      data = self.stream_datasets[stream]
+      raise ValueError(sources.for_stream(
+          f"config key 'data.name': {data!r} serves prompts without images, but objective "
+          f"{self.config.objective.name!r} with these settings reads real data from stream "
+          f"{stream!r} (data-free: vsd, sid / dmd2 with gan_weight = 0, agd with states = "
+          "teacher; dmd2 / sid with objective.real_stream read their GAN's real images from "
+          "that stream)", stream))
     if self.source.real_data:
       return
     data = self.config.data.name
-    for objective in self.stage_objectives:
-      if objective.real_data:
-        raise ValueError(
-            f"config key 'data.name': {data!r} serves prompts without images, but objective "
-            f"{self.config.objective.name!r} with these settings reads real data (data-free: "
-            "vsd, sid / dmd2 with gan_weight = 0, agd with states = teacher)")
     ev = self.config.eval
     if ev.at_end or ev.every_steps:
       raise ValueError(
@@ -672,6 +690,27 @@ class Engine:
                                     sharding=shd.batch_sharding(self.mesh, len(shape)))
             for k, (shape, dtype) in self._batch_shapes(stream).items()}
 
+  def phase_batch_shapes(self, phase) -> dict:
+    """{key: (shape, dtype)} of what `phase`'s loss reads as its batch (small probe batches):
+    its first stream's keys, and each further stream's under its name."""
+    first, *more = phase.streams
+    return {**self._batch_shapes(first), **{n: self._batch_shapes(n) for n in more}}
+
+  def abstract_phase_batch(self, phase) -> dict:
+    """The global batch `phase`'s loss reads as sharded jax.ShapeDtypeStructs."""
+    first, *more = phase.streams
+    return {**self.abstract_batch(first), **{n: self.abstract_batch(n) for n in more}}
+
+  def phase_batch(self, step: int, phase, batches: Optional[dict] = None) -> dict:
+    """This process's slice of the global batch `phase` reads at `step`; `batches` caches each
+    stream's batch of the step, so that phases reading the same stream share it."""
+    batches = {} if batches is None else batches
+    for stream in phase.streams:
+      if stream not in batches:
+        batches[stream] = self.global_batch(step, stream)
+    first, *more = phase.streams
+    return {**batches[first], **{n: batches[n] for n in more}}
+
   def _opt_state_shapes(self, name: str, params, param_sh):
     """(abstract optimizer state, its shardings): moments follow their parameters, scalars
     replicate."""
@@ -822,8 +861,9 @@ class Engine:
                                 stage=t.stage)
       return new_state, out_metrics
 
-    batch_sh = {k: shd.batch_sharding(self.mesh, len(shape))
-                for k, (shape, _) in self._batch_shapes(phase.data).items()}
+    batch_sh = jax.tree_util.tree_map(
+        lambda spec: shd.batch_sharding(self.mesh, len(spec[0])), self.phase_batch_shapes(phase),
+        is_leaf=lambda v: isinstance(v, tuple))
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh,
                                        None),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
@@ -853,7 +893,7 @@ class Engine:
     only inside the losses (a weighting, a prediction kind, shapes that do not fit) fails here,
     before a run writes anything. jit keeps the traces, so the first real step reuses them."""
     for i, phase in enumerate(self.stage_objectives[stage].phases):
-      self.phase_step(stage, i).trace(state, frozen, self.abstract_batch(phase.data),
+      self.phase_step(stage, i).trace(state, frozen, self.abstract_phase_batch(phase),
                                       make_time(phase.start, 0, stage, 0))
 
   def phase_plan(self) -> list[tuple[int, int, Any, str]]:
@@ -938,10 +978,9 @@ class Engine:
     for i, phase in enumerate(objective.phases):
       if not phase.active(step):
         continue
-      if phase.data not in batches:
-        batches[phase.data] = self.global_batch(step, phase.data)
+      batch = self.phase_batch(step, phase, batches)
       t = make_time(step, phase.count_before(step), stage, stage_step)
-      state, m = self.phase_step(stage, i)(state, frozen, batches[phase.data], t)
+      state, m = self.phase_step(stage, i)(state, frozen, batch, t)
       metrics.update(m)
     return state, frozen, metrics
 

@@ -21,7 +21,7 @@ Time of this call.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import numpy as np
@@ -99,7 +99,16 @@ class Phase:
   offset: int = 0
   start: int = 0
   stop: Optional[int] = None
-  data: str = "train"
+  # The data stream(s) it reads (`data_streams.<name>` of the config; "train" is `data`). One
+  # name: the loss's batch is that stream's. A tuple (first, *more): the first stream's batch
+  # with each further stream's batch under its own name, e.g. data=("train", "real") gives
+  # batch["x"], batch["text_embeds"], ... of "train" and batch["real"] = {"x": ..., ...}.
+  data: Union[str, tuple[str, ...]] = "train"
+
+  @property
+  def streams(self) -> tuple[str, ...]:
+    """The names of the data streams it reads, its batch's own first."""
+    return (self.data,) if isinstance(self.data, str) else tuple(self.data)
 
   def active(self, step: int) -> bool:
     if step < self.start or (self.stop is not None and step >= self.stop):
@@ -144,8 +153,9 @@ class Objective:
   evaluates_as: str = "student"
   # Whether its losses read batch["x"] as real data. False: data-free (VSD, SiD and DMD2
   # without their GAN terms read only the batch's shape and conditioning), so a prompts-only
-  # source (`prompts`) can feed it.
-  real_data: bool = True
+  # source (`prompts`) can feed it. A stream name: only that stream's images are read as real
+  # data (DMD2's GAN on `data_streams.real` while the train stream serves prompts alone).
+  real_data: Union[bool, str] = True
 
   def network(self, name: str) -> Network:
     for n in self.networks:

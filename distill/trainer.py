@@ -316,19 +316,23 @@ def _check_class_labels(engine: Engine) -> None:
 
 
 def _check_text_inputs(engine: Engine) -> None:
-  """A network that reads prompt embeddings needs them in the data (the train stream), at its
-  width in every stream (embeddings encoded for another pipeline, or class-labelled latents,
-  fail here in one line)."""
+  """A network that reads prompt embeddings needs them in the data (the train stream, and a
+  stream of real images the networks read under their own captions), at its width in every
+  stream (embeddings encoded for another pipeline, or class-labelled latents, fail here in one
+  line)."""
+  conditioned = {sources.TRAIN_STREAM} | {o.real_data for o in engine.stage_objectives
+                                          if isinstance(o.real_data, str)}
   for stream in engine.streams:
     batch = engine.abstract_batch(stream)
     for name, info in engine.nets.items():
       width = getattr(info.module, "text_width", None)
       if width is None:
         continue
-      if "text_embeds" not in batch and stream == sources.TRAIN_STREAM:
-        raise ValueError(f"config key 'data.text_embeds': network {name!r} reads prompt "
-                         f"embeddings of width {width}, but data {engine.config.data.name!r} "
-                         f"gives none (a directory from launch.encode_prompts)")
+      if "text_embeds" not in batch and stream in conditioned:
+        raise ValueError(sources.for_stream(
+            f"config key 'data.text_embeds': network {name!r} reads prompt embeddings of width "
+            f"{width}, but data {engine.stream_datasets[stream]!r} gives none (a directory "
+            "from launch.encode_prompts)", stream))
       got = batch["text_embeds"].shape[-1] if "text_embeds" in batch else width
       if got != width:
         raise ValueError(sources.for_stream(

@@ -109,7 +109,7 @@ def compile_config(config, topology: str) -> dict:
     t0 = time.perf_counter()
     try:
       compiled = compile_step(engine.phase_step(stage, i), state, frozen,
-                              engine.abstract_batch(phase.data),
+                              engine.abstract_phase_batch(phase),
                               make_time(phase.start, 0, stage, 0))
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses steps that cannot fit
       if "RESOURCE_EXHAUSTED" not in str(e):

@@ -103,7 +103,7 @@ def bench_config(config, *, steps: int, warmup: int, use_random_teacher: bool) -
   phases = {}
   for stage, i, phase, label in engine.phase_plan():
     fn = engine.phase_step(stage, i)
-    batch = engine.global_batch(0, phase.data)
+    batch = engine.phase_batch(0, phase)
     t = make_time(phase.start, 0, stage, 0)
     _progress(f"{label}: compiling")
     t0 = time.perf_counter()

@@ -30,16 +30,25 @@ def _loss(trainable, ctx, batch, rng, t):
                 "first": x[0, 0]}
 
 
+def _both_loss(trainable, ctx, batch, rng, t, *, second):
+  """`_loss` on the first stream's batch, also reporting the second's (under its name)."""
+  loss, metrics = _loss(trainable, ctx, batch, rng, t)
+  y = batch[second]["x"]
+  return loss, {**metrics, "second_rows": jnp.asarray(y.shape[0], jnp.float32),
+                "second_mean": jnp.mean(y), "second_first": y[0, 0]}
+
+
 def _build(cfg):
-  del cfg
   return Objective(networks=(Network("student"),),
                    phases=(Phase("main", loss=_loss, trains=("student",)),
-                           Phase("aux", loss=_loss, trains=("student",), data="aux")),
+                           Phase("aux", loss=_loss, trains=("student",), data="aux"),
+                           Phase("both", loss=functools.partial(_both_loss, second=cfg.both),
+                                 trains=("student",), data=("train", cfg.both))),
                    ema={})
 
 
 if "test_streams" not in OBJECTIVES:
-  register_objective("test_streams")(_build)
+  register_objective("test_streams", defaults={"both": "aux"})(_build)
 
 STREAM = ["objective.name=test_streams", "model.hidden=16", "model.depth=1",
           "train.batch_size=16", "data_streams.aux.name=spiral", "data_streams.aux.batch_size=8",
@@ -55,11 +64,12 @@ def _check_steps(engine, steps):
   state, frozen = engine.init_state()
   for step in range(steps):
     state, frozen, m = engine.train_step(state, frozen, step)
-    for phase, stream, bs in (("main", "train", 16), ("aux", "aux", 8)):
+    for key, stream, bs in (("main/", "train", 16), ("aux/", "aux", 8), ("both/", "train", 16),
+                            ("both/second_", "aux", 8)):
       want = engine.streams[stream].batch(step, bs)["x"]
-      assert float(m[f"{phase}/rows"]) == bs
-      np.testing.assert_allclose(float(m[f"{phase}/mean"]), want.mean(), rtol=1e-5, atol=1e-6)
-      assert float(m[f"{phase}/first"]) == pytest.approx(float(want[0, 0]), abs=1e-6)
+      assert float(m[f"{key}rows"]) == bs
+      np.testing.assert_allclose(float(m[f"{key}mean"]), want.mean(), rtol=1e-5, atol=1e-6)
+      assert float(m[f"{key}first"]) == pytest.approx(float(want[0, 0]), abs=1e-6)
 
 
 def test_each_phase_reads_its_own_stream():
@@ -118,6 +128,22 @@ def test_streams_no_phase_reads_or_a_phase_lacks_stop_at_setup():
                                        r"does not give \(its streams: train\): add it with "
                                        r"--config.data_streams.aux.name=DATASET"):
     Engine(c)
+
+
+def test_a_phase_reading_two_streams_gets_the_second_under_its_name():
+  """Phase(data=("train", "aux")): the batch is train's with batch["aux"] = aux's batch (traced,
+  sharded and compiled as one argument); a stream named like a key of the first stream's batch
+  would hide it and stops at setup."""
+  engine = Engine(_config())
+  both = engine.objective.phases[2]
+  assert both.streams == ("train", "aux")
+  batch = engine.abstract_phase_batch(both)
+  assert set(batch) == {"x", "label", "aux"} and set(batch["aux"]) == {"x", "label"}
+  assert batch["x"].shape[0] == 16 and batch["aux"]["x"].shape[0] == 8
+  with pytest.raises(ValueError, match=r"config key 'data_streams.label': phase 'both' reads "
+                                       r"this stream under batch\['label'\], which is also a key "
+                                       r"of stream 'train'"):
+    Engine(_config("objective.both=label", "data_streams.label.name=spiral"))
 
 
 def test_streams_shard_over_eight_devices():

@@ -70,6 +70,16 @@ def test_objective_structure():
   obj = OBJECTIVES.get("dmd2").build(cfg)
   assert obj.phases[0].trains == ("fake_score", "gan_head")
   assert (obj.phases[1].every, obj.phases[1].offset) == (3, 2)
+  assert obj.real_data is True and obj.phases[0].streams == ("train",)
+  cfg.real_stream = "real"   # the GAN's real images from data_streams.real
+  obj = OBJECTIVES.get("dmd2").build(cfg)
+  assert obj.real_data == "real" and obj.phases[0].streams == ("train", "real")
+  assert obj.phases[1].streams == ("train",)
+  cfg.gan_weight = 0.0
+  with pytest.raises(ValueError, match="'objective.real_stream': 'real' holds the GAN's real "
+                                       r"images, but the GAN term is off"):
+    OBJECTIVES.get("dmd2").build(cfg)
+  cfg.gan_weight, cfg.real_stream = 1e-3, ""
   cfg.t_min_frac = 0.99
   with pytest.raises(ValueError, match="objective.t_min_frac"):
     OBJECTIVES.get("dmd2").build(cfg)
@@ -160,12 +170,24 @@ def test_generator_loss_matches_torch(setup):
   assert_close_tree(ours, {k: mu.t2n(v.grad) for k, v in p_s.items()}, what="d/dstudent")
 
 
-def test_critic_loss_matches_torch(setup):
-  """L_fake + w_D L_D: value and gradients w.r.t. the fake network and the GAN head."""
+@pytest.mark.parametrize("real_stream", ["", "real"])
+def test_critic_loss_matches_torch(setup, real_stream):
+  """L_fake + w_D L_D: value and gradients w.r.t. the fake network and the GAN head. With
+  `real_stream` the discriminator's real images are another stream's (another batch size),
+  read under their own labels, as DMD2's text-to-image runs read images with their captions."""
   teacher, engine, state, frozen, batch = setup
   draw, kw = phase_kwargs(engine, "critic")
   trainable, ctx = mu.phase_context(engine, state, frozen, ("fake_score", "gan_head"))
-  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(4), batch["x"].shape)
+  real_x, real_labels = batch["x"], None
+  if real_stream:
+    rng = np.random.default_rng(7)
+    real_x = rng.normal(size=(B // 2, batch["x"].shape[1])).astype(np.float32) + 2.0
+    real_labels = rng.integers(0, 4, B // 2).astype(np.int32)
+    batch = {**batch, real_stream: {"x": real_x, "label": real_labels}}
+    kw = {**kw, "real_stream": real_stream}
+  draws = draw(engine.nets["student"].process, jax.random.PRNGKey(4), batch["x"].shape,
+               real_shape=real_x.shape)
+  assert draws["gan_real"]["eps"].shape == real_x.shape
   fn = lambda tr: dmd2.critic_loss_given(tr, ctx, batch, draws, **kw)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(trainable)
   assert float(jnp.mean(draws["fake"]["drop"])) > 0  # some labels are dropped
@@ -183,14 +205,15 @@ def test_critic_loss_matches_torch(setup):
   x_t = (1 - t)[:, None] * x + t[:, None] * eps
   l_fake = torch.mean(torch.mean((net(p_f, x_t, 1000.0 * t, lab) - (eps - x)) ** 2, dim=1))
 
-  def logits(x0, d):
+  def logits(x0, d, lab):
     td, ed = mu.n2t(d["t"]), mu.n2t(d["eps"])
     xd = (1 - td)[:, None] * x0 + td[:, None] * ed
-    _, feats = net(p_f, xd, 1000.0 * td, labels, feature_block=-1)
+    _, feats = net(p_f, xd, 1000.0 * td, lab, feature_block=-1)
     return mu.torch_head(p_h, feats)
   sp = torch.nn.functional.softplus
-  l_d = sp(logits(x, draws["gan_fake"])).mean() + sp(-logits(mu.n2t(batch["x"]),
-                                                              draws["gan_real"])).mean()
+  own = labels if real_labels is None else torch.as_tensor(real_labels).long()
+  l_d = sp(logits(x, draws["gan_fake"], labels)).mean() + sp(
+      -logits(mu.n2t(real_x), draws["gan_real"], own)).mean()
   ref = l_fake + 0.7 * l_d
   ref.backward()
   np.testing.assert_allclose(float(metrics["fake"]), float(l_fake.detach()), rtol=1e-5)
@@ -345,9 +368,13 @@ def test_sigkill_mid_cycle_resumes_exactly(tiny_teacher, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device(tiny_teacher, tmp_path):
+  """Also the GAN's real images from a stream of their own (`objective.real_stream`, another
+  batch size), through launch.train on 1 and on 8 devices."""
   args = [*SMALL, f"--config.teacher.checkpoint={tiny_teacher}", "--config.train.steps=10",
           "--config.train.log_every=5", "--config.checkpoint.every_steps=0",
-          "--config.eval.at_end=false", "--config.objective.fake_updates=2"]
+          "--config.eval.at_end=false", "--config.objective.fake_updates=2",
+          "--config.objective.real_stream=real", "--config.data_streams.real.name=gmm",
+          "--config.data_streams.real.batch_size=32"]
   mu.check_sharded_losses(CONFIG, tmp_path, args, losses, ("generator/loss", "critic/d"))
 
 

@@ -349,25 +349,36 @@ def _sida_linear_ctx(c, student_m=None, A=None):
   return process, ctx_lib.Context(params=params, ema={}, model_state={}, nets=nets)
 
 
-def test_sida_gradients_on_gaussian_data_closed_form():
+@pytest.mark.parametrize("real_stream", ["", "real"])
+def test_sida_gradients_on_gaussian_data_closed_form(real_stream):
   """Real x ~ N(mu, 0.1^2 I), generator x_g = m, x_t = (1 - t) x + t eps, linear logit a . x_t.
   Critic at a = 0 (every sigmoid is 1/2): d L_D / d a = E[alpha] (m - mu) / 4 (real and fake
   share t and eps, so the noise cancels), spread evenly over the 3 feature channels.
   Generator (from gan_start_step; y_r = y_f, so only the GAN term moves m): with
   w = mean|m - c| and a ~ 1e-3 (sigmoid(-a . x_t) = 1/2 to 1e-3),
   d L / d m = 0.5 gan_weight dim(x) / w * (-1/2) E[alpha] a. 200k samples (the Monte-Carlo
-  error of the critic's gradient is ~2e-4 relative)."""
+  error of the critic's gradient is ~2e-4 relative). With `real_stream` the real images come
+  from that stream (the train batch only carries the shape, as the `prompts` source's does),
+  the same gradient; a real batch of another size is refused in one line."""
   n, mu, m, c, gw = 200_000, np.float32([0.3, -0.2]), np.float32([0.1, 0.25]), 0.7, 0.05
   x_real = jnp.asarray(mu) + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
   batch = {"x": x_real}
+  if real_stream:
+    batch = {"x": jnp.zeros((n, 2)), real_stream: {"x": x_real}}
   process, ctx = _sida_linear_ctx(c, student_m=m)
   draws = sid.critic_draws(process, jax.random.PRNGKey(1), (n, 2), num_steps=1, null_prob=0.0,
                            label_dropout=0.0, gan_window=(0.0, 1.0))
-  crit = lambda tr: sid.critic_loss_given(tr, ctx, batch, draws, num_steps=1,
-                                          fake_weighting="none", train_guidance=1.0,
-                                          gan_d_weight=1.0, gan_feature_block=0,
-                                          discriminator="encoder", gan=True)[0]
+  crit = lambda tr, b=batch: sid.critic_loss_given(tr, ctx, b, draws, num_steps=1,
+                                                   fake_weighting="none", train_guidance=1.0,
+                                                   gan_d_weight=1.0, gan_feature_block=0,
+                                                   discriminator="encoder", gan=True,
+                                                   real_stream=real_stream)[0]
   g_a = jax.grad(crit)({"fake_score": {"A": jnp.zeros((2, 3))}})["fake_score"]["A"]
+  if real_stream:
+    half = {"x": batch["x"], real_stream: {"x": x_real[: n // 2]}}
+    with pytest.raises(ValueError, match=r"'data_streams.real.batch_size': SiDA noises the real "
+                                         r"images with the generator samples' t and eps"):
+      crit({"fake_score": {"A": jnp.zeros((2, 3))}}, half)
   e_alpha = 1.0 - float(np.mean(draws["fake"]["t"]))
   want = e_alpha * (m - mu) / 4 / 3
   np.testing.assert_allclose(np.asarray(g_a), np.repeat(want[:, None], 3, axis=1), rtol=0.01)

@@ -131,11 +131,11 @@ def test_recipe_phase_steps_trace(family, recipe):
   if family == "sdxl":
     assert engine.nets["teacher"].module.scan_blocks   # teacher.runtime reached the network
   state, frozen = engine.abstract_state()
-  batch = engine.abstract_batch()
   last = len(engine.stage_objectives) - 1
   for stage in sorted({0, last}):   # stages differ only in overridden keys (segments)
     for i, phase in enumerate(engine.stage_objectives[stage].phases):
-      out_state, metrics = jax.eval_shape(engine.phase_step(stage, i), state, frozen, batch,
+      out_state, metrics = jax.eval_shape(engine.phase_step(stage, i), state, frozen,
+                                          engine.abstract_phase_batch(phase),
                                           make_time(phase.start, 0, stage, 0))
       assert jax.tree_util.tree_structure(out_state.params) == jax.tree_util.tree_structure(
           state.params)
@@ -192,3 +192,51 @@ def test_data_free_recipes_train_from_prompts_alone(tmp_path):
     Engine(trainer.prepare_config(c, num_devices=1), teacher=random_teacher(c, abstract=True))
   with pytest.raises(ValueError, match="optionally followed by ',prompts'"):
     _config("sd15", "dmd2,images")
+
+
+def test_gan_recipe_from_a_caption_set_reads_real_images_from_its_stream(tmp_path):
+  """`configs/t2i/sdxl.py:dmd2,prompts` is DMD2's SDXL data layout: the generator and the critic
+  draw prompts from a caption set (the `prompts` source), the GAN's real images come with
+  their own captions from the latents as stream "real"; every phase traces, the critic's batch
+  carrying batch["real"]. A real stream without images is refused in one line."""
+  import numpy as np
+  full = _config("sdxl", "dmd2,prompts")
+  assert full.data.name == "prompts" and full.data.time_ids == 1024
+  assert full.data_streams.real.name == "latents" and full.data_streams.real.time_ids
+  assert full.objective.real_stream == "real"
+  assert "real" not in _config("sd15", "dmd2,prompts").data_streams   # no GAN: data-free
+  d = tmp_path / "prompts"
+  d.mkdir()
+  np.save(d / "embeds.npy", np.ones((3, 5, 24), np.float32))
+  np.save(d / "pooled.npy", np.ones((3, 12), np.float32))
+  c = _narrow(_config("sdxl", "dmd2,prompts"), "sdxl")
+  real = c.data   # the narrow synthetic latents with prompts stand in for the real stream
+  c.data = config_lib.ConfigDict(dict(full.data.to_dict(), text_embeds=str(d),
+                                      shape=(c.model.sample_size,) * 2 + (4,)))
+  c.data_streams = config_lib.ConfigDict({"real": dict(real.to_dict(), batch_size=4)})
+  c = trainer.prepare_config(c, num_devices=1)
+  engine = Engine(c, teacher=random_teacher(c, abstract=True))
+  critic, generator = engine.objective.phases
+  assert critic.streams == ("train", "real") and generator.streams == ("train",)
+  state, frozen = engine.abstract_state()
+  for i, phase in enumerate(engine.objective.phases):
+    batch = engine.abstract_phase_batch(phase)
+    assert "time_ids" in batch and ("real" in batch) == (phase is critic)
+    _, metrics = jax.eval_shape(engine.phase_step(0, i), state, frozen, batch,
+                                make_time(phase.start, 0, 0, 0))
+    assert ("p_real" in {k.split("/")[-1] for k in metrics}) == (phase is critic)
+  assert engine.abstract_phase_batch(critic)["real"]["x"].shape[0] == 4
+  trainer._check_text_inputs(engine)   # pylint: disable=protected-access
+  # Real images without captions (class latents) cannot be read by the text-conditioned D.
+  c.data_streams.real = config_lib.ConfigDict(dict(real.to_dict(), text_tokens=0, text_dim=0,
+                                                   pooled_dim=0))
+  engine = Engine(trainer.prepare_config(c, num_devices=1),
+                  teacher=random_teacher(c, abstract=True))
+  with pytest.raises(ValueError, match="config key 'data_streams.real.text_embeds': network "
+                                       "'\\w+' reads prompt embeddings of width 24, but data "
+                                       "'synthetic' gives none"):
+    trainer._check_text_inputs(engine)   # pylint: disable=protected-access
+  c.data_streams.real = config_lib.ConfigDict(dict(c.data.to_dict()))
+  with pytest.raises(ValueError, match="config key 'data_streams.real.name': 'prompts' serves "
+                                       "prompts without images, but objective 'dmd2'"):
+    Engine(trainer.prepare_config(c, num_devices=1), teacher=random_teacher(c, abstract=True))

@@ -80,12 +80,23 @@ def caption_latents(c, *, time_ids: bool = False, null_prompt: str = "file"):
   return c
 
 
+# Objectives whose GAN term reads real images from a stream of its own (`objective.real_stream`).
+REAL_STREAM_OBJECTIVES = ("dmd2", "sid")
+
+
 def prompts_only(c):
-  """Data-free recipes (no image term: SiD-LSG, SwiftBrush, DMD2 without its GAN): the caption
-  embeddings alone (the `prompts` source, distill/data/prompts.py) instead of latents, with
-  the sample shape of the recipe's UNet latent (4 channels) and the same null prompt and SDXL
-  ids (at 8 pixels per latent)."""
+  """Recipes trained from a caption set: the caption embeddings alone (the `prompts` source,
+  distill/data/prompts.py) instead of latents, with the sample shape of the recipe's UNet
+  latent (4 channels) and the same null prompt and SDXL ids (at 8 pixels per latent).
+  Data-free recipes (SiD-LSG, SwiftBrush, DMD2 without its GAN) need nothing else; a DMD2 or
+  SiD recipe with a GAN term reads its real images, with their own captions, from the latents
+  as data stream "real" (DMD2's SDXL run: generator prompts from one set, GAN images from
+  another): --config.data_streams.real.path=$LATENTS
+  --config.data_streams.real.text_embeds=$CAPTIONS (the latents' caption directory)."""
   side = int(c.model.sample_size)
+  if c.objective.name in REAL_STREAM_OBJECTIVES and float(c.objective.get("gan_weight", 0.0)):
+    c.data_streams.real = ml_collections.ConfigDict(c.data.to_dict())
+    c.objective.real_stream = "real"
   c.data = ml_collections.ConfigDict({
       "name": "prompts", "text_embeds": "",   # --config.data.text_embeds=$PROMPTS
       "shape": (side, side, 4), "null_prompt": c.data.null_prompt,
@@ -118,8 +129,9 @@ def recipe_config(path: str, recipes: dict[str, Callable], arg: str, default: st
                   objective: dict[str, str], schedule: dict[str, tuple]):
   """The config of recipe `arg` (default `default`): `schedule[arg]` = (steps, global batch,
   lr, warmup, grad clip), `objective[arg]` its objective name, `recipes[arg](c)` the rest.
-  `arg` = "<recipe>,prompts": a data-free recipe trained from caption embeddings only
-  (`prompts_only`; the engine refuses recipes that read images)."""
+  `arg` = "<recipe>,prompts": the recipe trained from caption embeddings only (`prompts_only`:
+  data-free recipes; DMD2 / SiD with a GAN read its real images from stream "real"; the engine
+  refuses other recipes that read images)."""
   name, _, variant = (arg or default).partition(",")
   name = name or default
   if name not in recipes or variant not in ("", "prompts"):

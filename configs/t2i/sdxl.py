@@ -1,6 +1,7 @@
 """Stable Diffusion XL (1024 px, 128x128x4 latents) distilled into a 1-4 step student.
 
-arg: `dmd2` (4-step, backward simulation) | `dmd2_1step` | `lcm_lora` (default dmd2).
+arg: `dmd2` (4-step, backward simulation) | `dmd2_1step` | `lcm_lora` (default dmd2), the DMD2
+ones optionally `,prompts` (DMD2's own data layout, below).
 
     # 1. Prompts: both CLIP encoders (penultimate hidden states, concatenated: 77 x 2048) and
     #    CLIP-G's pooled projection; the encoded empty prompt is written too but DMD2's SDXL runs
@@ -19,6 +20,17 @@ arg: `dmd2` (4-step, backward simulation) | `dmd2_1step` | `lcm_lora` (default d
     python -m launch.evaluate --workdir runs/sdxl_dmd2 --config.eval.num_samples=10000 \
         --config.eval.vae=$SDXL/vae --config.eval.inception_weights=$PT_INCEPTION \
         --config.eval.clip=$CLIP_VIT_B32
+
+DMD2's own data layout (`dmd2,prompts`, `dmd2_1step,prompts`): the generator and the critic draw
+prompts from a caption set of any size ($CAPTION_SET: launch.encode_prompts of e.g. LAION
+captions, no images), and only the GAN reads real images, with their own captions, from the
+latents as data stream "real" (`objective.real_stream`; DMD2 used ~500k LAION-aesthetic
+images for it):
+
+    python -m launch.train --config configs/t2i/sdxl.py:dmd2,prompts --workdir runs/sdxl_dmd2_cs \
+        --config.teacher.checkpoint=$SDXL --config.data.text_embeds=$CAPTION_SET \
+        --config.data_streams.real.path=$LATENTS --config.data_streams.real.text_embeds=$PROMPTS \
+        --config.mesh.fsdp=8
 
 Teacher runtime: bf16 matmuls, full remat of every resnet / transformer block and each
 Transformer2D's 10-deep stack scanned (`teacher.runtime`; the converted weights are re-laid out),

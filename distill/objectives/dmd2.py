@@ -23,7 +23,9 @@ through the fake network's *input*):
     L_reg = mean_b sum_dims (G(z_i) - y_i)^2     (DMD1's regression on fixed teacher pairs)
     L_G = dm_weight L_DM + gan_weight L_GAN + regression_weight L_reg
 
-Critic loss on fresh stop-gradient generator samples (and real data `batch["x"]` for D):
+Critic loss on fresh stop-gradient generator samples (and real data for D: the batch's `x`, or
+with `real_stream` the images of that data stream under their own captions or labels: DMD2's
+text-to-image runs draw prompts from a caption set and real images from an image set):
 
     L_fake = the teacher's own denoising loss (its kind and time proposal) on sg(x)
     L_D = mean softplus(D(sg x noised)) + mean softplus(-D(x_real noised))   (independent t_D)
@@ -108,14 +110,7 @@ def generator_draws(process, rng, shape, *, num_steps, null_prob, t_min_frac, t_
           "reg": k_r}
 
 
-def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, gan_window):
-  """Randomness of one critic step: generator noise, fake-loss draws, GAN noising of the fake
-  and the real samples."""
-  k_g, k_f, k_d1, k_d2 = jax.random.split(rng, 4)
-  return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
-          "fake": m.fake_draws(process, k_f, shape, label_dropout),
-          "gan_fake": m.gan_draws(process, k_d1, shape, *gan_window),
-          "gan_real": m.gan_draws(process, k_d2, shape, *gan_window)}
+critic_draws = m.critic_draws   # generator noise, fake-loss draws, GAN noising
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +165,9 @@ def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, real_guidan
 
 
 def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting,
-                      gan_d_weight=0.0, gan_feature_block=-1):
-  """L_critic of the module docstring for given draws (the GAN part when "gan_head" trains)."""
+                      gan_d_weight=0.0, gan_feature_block=-1, real_stream=""):
+  """L_critic of the module docstring for given draws (the GAN part when "gan_head" trains;
+  its real images from `batch[real_stream]` with their own condition when given)."""
   cond = m.step_cond(ctx, batch, draws["gen"])
   x = jax.lax.stop_gradient(
       m.generate(ctx, m.STUDENT, ctx.params[m.STUDENT], cond, draws["gen"], num_steps))
@@ -180,8 +176,10 @@ def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting
   loss = l_fake
   metrics = {"fake": l_fake, "fake_mse": mse}
   if m.HEAD in trainable:
-    l_d, more = m.gan_critic_term(trainable, ctx, x, batch["x"], cond, draws["gan_fake"],
-                                  draws["gan_real"], feature_block=gan_feature_block)
+    x_real, cond_real = m.real_images(batch, real_stream)
+    l_d, more = m.gan_critic_term(trainable, ctx, x, x_real, cond, draws["gan_fake"],
+                                  draws["gan_real"], feature_block=gan_feature_block,
+                                  cond_real=cond_real)
     loss = loss + gan_d_weight * l_d
     metrics.update(more)
   return loss, metrics
@@ -195,12 +193,12 @@ def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
                                                           shape), **kw)
 
 
-def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+def critic_loss(trainable, ctx, batch, rng, t, *, draw, real_stream="", **kw):
   """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
   del t
-  shape = batch["x"].shape
-  return critic_loss_given(trainable, ctx, batch, draw(ctx.nets[m.STUDENT].process, rng, shape),
-                           **kw)
+  real_shape = m.real_images(batch, real_stream)[0].shape
+  draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape, real_shape=real_shape)
+  return critic_loss_given(trainable, ctx, batch, draws, real_stream=real_stream, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +217,7 @@ def build(cfg) -> Objective:
   k, steps = int(cfg.fake_updates), int(cfg.num_steps)
   null_prob = float(cfg.null_label_prob)
   gan = float(cfg.gan_weight) != 0.0
+  real_stream = m.real_stream_from(cfg, gan)
   reg = float(cfg.regression_weight) != 0.0
   if reg and steps != 1:
     raise ValueError("config key 'objective.regression_weight': the regression loss is for "
@@ -241,7 +240,8 @@ def build(cfg) -> Objective:
       regression_weight=float(cfg.regression_weight), regression=regression)
   critic = functools.partial(
       critic_loss, draw=critic_draw, num_steps=steps, fake_weighting=cfg.fake_weighting,
-      gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block))
+      gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block),
+      real_stream=real_stream)
   networks = [Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER),
               m.fake_network_from(cfg)]
@@ -249,6 +249,7 @@ def build(cfg) -> Objective:
   if gan:
     networks.append(m.gan_head_network(cfg))
     trains = (m.FAKE, m.HEAD)
-  return Objective(networks=tuple(networks), phases=m.ttur_phases(critic, generator, trains, k),
+  return Objective(networks=tuple(networks),
+                   phases=m.ttur_phases(critic, generator, trains, k, real_stream=real_stream),
                    ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency",
-                   real_data=bool(gan))
+                   real_data=(real_stream or True) if gan else False)

@@ -287,6 +287,17 @@ class GanHead(nn.Module):
     return logits.reshape(logits.shape[0], -1).mean(axis=1)
 
 
+def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, gan_window,
+                 real_shape=None):
+  """Randomness of one critic step (dmd2, sid): generator noise, fake-loss draws, GAN noising
+  of the fake and the real samples (`real_shape`: the real images', from another stream)."""
+  k_g, k_f, k_d1, k_d2 = jax.random.split(rng, 4)
+  return {"gen": generator_draws(process, k_g, shape, num_steps, null_prob),
+          "fake": fake_draws(process, k_f, shape, label_dropout),
+          "gan_fake": gan_draws(process, k_d1, shape, *gan_window),
+          "gan_real": gan_draws(process, k_d2, real_shape or shape, *gan_window)}
+
+
 def gan_draws(process, rng: Array, shape: tuple, lo: float, hi: float) -> dict:
   """GAN noising of one sample set: t_D on the window and its noise."""
   k_t, k_e = jax.random.split(rng)
@@ -313,13 +324,16 @@ def gan_generator_term(ctx, x, cond, draws, *, feature_block: int) -> Array:
 
 
 def gan_critic_term(trainable, ctx, x_fake, x_real, cond, draws_fake, draws_real, *,
-                    feature_block: int) -> tuple[Array, dict]:
+                    feature_block: int, cond_real: Optional[Mapping] = None
+                    ) -> tuple[Array, dict]:
   """mean softplus(D(sg x_fake)) + mean softplus(-D(x_real)), each noised independently; the
-  fake network's and head's params are the trainable ones (both get gradients)."""
+  fake network's and head's params are the trainable ones (both get gradients). The real
+  samples are read under `cond_real` (their own captions or labels, from a real-image stream)
+  or, without it, under the fakes' `cond`."""
   kw = dict(feature_block=feature_block, fake_params=trainable[FAKE],
             head_params=trainable[HEAD])
   lf = gan_logits(ctx, jax.lax.stop_gradient(x_fake), cond, draws_fake, **kw)
-  lr = gan_logits(ctx, x_real, cond, draws_real, **kw)
+  lr = gan_logits(ctx, x_real, cond if cond_real is None else cond_real, draws_real, **kw)
   l_d = jnp.mean(jax.nn.softplus(lf)) + jnp.mean(jax.nn.softplus(-lr))
   return l_d, {"d": l_d, "p_real": jnp.mean(jax.nn.sigmoid(lr)),
                "p_fake": jnp.mean(jax.nn.sigmoid(lf))}
@@ -337,21 +351,28 @@ def encoder_logits(features: Array) -> Array:
 
 
 def sida_critic_term(ctx, fake_params, x_real: Array, draws: Mapping, extra: Mapping, *,
-                     feature_block: int) -> tuple[Array, dict]:
+                     feature_block: int, cond_real: Optional[Mapping] = None,
+                     real_stream: str = "") -> tuple[Array, dict]:
   """SiDA's discriminator loss mean_b(w_b) * 1/2 [BCE(D(x_real), 1) + BCE(D(x_g), 0)].
 
   D(x_g) comes from the fake score's own denoising forward (`fake_loss(..., feature_block)`'s
-  `extra`); x_real is noised with the same t and eps and read under the same condition. Each
-  BCE is a mean over batch and positions; w_b are the fake loss's per-sample weights (1 for its
-  kind's own MSE; EDM's lambda(sigma) with that weighting), and as in the official code their
-  batch mean scales the batch-mean BCE.
+  `extra`); x_real is noised with the same t and eps and read under the same condition (or its
+  own, `cond_real`, when it comes from the real-image stream `real_stream`). Each BCE is a mean
+  over batch and positions; w_b are the fake loss's per-sample weights (1 for its kind's own
+  MSE; EDM's lambda(sigma) with that weighting), and as in the official code their batch mean
+  scales the batch-mean BCE.
   """
   info = ctx.nets[FAKE]
+  if x_real.shape != draws["eps"].shape:
+    raise ValueError(
+        f"config key 'data_streams.{real_stream}.batch_size': SiDA noises the real images with "
+        f"the generator samples' t and eps, so the stream's batch must be the train batch: "
+        f"real images {tuple(x_real.shape)}, generator samples {tuple(draws['eps'].shape)}")
   alpha, sigma = info.process.alpha_sigma(draws["t"])
   x_real = x_real.astype(jnp.float32)
   x_t = bcast(alpha, x_real) * x_real + bcast(sigma, x_real) * draws["eps"]
-  _, feats = ctx.apply(FAKE, x_t, draws["t"], extra["cond"], params=fake_params,
-                       return_features=(feature_block,))
+  _, feats = ctx.apply(FAKE, x_t, draws["t"], extra["cond"] if cond_real is None else cond_real,
+                       params=fake_params, return_features=(feature_block,))
   lr = encoder_logits(feats[feature_block])
   lf = encoder_logits(extra["features"])
   bce = 0.5 * (jnp.mean(jax.nn.softplus(-lr)) + jnp.mean(jax.nn.softplus(lf)))
@@ -387,11 +408,13 @@ def check_positive_int(cfg, key: str):
     raise ValueError(f"config key 'objective.{key}': must be >= 1, got {cfg[key]}")
 
 
-def ttur_phases(critic, generator, trains_critic, k: int,
-                generator_start: int = 0) -> tuple[Phase, Phase]:
+def ttur_phases(critic, generator, trains_critic, k: int, generator_start: int = 0,
+                real_stream: str = "") -> tuple[Phase, Phase]:
   """Critic every step; generator every k-th step, after that step's critic update (from step
-  `generator_start` on: SiDA trains the critic alone first)."""
-  return (Phase("critic", loss=critic, trains=trains_critic, every=1),
+  `generator_start` on: SiDA trains the critic alone first). With `real_stream` the critic
+  also reads that data stream (its GAN's real images, `batch[real_stream]`)."""
+  data = ("train", real_stream) if real_stream else "train"
+  return (Phase("critic", loss=critic, trains=trains_critic, every=1, data=data),
           Phase("generator", loss=generator, trains=(STUDENT,), every=k, offset=k - 1,
                 start=int(generator_start)))
 
@@ -436,7 +459,31 @@ def gan_head_network(cfg):
                  kwargs={"feature_dim": int(cfg.gan_feature_dim), "hidden": int(cfg.gan_hidden)})
 
 
+def real_stream_from(cfg, gan: bool) -> str:
+  """`objective.real_stream`: the data stream of the GAN's real images ("" = the train
+  stream's own images); one line when set without a GAN term (nothing would read it)."""
+  stream = str(cfg.real_stream or "")
+  if stream and not gan:
+    raise ValueError(f"config key 'objective.real_stream': {stream!r} holds the GAN's real "
+                     "images, but the GAN term is off (objective.gan_weight = 0)")
+  if stream == "train":
+    return ""
+  return stream
+
+
+def real_images(batch: Mapping, real_stream: str) -> tuple[Array, Optional[dict]]:
+  """(real images, their condition) for the discriminator: `batch[real_stream]`'s images and
+  own condition (its captions or labels, as the data gives them), or without a real stream the
+  phase batch's images and None (they are read under the fakes' condition)."""
+  if not real_stream:
+    return batch["x"], None
+  real = batch[real_stream]
+  return real["x"], cond_from_batch(real)
+
+
 GAN_DEFAULTS = {
+    "real_stream": "",            # data stream of the real images ("": the train batch's);
+                                  # e.g. "real" = data_streams.real, when `data` is prompts
     "gan_d_weight": 1e-2,         # discriminator loss weight in the critic (DMD2: 1e-2)
     "gan_t_min_frac": 0.0,        # GAN noising window t_D, fractions of [t_min, t_max]
     "gan_t_max_frac": 1.0,

@@ -26,7 +26,8 @@ Fake-score loss: the teacher's own denoising loss (kind, proposal) on sg(G(z)), 
 with `fake_label_dropout`, the network's output guided with k_train ("long" guidance of LSG;
 k_train = 0 trains the null-label output only).
 
-Adversarial term (`gan_weight > 0`; real images from the batch), by `discriminator`:
+Adversarial term (`gan_weight > 0`; real images from the batch, or with `real_stream` from that
+data stream under their own captions or labels), by `discriminator`:
 - "encoder": SiDA (Zhou et al. ICLR'25). The discriminator has no parameters of its own: its
   logit is the channel mean of the fake network's features after block `gan_feature_block`
   (its encoder output; one logit per token), trained jointly with the fake score. Critic:
@@ -147,13 +148,7 @@ def generator_draws(process, rng, shape, *, num_steps, null_prob, time, gan_wind
           "gan": m.gan_draws(process, k_d, shape, *gan_window)}
 
 
-def critic_draws(process, rng, shape, *, num_steps, null_prob, label_dropout, gan_window):
-  """Randomness of one critic step: generator noise, fake-loss draws, GAN noising."""
-  k_g, k_f, k_d1, k_d2 = jax.random.split(rng, 4)
-  return {"gen": m.generator_draws(process, k_g, shape, num_steps, null_prob),
-          "fake": m.fake_draws(process, k_f, shape, label_dropout),
-          "gan_fake": m.gan_draws(process, k_d1, shape, *gan_window),
-          "gan_real": m.gan_draws(process, k_d2, shape, *gan_window)}
+critic_draws = m.critic_draws   # generator noise, fake-loss draws, GAN noising
 
 
 def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real_guidance,
@@ -193,8 +188,9 @@ def generator_loss_given(trainable, ctx, batch, draws, *, num_steps, alpha, real
 
 def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting,
                       train_guidance, gan_d_weight=0.0, gan_feature_block=-1,
-                      discriminator="head", gan=False):
-  """The fake score's loss (+ the discriminator's with the adversarial term) for given draws."""
+                      discriminator="head", gan=False, real_stream=""):
+  """The fake score's loss (+ the discriminator's with the adversarial term) for given draws;
+  the real images from `batch[real_stream]` with their own condition when given."""
   cond = m.step_cond(ctx, batch, draws["gen"])
   x = jax.lax.stop_gradient(
       m.generate(ctx, m.STUDENT, ctx.params[m.STUDENT], cond, draws["gen"], num_steps))
@@ -204,14 +200,17 @@ def critic_loss_given(trainable, ctx, batch, draws, *, num_steps, fake_weighting
                     feature_block=gan_feature_block if encoder else None)
   l_fake, mse = out[:2]
   loss, metrics = l_fake, {"fake": l_fake, "fake_mse": mse}
-  if encoder:
-    l_d, more = m.sida_critic_term(ctx, trainable[m.FAKE], batch["x"], draws["fake"], out[2],
-                                   feature_block=gan_feature_block)
-  elif m.HEAD in trainable:
-    l_d, more = m.gan_critic_term(trainable, ctx, x, batch["x"], cond, draws["gan_fake"],
-                                  draws["gan_real"], feature_block=gan_feature_block)
-  else:
+  if not (encoder or m.HEAD in trainable):
     return loss, metrics
+  x_real, cond_real = m.real_images(batch, real_stream)
+  if encoder:
+    l_d, more = m.sida_critic_term(ctx, trainable[m.FAKE], x_real, draws["fake"], out[2],
+                                   feature_block=gan_feature_block, cond_real=cond_real,
+                                   real_stream=real_stream)
+  else:
+    l_d, more = m.gan_critic_term(trainable, ctx, x, x_real, cond, draws["gan_fake"],
+                                  draws["gan_real"], feature_block=gan_feature_block,
+                                  cond_real=cond_real)
   metrics.update(more)
   return loss + gan_d_weight * l_d, metrics
 
@@ -222,11 +221,12 @@ def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
   return generator_loss_given(trainable, ctx, batch, draws, step=t.step, **kw)
 
 
-def critic_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
+def critic_loss(trainable, ctx, batch, rng, t, *, draw, real_stream="", **kw):
   """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
   del t
-  draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape)
-  return critic_loss_given(trainable, ctx, batch, draws, **kw)
+  real_shape = m.real_images(batch, real_stream)[0].shape
+  draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape, real_shape=real_shape)
+  return critic_loss_given(trainable, ctx, batch, draws, real_stream=real_stream, **kw)
 
 
 @register_objective("sid", defaults=DEFAULTS)
@@ -251,6 +251,7 @@ def build(cfg) -> Objective:
     if int(cfg[key]) < 0:
       raise ValueError(f"config key 'objective.{key}': must be >= 0, got {cfg[key]}")
   gan = float(cfg.gan_weight) != 0.0
+  real_stream = m.real_stream_from(cfg, gan)
   gan_window = (float(cfg.gan_t_min_frac), float(cfg.gan_t_max_frac))
   time = functools.partial(sample_time, time_dist=cfg.time_dist,
                            t_min_frac=float(cfg.t_min_frac), t_max_frac=float(cfg.t_max_frac),
@@ -269,14 +270,15 @@ def build(cfg) -> Objective:
                              label_dropout=float(cfg.fake_label_dropout), gan_window=gan_window),
       num_steps=steps, fake_weighting=cfg.fake_weighting, train_guidance=k_train,
       gan_d_weight=float(cfg.gan_d_weight), gan_feature_block=int(cfg.gan_feature_block),
-      discriminator=cfg.discriminator, gan=gan)
+      discriminator=cfg.discriminator, gan=gan, real_stream=real_stream)
   networks = [Network(m.TEACHER, init="checkpoint", trainable=None),
               Network(m.STUDENT, init=m.TEACHER), m.fake_network_from(cfg)]
   trains = (m.FAKE,)
   if gan and cfg.discriminator == "head":
     networks.append(m.gan_head_network(cfg))
     trains = (m.FAKE, m.HEAD)
-  phases = m.ttur_phases(critic, generator, trains, k, int(cfg.generator_start_step))
+  phases = m.ttur_phases(critic, generator, trains, k, int(cfg.generator_start_step),
+                         real_stream=real_stream)
   return Objective(networks=tuple(networks), phases=phases,
                    ema=m.student_ema(cfg.ema_decay), student=m.STUDENT, sampler="consistency",
-                   real_data=bool(gan))
+                   real_data=(real_stream or True) if gan else False)
