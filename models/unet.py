@@ -640,6 +640,8 @@ class UNet(nn.Module):
     if missing:
       raise ValueError(f"UNet: unknown feature {missing[0]!r} (known: {', '.join(known)}, or "
                        f"an index into that list)")
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"UNet expects (B, H, W, {self.in_channels}) inputs, got {x.shape}")
     b, hgt, wid, _ = x.shape
     if hgt % self.downscale or wid % self.downscale:
       raise ValueError(f"UNet: input {hgt}x{wid} is not divisible by the total downsampling "

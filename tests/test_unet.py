@@ -241,6 +241,10 @@ def test_registry_and_fresh_init():
   assert boxed["attn1"]["to_q"]["kernel"].names == ("embed", "heads")
   out = jax.jit(lcm.apply)(variables, *args, **kwargs)
   assert out.shape == (2, SIDE, SIDE, 4) and bool(jnp.all(jnp.isfinite(out)))
+  # Latents of another VAE (3 channels, or unbatched) are one line, not a conv shape error.
+  for x in (jnp.zeros((2, SIDE, SIDE, 3)), jnp.zeros((SIDE, SIDE, 4))):
+    with pytest.raises(ValueError, match=r"UNet expects \(B, H, W, 4\) inputs, got"):
+      lcm.apply(variables, x, *args[1:], **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
