@@ -3,7 +3,8 @@
 Every entry of one report uses the same metrics, sample count, noise seed and (for classes) the
 same labels: the teacher at 1 step (one Euler step of its ODE from pure noise) and at its
 reference step count, and the student at each of `eval.steps` with the objective's sampler.
-`nfe` counts network calls.
+`nfe` counts network evaluations, as the literature does: a classifier-free-guided step counts
+its conditional and null passes (2), though they run as one call on a doubled batch.
 
 Metrics are registered by name in `METRICS`: `swd` (toy data), `fd` (digits) and the image
 metrics of `distill.metrics.suite` (`fid`, `sfid`, `is`, `pr`, `clip`). A metric is
@@ -148,6 +149,21 @@ def nfe_of(solver: str, steps: int) -> int:
   if parse_spec(solver, "sampler")[0] == "heun":
     return max(1, 2 * steps - 1)
   return steps
+
+
+def guidance_passes(ctx: ctx_lib.Context, net: str, guidance: float, *,
+                    class_conditional: bool = False,
+                    conds: Optional[Mapping] = None) -> int:
+  """Network evaluations per denoiser call of `net` sampled at `guidance`: 2 where classifier-
+  free guidance runs a conditional and a null pass (one call on a doubled batch, which the
+  literature's NFE counts twice), else 1 (w = 1 or 0, a network that takes w as its input, or
+  nothing to condition on)."""
+  if float(guidance) in (0.0, 1.0) or embeds_guidance(ctx, net):
+    return 1
+  keys = dict.fromkeys(conds or {})
+  if class_conditional:
+    keys.setdefault("label")
+  return 2 if ctx_lib.conditional(ctx.nets[net], ctx_lib.cond_from_batch(keys)) else 1
 
 
 def teacher_solver(process) -> str:
@@ -484,17 +500,26 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
     floor = scores(metric, reference, source.floor_reference(num_samples, seed))[metric]
   results = {}
 
+  def row_guidance(net, ode_teacher):
+    return guidance if (net == teacher or ode_teacher or embeds_guidance(ctx, net)) else 1.0
+
+  def row_nfe(net, solver, steps, ode_teacher):
+    """Network evaluations per sample (CFG's two passes counted; the ODE teacher's per step)."""
+    inner = (nfe_of(teacher_solver(ctx.nets[ode_teacher].process), int(teacher_steps))
+             if ode_teacher else 1)
+    return nfe_of(solver, steps) * inner * guidance_passes(
+        ctx, ode_teacher or net, row_guidance(net, ode_teacher),
+        class_conditional=class_conditional, conds=conds)
+
   def row(net, p, solver, steps, name, ode_teacher=""):
-    w = guidance if (net == teacher or ode_teacher or embeds_guidance(ctx, net)) else 1.0
-    ode_steps = int(teacher_steps) if ode_teacher else 0
     samples, sec = generate(ctx, net, p, n=num_samples, seed=seed + 1, solver=solver,
-                            steps=steps, shape=source.shape, guidance=w, conds=conds,
+                            steps=steps, shape=source.shape,
+                            guidance=row_guidance(net, ode_teacher), conds=conds,
                             class_conditional=class_conditional, batch=batch,
-                            desc=f"sample {name}", ode_teacher=ode_teacher, ode_steps=ode_steps)
-    nfe = nfe_of(solver, steps) * (nfe_of(teacher_solver(ctx.nets[ode_teacher].process),
-                                          ode_steps) if ode_teacher else 1)
-    return {**row_scores(samples), "nfe": nfe, "num_samples": int(num_samples),
-            "sec_per_sample": float(sec), "solver": solver}
+                            desc=f"sample {name}", ode_teacher=ode_teacher,
+                            ode_steps=int(teacher_steps) if ode_teacher else 0)
+    return {**row_scores(samples), "nfe": row_nfe(net, solver, steps, ode_teacher),
+            "num_samples": int(num_samples), "sec_per_sample": float(sec), "solver": solver}
 
   # (key, network, solver, steps, teacher row?, ODE teacher) of every row, in eval.json's order.
   specs = []
@@ -521,8 +546,8 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
                               conditions=conditions_hash(
                                   conds, ctx.nets[ode_teacher or net].null_inputs
                                   if guidance != 1 else None))
-      if key is not None and key in teacher_cache:
-        results[name] = dict(teacher_cache[key])
+      if key is not None and key in teacher_cache:   # (rows cached before CFG counted 2)
+        results[name] = {**teacher_cache[key], "nfe": row_nfe(net, solver, steps, ode_teacher)}
       else:
         results[name] = row(net, params[ode_teacher or net], solver, steps, name, ode_teacher)
         if key is not None:

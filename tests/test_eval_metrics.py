@@ -325,3 +325,31 @@ def test_clip_score_rows_equal_scoring_the_samples_directly(run_dir, tmp_path, m
   rows = {round(float(clip_lib.score_from_pairs(p)), 5) for _, _, p in seen}
   assert {round(v, 5) for v in scores} <= rows
   np.testing.assert_array_equal(seen[0][1], _ids(N))   # sample i with prompt row i
+
+
+def test_nfe_counts_both_passes_of_a_guided_step():
+  """eval.json's `nfe` counts network evaluations as the literature does: a teacher row sampled
+  class-conditionally with CFG (w = 2) costs two per step (conditional + null pass, one call on
+  a doubled batch), its ideal rows two per teacher ODE step, an unguided student one; without
+  labels to drop (unconditional sampling) CFG is one pass. Rows from a teacher cache written
+  before this count are corrected."""
+  from distill import trainer
+  from tests import _matching_utils as mu
+  engine, state, frozen = mu.make_engine("dmd2", mu.make_teacher(num_classes=4))
+  with engine.config.unlocked():
+    engine.config.eval.update({"guidance": 2.0, "class_conditional": True, "num_samples": 32,
+                               "teacher_steps": 4, "steps": (1, 2), "ideal_steps": (1,)})
+  cache = {}
+  res = trainer.run_evaluation(engine, state, frozen, 0, teacher_cache=cache)["results"]
+  assert {k: r["nfe"] for k, r in res.items()} == {
+      "teacher_steps_1": 2, "teacher_steps_4": 8, "student_steps_1": 1, "student_steps_2": 2,
+      "ideal_steps_1": 8}
+  for row in cache.values():   # a cache of the old count (one per call)
+    row["nfe"] = 1
+  again = trainer.run_evaluation(engine, state, frozen, 0, teacher_cache=cache)["results"]
+  assert again["teacher_steps_4"]["nfe"] == 8 and again["ideal_steps_1"]["nfe"] == 8
+  assert again["teacher_steps_4"]["swd"] == res["teacher_steps_4"]["swd"]   # from the cache
+  with engine.config.unlocked():
+    engine.config.eval.class_conditional = False
+  res = trainer.run_evaluation(engine, state, frozen, 0, teacher_cache={})["results"]
+  assert res["teacher_steps_4"]["nfe"] == 4 and res["ideal_steps_1"]["nfe"] == 4
