@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from distill import processes as procs
 import models.all  # noqa: F401  (registers every model, so any checkpoint can be rebuilt)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -282,11 +285,54 @@ def maybe_load(path: Optional[str], params_role: str,
   return with_runtime(load_teacher(path, params_role), runtime) if path else None
 
 
-def from_config(config) -> Optional[Teacher]:
-  """The teacher a run's config names (`teacher.checkpoint`, `teacher.params`,
-  `teacher.runtime`), or None without a checkpoint."""
+def from_config(config, platform: Optional[str] = None) -> Optional[Teacher]:
+  """The teacher a run's config names (`teacher.checkpoint`, `teacher.params`), computing as
+  the config says (`run_runtime`), or None without a checkpoint. `platform`: where it will run
+  (default this host's backend)."""
   t = config.teacher
-  return maybe_load(t.checkpoint, t.params, runtime_of(config))
+  if not t.checkpoint:
+    return None
+  teacher = load_teacher(t.checkpoint, t.params)
+  return with_runtime(teacher, run_runtime(config, teacher, platform))
+
+
+def run_runtime(config, teacher: Teacher, platform: Optional[str] = None) -> dict:
+  """How a loaded teacher, and every network initialised from it, computes in this run: its
+  checkpoint's architecture with the config's `model.*` runtime options when the config
+  describes the same model (remat, dtype, attention ...: the rest of that section describes
+  the architecture for runs without weights), `teacher.runtime.*` over those. An attention
+  kernel the teacher's own run recorded that cannot run on `platform` (a cuDNN-trained teacher
+  distilled on a CPU or TPU) becomes XLA's, which computes the same function."""
+  from distill.engine import module_fields  # pylint: disable=import-outside-toplevel
+  from models import attention  # pylint: disable=import-outside-toplevel
+  recorded = teacher.model_config
+  fields = module_fields(type(teacher.module))
+  model = config.model.to_dict() if "model" in config else {}
+  runtime = {}
+  if model.get("name") == recorded.get("name"):
+    runtime = {k: model[k] for k in RUNTIME_FIELDS
+               if k in model and k in fields and not _same_setting(model[k], recorded.get(k))}
+  runtime.update(runtime_of(config))
+  platform = platform or jax.default_backend()
+  for key in ("attention", "jvp_attention"):
+    name = runtime.get(key, recorded.get(key))
+    if key in fields and name and not attention.runs_on(name, platform):
+      if key in runtime:   # named by this config: check_platform refuses it in one line
+        continue
+      log.info("the teacher's recorded %s=%r does not run on %s: using xla", key, name,
+               platform)
+      runtime[key] = "xla"
+  return runtime
+
+
+def _same_setting(a, b) -> bool:
+  """Whether two runtime values are the same setting (dtype names and objects compare)."""
+  if a == b:
+    return True
+  try:
+    return jax.numpy.dtype(a) == jax.numpy.dtype(b)
+  except TypeError:
+    return False
 
 
 def check_toy_data(teacher: Optional[Teacher], data) -> None:
@@ -312,8 +358,9 @@ def check_toy_data(teacher: Optional[Teacher], data) -> None:
 
 
 # Module fields that change how a network computes, not what it computes: a loaded teacher (and
-# every network initialised from it) takes them from `teacher.runtime` (its architecture comes
-# from the checkpoint), e.g. bf16 matmuls, remat, the attention kernel, scanned blocks.
+# every network initialised from it) takes them from the config (`run_runtime`: `model.*` of the
+# same model, then `teacher.runtime.*`; its architecture comes from the checkpoint), e.g. bf16
+# matmuls, remat, the attention kernel, scanned blocks.
 # `param_dtype` also casts the teacher's weights (a bf16 frozen teacher halves its memory).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "jvp_attention", "scan_blocks",
                   "scan_unroll")

@@ -93,7 +93,7 @@ def compile_config(config, topology: str) -> dict:
   trainer.check_platform(config, devices[0].platform)
   teacher = None
   if config.teacher.checkpoint:
-    teacher = teacher_lib.from_config(config)
+    teacher = teacher_lib.from_config(config, platform="tpu")
   if teacher is None:
     from launch.bench import random_teacher  # pylint: disable=import-outside-toplevel
     teacher = random_teacher(config, abstract=True)

@@ -149,6 +149,8 @@ def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
   from distill.objective import OBJECTIVES
   c = trainer.prepare_config(trainer.load_config(f"configs/imagenet/dit_xl2.py:{recipe}", []))
   objective = OBJECTIVES.get(c.objective.name).build(c.objective)
+  assert c.eval.class_conditional and tuple(c.eval.metrics) == ("fid",)   # ImageNet FID
+  assert c.eval.guidance == {"scm": 1.5, "guided": 1.5}.get(recipe, 1.0)
   if recipe == "guided":
     assert len(objective.stages) == 4 and sum(s.steps for s in objective.stages) == 80_000
     assert c.eval.class_conditional and c.eval.guidance == 1.5
@@ -159,6 +161,12 @@ def test_imagenet_recipes_resolve_and_build_their_objectives(recipe):
     assert [n.name for n in objective.networks] == ["teacher", "student", "fake_score"]
     assert optim.network_settings(c.optim, "fake_score")["grad_clip_value"] == 1.0
     assert optim.network_settings(c.optim, "student")["grad_clip_value"] == 0.0
+    assert c.objective.gan_feature_block == 13
+    # The image-count gates and the middle block follow the batch and the network's depth.
+    small = trainer.load_config("configs/imagenet/dit_xl2.py:sida",
+                                ["train.batch_size=64", "model.num_layers=4"])
+    assert (small.objective.gan_start_step, small.objective.generator_start_step,
+            small.objective.gan_feature_block) == (3126, 1563, 1)
 
 
 def test_data_free_recipes_train_from_prompts_alone(tmp_path):

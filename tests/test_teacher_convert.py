@@ -173,3 +173,35 @@ def test_process_override_and_scm_scheduler(pipeline_dir, tmp_path):
   _tiny_dit().save_pretrained(tmp_path / "m" / "transformer", safe_serialization=True)
   bare = teacher_lib.load_teacher(str(tmp_path / "m"), process="rectified_flow(shift=3.0)")
   assert bare.process.shift == 3.0 and bare.prediction == "eps"  # DiT's family default kind
+
+
+def test_the_run_config_sets_how_a_loaded_teacher_computes(pipeline_dir):
+  """`model.*` runtime options of the same model apply to the loaded teacher (the ImageNet DMD2
+  recipe's model.remat=full, the README's --config.model.attention=xla on a CPU), then
+  `teacher.runtime.*` over them; a config describing another model leaves the teacher as it
+  was; a kernel the teacher's own run recorded that cannot run here (a cuDNN-trained teacher
+  on a CPU) becomes XLA's, while one this config names stays for check_platform to refuse."""
+  import dataclasses
+  from distill import config as config_lib
+  c = config_lib.apply_overrides(config_lib.base_config(), [
+      "model.name=dit", f"teacher.checkpoint={pipeline_dir}", "teacher.params=raw"])
+  with c.unlocked():
+    c.model.remat, c.model.dtype = "full", "bfloat16"
+  t = teacher_lib.from_config(c)
+  assert t.module.remat == "full" and t.model_config["remat"] == "full"
+  assert t.model_config["dtype"] == "bfloat16"
+  with c.unlocked():
+    c.teacher.runtime.remat = "dots_saveable"
+  assert teacher_lib.from_config(c).module.remat == "dots_saveable"
+  with c.unlocked():
+    c.model = config_lib.ConfigDict({"name": "mlp", "remat": "full"})
+    c.teacher.runtime = config_lib.ConfigDict()
+  base = teacher_lib.load_teacher(str(pipeline_dir), "raw")
+  assert teacher_lib.from_config(c).model_config == base.model_config
+  cudnn = dataclasses.replace(base, model_config={**base.model_config, "attention": "cudnn"},
+                              module=base.module.clone(attention="cudnn"))
+  assert teacher_lib.run_runtime(c, cudnn, "cpu") == {"attention": "xla"}
+  assert teacher_lib.run_runtime(c, cudnn, "gpu") == {}
+  with c.unlocked():
+    c.teacher.runtime.attention = "cudnn"
+  assert teacher_lib.run_runtime(c, cudnn, "cpu") == {"attention": "cudnn"}

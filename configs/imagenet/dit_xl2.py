@@ -49,14 +49,18 @@ Settings per objective (batch sizes are global; learning rates for those batches
   w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
   (20k steps, v-loss weighting), then three progressive stages 16 -> 8 -> 4 -> 2 DDIM steps
   with w kept (20k steps each, lr 5e-5 annealed linearly to 0 within every stage, optimizer
-  restarted), batch 256; evaluated class-conditionally at w = 1.5, the student taking w as
-  its input.
+  restarted), batch 256; evaluated at w = 1.5, the student taking w as its input.
+
+Every recipe is evaluated class-conditionally (labels drawn uniformly, as ImageNet FID is):
+FID in Inception features of the decoded samples, so `launch.evaluate` needs the VAE and the
+Inception weights; the scm recipe's teacher rows use CFG at its distilled w = 1.5.
 
 Expected results: none measured here (no ImageNet and no accelerator on the CI machine). The
 full-size sCD and DMD2 steps compile for TPU v5p 4x4x4 and v6e 8x8 and fit
 (tests/test_aot.py); published anchors for comparison: sCM 2-step FID 1.88 on ImageNet-512
 (1.5B EDM2 teacher), DMD2 1-step FID 1.28 on ImageNet-64. Evaluate with
-`python -m launch.evaluate --workdir W`.
+`python -m launch.evaluate --workdir W --config.eval.vae=$SD_VAE_FT_EMA
+--config.eval.inception_weights=$PT_INCEPTION` (FID-50k: `--num 50000`).
 """
 import ml_collections
 
@@ -88,6 +92,8 @@ def get_config(arg: str = "scm"):
   c.data.path = ""            # --config.data.path=$LATENTS (launch.precompute output)
   c.data.flip = True
   c.eval.at_end = False       # FID runs through launch.evaluate on the run directory
+  c.eval.class_conditional = True   # ImageNet FID: labels drawn uniformly, not the null class
+  c.eval.metrics = ("fid",)   # with --config.eval.vae=$SD_VAE --config.eval.inception_weights=..
   c.sample.num = 0            # grids: --config.sample.num=16 --config.eval.vae=$SD_VAE
   if recipe == "teacher":
     c.objective.init = "teacher"
@@ -96,14 +102,17 @@ def get_config(arg: str = "scm"):
     c.teacher.params = "raw"
   elif recipe == "scm":
     c.objective.guidance_scales = (1.5,)
+    c.eval.guidance = 1.5     # the teacher rows at the CFG scale the student distils
   elif recipe == "sida":
     c.objective.alpha = 1.0
     c.objective.discriminator = "encoder"
     c.objective.gan_weight = 0.01
     c.objective.gan_d_weight = 1.0
-    c.objective.gan_feature_block = 13
-    c.objective.gan_start_step = 200_000 // batch + 1
-    c.objective.generator_start_step = 100_000 // batch + 1
+    # The middle block (13 of DiT-XL/2's 28) and the image counts follow --config.model.*
+    # and --config.train.batch_size (references).
+    c.objective.gan_feature_block = c.model.get_ref("num_layers") // 2 - 1
+    c.objective.gan_start_step = 200_000 // c.train.get_ref("batch_size") + 1
+    c.objective.generator_start_step = 100_000 // c.train.get_ref("batch_size") + 1
     c.optim.networks.fake_score = ml_collections.ConfigDict({"grad_clip_value": 1.0})
   elif recipe == "guided":
     c.optim.schedule = "linear"
