@@ -474,11 +474,19 @@ class Engine:
           flops = float(module.flops_per_example())
         except Exception:  # a model may need its input shape; leave MFU unknown then
           flops = 0.0
-      info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
-                             output_channels=int(mcfg.get("output_channels") or 0),
-                             process=process, num_classes=ncls, base=net.base,
-                             lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops,
-                             null_inputs=null_inputs)
+      try:
+        info = ctx_lib.NetInfo(name=net.name, module=module, prediction=prediction,
+                               output_channels=int(mcfg.get("output_channels") or 0),
+                               process=process, num_classes=ncls, base=net.base,
+                               lora_scale=lora_scale, wrapper=wrapper, flops_per_example=flops,
+                               null_inputs=null_inputs)
+      except ValueError as e:   # a wrapper that cannot present the teacher's process
+        if t is None or process is not t.process:
+          raise
+        raise ValueError(f"config key 'teacher.checkpoint': objective "
+                         f"{self.config.objective.name!r} cannot read the teacher "
+                         f"{t.reference.get('path', '')} (a {process.name} network, "
+                         f"prediction {prediction!r}): {e}") from None
       plans[net.name] = NetPlan(info=info, model_config=mcfg, init_from=net.init,
                                 frozen=frozen, trainable_regex=net.trainable, lora=net.adapter)
     return plans

@@ -137,11 +137,13 @@ def resolve_metrics(source, metric: str = "", metrics: Sequence[str] = ()) -> tu
 
 
 def default_metric(source) -> str:
-  """2-D toy data -> swd; image data -> the dataset's own feature metric (`fd`)."""
+  """The dataset's own metric (`Source.metric`: the digits' `fd`), else 2-D toy data -> swd and
+  images or latents -> fid (Inception features of the decoded samples: `eval.vae`,
+  `eval.inception_weights`)."""
   metric = getattr(source, "metric", None)
   if metric:
     return metric
-  return "swd" if len(source.shape) == 1 else "fd"
+  return "swd" if len(source.shape) == 1 else "fid"
 
 
 def nfe_of(solver: str, steps: int) -> int:
@@ -164,6 +166,18 @@ def guidance_passes(ctx: ctx_lib.Context, net: str, guidance: float, *,
   if class_conditional:
     keys.setdefault("label")
   return 2 if ctx_lib.conditional(ctx.nets[net], ctx_lib.cond_from_batch(keys)) else 1
+
+
+def check_steps(process, steps, what: str) -> None:
+  """Raises one line naming `what` (a config key, a flag) when a step count is more than the
+  network's time grid has
+  (a 1000-timestep VP network sampled with 2000 DDIM steps would repeat, then skip past, its
+  timesteps: NaN samples)."""
+  limit = process.max_steps if process is not None else None
+  bad = [int(n) for n in steps if limit is not None and int(n) > limit]
+  if bad:
+    raise ValueError(f"{what}: {bad[0]} steps, but the network's process has "
+                     f"{limit} timesteps (at most {limit} steps)")
 
 
 def teacher_solver(process) -> str:

@@ -104,6 +104,11 @@ class Process:
     return 0.0
 
   @property
+  def max_steps(self) -> Optional[int]:
+    """The most sampling steps its time grid has (None: continuous time, any number)."""
+    return None
+
+  @property
   def prior_std(self) -> float:
     """Std of x at t_max for unit-variance data: sqrt(alpha^2 + sigma^2) at t_max."""
     a, s = self.alpha_sigma(self.t_max)
@@ -263,7 +268,14 @@ class VPDiscrete(Process):
   def timestep(self, t):
     return _f32(t)
 
+  @property
+  def max_steps(self) -> int:
+    return int(self.num_train_timesteps)
+
   def timesteps(self, num_steps: int, spacing: Optional[str] = None, **kw) -> np.ndarray:
+    if not 1 <= num_steps <= self.max_steps:   # more would repeat (then skip past) timesteps
+      raise ValueError(f"{num_steps} sampling steps: a discrete process of "
+                       f"{self.num_train_timesteps} timesteps takes 1 to {self.max_steps}")
     kw.setdefault("steps_offset", self.steps_offset)
     ts = SPACINGS.get(spacing or self.spacing)(self.num_train_timesteps, num_steps, **kw)
     return np.concatenate([ts, [self.t_end]]).astype(np.float32)

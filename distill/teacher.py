@@ -186,6 +186,11 @@ def process_from_spec(spec: str) -> tuple[dict, Optional[str]]:
   return {"name": name, **kwargs}, prediction
 
 
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_UNSUPPORTED_SCHEDULER_OPTIONS = {"rescale_betas_zero_snr": False, "trained_betas": None,
+                                  "use_flow_sigmas": False}
+
+
 def process_from_scheduler(cfg: dict) -> tuple[dict, str]:
   """(process config, prediction kind) from a diffusers scheduler_config.json."""
   cls = cfg.get("_class_name", "")
@@ -199,8 +204,19 @@ def process_from_scheduler(cfg: dict) -> tuple[dict, str]:
   if schedule not in _BETA_SCHEDULES:
     raise ValueError(f"scheduler beta_schedule {schedule!r} is not supported "
                      f"(known: {', '.join(_BETA_SCHEDULES)})")
-  kind = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[cfg.get("prediction_type",
-                                                                      "epsilon")]
+  # Scheduler options that change the noise levels the network was trained at, which the
+  # vp_discrete process does not reproduce: refused rather than silently ignored.
+  for key, default in _UNSUPPORTED_SCHEDULER_OPTIONS.items():
+    if cfg.get(key, default) not in (default, None):
+      raise ValueError(f"scheduler option {key}={cfg[key]!r} is not supported (the converted "
+                       "process would train and sample at other noise levels than the network "
+                       "was trained at); name the process with --process if you know it")
+  prediction = cfg.get("prediction_type", "epsilon")
+  if prediction not in _PREDICTION_TYPES:
+    raise ValueError(f"scheduler prediction_type {prediction!r} is not supported (known: "
+                     f"{', '.join(_PREDICTION_TYPES)}); a flow network's process is named with "
+                     "--process \"rectified_flow(shift=...)\"")
+  kind = _PREDICTION_TYPES[prediction]
   proc = {"name": "vp_discrete", "beta_schedule": schedule,
           "beta_start": float(cfg.get("beta_start", 0.0001)),
           "beta_end": float(cfg.get("beta_end", 0.02)),
@@ -254,7 +270,13 @@ def _load_diffusers_dir(path: str, process: Optional[str] = None) -> Teacher:
     proc_cfg, prediction = dict(recorded["process"]), str(recorded["prediction"])
   elif sched_path is not None:
     with open(sched_path) as f:
-      proc_cfg, prediction = process_from_scheduler(json.load(f))
+      sched = json.load(f)
+    try:
+      proc_cfg, prediction = process_from_scheduler(sched)
+    except ValueError as e:
+      if override is None:   # (--process names the process: the scheduler only its kind)
+        raise ValueError(f"{sched_path}: {e}") from None
+      prediction = _PREDICTION_TYPES.get(sched.get("prediction_type", "epsilon"))
   elif class_name in FAMILY_DEFAULTS:
     proc_cfg, prediction = FAMILY_DEFAULTS[class_name]
   elif override is None:

@@ -243,10 +243,19 @@ def _check_names(config) -> None:
 def _naming_the_key(message: str, config) -> str:
   """`message` prefixed with the config key that holds the unknown name it reports ("unknown
   loss weighting 'foo'" -> "config key 'objective.weighting': ..."), when exactly one does."""
-  m = re.search(r"unknown [\w ]+ '([^']*)'", message)
-  if not m or "config key" in message:
+  if "config key" in message:
     return message
-  keys = [k for k, v in resume.flat(config.to_dict()).items() if v == m.group(1)]
+  flat = resume.flat(config.to_dict())
+  m = re.search(r"unknown [\w ]+ '([^']*)'", message)
+  if m:
+    keys = [k for k, v in flat.items() if v == m.group(1)]
+  else:   # a feature block an objective reads that the network lacks
+    m = re.search(r"return_features index (-?\d+) out of range", message)
+    if not m:
+      return message
+    i = int(m.group(1))
+    keys = [k for k, v in flat.items() if k.startswith("objective.") and "feature_block" in k
+            and (v == i or (isinstance(v, (list, tuple)) and i in v))]
   return f"config key '{keys[0]}': {message}" if len(keys) == 1 else message
 
 
@@ -296,10 +305,25 @@ def _check_what_training_evaluates(engine: Engine) -> None:
     raise ValueError(f"objective {engine.config.objective.name!r}: student {obj.student!r} "
                      f"(the network it evaluates and samples) is not one of its networks "
                      f"({', '.join(engine.plans)})")
+  check_eval_steps(engine)
   if evaluates:
     evaluation.check_metric_data(
         evaluation.resolve_metrics(engine.source, e.get("metric", ""), e.get("metrics", ())),
         engine.source.shape)
+
+
+def check_eval_steps(engine: Engine) -> None:
+  """`eval.steps` (and `eval.ideal_steps`) of the student and `eval.teacher_steps` of the
+  teacher fit their networks' time grids (`evaluation.check_steps`)."""
+  e, obj = engine.config.eval, engine.objective
+  teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
+  if obj.evaluates_as != "teacher" and obj.student in engine.nets:
+    process = engine.nets[obj.student].process
+    evaluation.check_steps(process, e.steps, "config key 'eval.steps'")
+    evaluation.check_steps(process, e.get("ideal_steps", ()), "config key 'eval.ideal_steps'")
+  if teacher is not None:
+    evaluation.check_steps(engine.nets[teacher].process, (e.teacher_steps,),
+                           "config key 'eval.teacher_steps'")
 
 
 def _check_class_labels(engine: Engine) -> None:
@@ -333,6 +357,15 @@ def _check_text_inputs(engine: Engine) -> None:
             f"config key 'data.text_embeds': network {name!r} reads prompt embeddings of width "
             f"{width}, but data {engine.stream_datasets[stream]!r} gives none (a directory "
             "from launch.encode_prompts)", stream))
+      if getattr(info.module, "addition_embed_type", None) == "text_time" and (
+          stream in conditioned):   # SDXL's pooled prompt and size / crop ids
+        for key, need in (("pooled_text_embeds", "data.text_embeds' (its pooled.npy"),
+                          ("time_ids", "data.time_ids' (True for precomputed latents, the "
+                                       "image size for prompts")):
+          if key not in batch:
+            raise ValueError(sources.for_stream(
+                f"config key '{need}): network {name!r} is an SDXL-style UNet that reads "
+                f"{key}, which data {engine.stream_datasets[stream]!r} does not give", stream))
       got = batch["text_embeds"].shape[-1] if "text_embeds" in batch else width
       if got != width:
         raise ValueError(sources.for_stream(
@@ -916,7 +949,10 @@ def network_for_role(engine: Engine, role: str) -> str:
     name = None if obj.evaluates_as == "teacher" else obj.student
   else:
     name = role if role in engine.plans else None
-  if name is None:
-    raise ValueError(f"--network: this run has no {role!r} network "
-                     f"(networks: {', '.join(engine.plans)})")
+  samplable = [n for n, info in engine.nets.items()
+               if info.process is not None and info.prediction != "raw"]
+  if name is None or name not in samplable:
+    what = "no" if name is None else "no samplable"
+    raise ValueError(f"--network: this run has {what} {role!r} network (denoisers: "
+                     f"{', '.join(samplable)}; the others are not sampled)")
   return name

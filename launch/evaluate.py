@@ -50,6 +50,7 @@ def main(argv: list[str]) -> int:
   from distill.metrics.suite import MetricError
   try:
     engine, state, frozen, step = trainer.open_run(args.workdir, overrides)
+    trainer.check_eval_steps(engine)
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   if args.steps and engine.objective.evaluates_as == "teacher":

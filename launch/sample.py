@@ -31,7 +31,7 @@ def _extra(p):
   p.add_argument("--sampler", default="")
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--guidance", type=float, default=1.0)
-  p.add_argument("--class", dest="class_label", type=int, default=-1)
+  p.add_argument("--class", dest="class_label", type=int, default=None)
   p.add_argument("--prompt_embeds", default="")
   p.add_argument("--rows", default="")
   p.add_argument("--seed", type=int, default=0)
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
   cli.setup(args)
   from distill import evaluation, images, solvers, trainer
   try:
-    if args.prompt_embeds and args.class_label >= 0:
+    if args.prompt_embeds and args.class_label is not None:
       raise ValueError("--class and --prompt_embeds: give one of them")
     if args.out and os.path.splitext(args.out)[1].lower() not in _image_extensions():
       raise ValueError(f"--out {args.out}: expected an image file name (.png, .jpg, ...); the "
@@ -154,9 +154,10 @@ def main(argv: list[str]) -> int:
       raise ValueError(f"--num: must be >= 1, got {args.num}")
     steps = args.steps or (engine.config.eval.teacher_steps if is_teacher_role
                            else int(engine.config.eval.steps[0]))
+    evaluation.check_steps(info.process, (steps,), "--steps")
     labels = None
-    if args.class_label >= 0:
-      if not info.num_classes or args.class_label >= info.num_classes:
+    if args.class_label is not None:
+      if not info.num_classes or not 0 <= args.class_label < info.num_classes:
         raise ValueError(f"--class: {args.class_label} is not a class of this model "
                          f"({info.num_classes} classes)")
       labels = np.full((args.num,), args.class_label, np.int32)

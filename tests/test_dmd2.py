@@ -383,3 +383,14 @@ def test_toy_run_closes_the_one_step_gap(tmp_path):
   """A small spiral teacher, then 600 DMD2 steps (GAN on): >= 60% of the teacher's 1-step vs
   16-step SWD gap closed; the student's weights moved away from the teacher's."""
   mu.check_toy_run(f"{CONFIG}", tmp_path, 600, "--config.objective.gan_feature_dim=64")
+
+
+def test_a_feature_block_the_network_lacks_names_its_key():
+  """A GAN head reading block 7 of a 2-block network (SiDA's block 13 on a shrunk DiT) stops
+  at the setup trace with one line naming objective.gan_feature_block."""
+  from distill import trainer
+  engine, state, frozen = mu.make_engine("dmd2", mu.make_teacher(num_classes=4), gan_weight=0.1,
+                                         gan_feature_dim=16, gan_hidden=8, gan_feature_block=7)
+  with pytest.raises(trainer.SetupError, match=r"^config key 'objective.gan_feature_block': "
+                                               r"return_features index 7 out of range"):
+    trainer._trace(engine, state, frozen, 0)   # pylint: disable=protected-access

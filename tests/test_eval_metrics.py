@@ -353,3 +353,39 @@ def test_nfe_counts_both_passes_of_a_guided_step():
     engine.config.eval.class_conditional = False
   res = trainer.run_evaluation(engine, state, frozen, 0, teacher_cache={})["results"]
   assert res["teacher_steps_4"]["nfe"] == 4 and res["ideal_steps_1"]["nfe"] == 4
+
+
+def test_step_counts_beyond_a_discrete_grid_and_unsamplable_networks_are_one_line():
+  """A 1000-timestep VP network sampled with more than 1000 steps would repeat, then skip past,
+  its timesteps (NaN samples at 2000): refused naming the key or flag; continuous processes
+  take any count. launch.sample's --network takes only denoisers (not a GAN head)."""
+  from distill import evaluation, processes, trainer
+  from tests import _matching_utils as mu
+  vp = processes.make_process("vp_discrete")
+  assert len(vp.timesteps(1000)) == 1001
+  with pytest.raises(ValueError, match="2000 sampling steps: a discrete process of 1000"):
+    vp.timesteps(2000)
+  evaluation.check_steps(vp, (1, 1000), "--steps")
+  with pytest.raises(ValueError, match=r"^--steps: 1001 steps, but the network's process has "
+                                       r"1000 timesteps \(at most 1000 steps\)$"):
+    evaluation.check_steps(vp, (4, 1001), "--steps")
+  evaluation.check_steps(processes.make_process("rectified_flow"), (5000,), "--steps")
+  engine, _, _ = mu.make_engine("dmd2", mu.make_teacher(num_classes=4), gan_weight=0.1,
+                                gan_feature_dim=16, gan_hidden=8)
+  assert trainer.network_for_role(engine, "fake_score") == "fake_score"
+  with pytest.raises(ValueError, match=r"--network: this run has no samplable 'gan_head' "
+                                       r"network \(denoisers: teacher, student, fake_score;"):
+    trainer.network_for_role(engine, "gan_head")
+
+
+def test_image_data_without_a_metric_of_its_own_defaults_to_fid():
+  """Latents and images default to FID (what `launch.evaluate --workdir W` scores on an ImageNet
+  run); the digits keep their classifier's fd, toy points swd."""
+  from distill import evaluation
+  from distill.data import sources
+  latents_like = sources.make_source({"name": "synthetic", "height": 8, "width": 8,
+                                      "channels": 4}, 0)
+  points = sources.make_source({"name": "gmm"}, 0)
+  digits = sources.make_source({"name": "digits"}, 0)
+  assert [evaluation.default_metric(s) for s in (latents_like, points, digits)] == [
+      "fid", "swd", "fd"]

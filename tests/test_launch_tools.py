@@ -53,6 +53,7 @@ def test_evaluate_writes_eval_json(tiny_run):
 @pytest.mark.parametrize("args, fragment", [
     (["--workdir", "/no/such/run"], "config.json"),
     (["--class", "99"], "--class"),
+    (["--class", "-3"], "--class: -3 is not a class of this model"),
     (["--network", "student"], "no 'student' network"),
     (["--sampler", "eulr"], "--sampler: unknown solver 'eulr'"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),

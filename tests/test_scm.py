@@ -528,6 +528,24 @@ def _toy_teacher():
                  reference={"path": "memory", "step": 0, "hash": "", "params": "raw"})
 
 
+def test_a_teacher_of_another_process_is_named_by_its_key():
+  """sCM reads its teacher through flow_to_trigflow: a VP teacher (the converted DiT before the
+  recipe's fine-tune) stops in one line naming teacher.checkpoint, the path and the process."""
+  import dataclasses
+  from distill import trainer
+  from distill.engine import Engine
+  c = trainer.prepare_config(trainer.load_config(
+      os.path.join(ROOT, "configs", "toy", "scm.py") + ":gmm", ["train.batch_size=16"]))
+  flow = _toy_teacher()
+  vp = dataclasses.replace(flow, process=procs.make_process("vp_discrete"), prediction="eps",
+                           model_config={**flow.model_config, "prediction": "eps"},
+                           reference={"path": "/teachers/dit_vp", "hash": ""})
+  with pytest.raises(ValueError, match=r"^config key 'teacher.checkpoint': objective 'scm' "
+                                       r"cannot read the teacher /teachers/dit_vp \(a vp_discrete "
+                                       r"network, prediction 'eps'\): wrapper flow_to_trigflow"):
+    Engine(c, teacher=vp)
+
+
 def test_deterministic_consistency_sampler_spec():
   """`eval.sampler = "tcd(gamma=0.0)"`: the student is sampled by consistency steps that
   re-noise with the *implied* noise instead of fresh noise, x_t' = cos t' x0 + sin t' sigma_d

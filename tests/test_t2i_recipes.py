@@ -248,3 +248,19 @@ def test_gan_recipe_from_a_caption_set_reads_real_images_from_its_stream(tmp_pat
   with pytest.raises(ValueError, match="config key 'data_streams.real.name': 'prompts' serves "
                                        "prompts without images, but objective 'dmd2'"):
     Engine(trainer.prepare_config(c, num_devices=1), teacher=random_teacher(c, abstract=True))
+
+
+def test_sdxl_inputs_missing_from_the_data_are_named():
+  """An SDXL UNet reads the pooled prompt and the size / crop ids: prompts without pooled.npy,
+  or latents without time ids, stop in one line naming the data key (not the UNet's
+  added_cond)."""
+  c = trainer.prepare_config(_narrow(_config("sdxl", "dmd2"), "sdxl"), num_devices=1)
+  engine = Engine(c, teacher=random_teacher(c, abstract=True))
+  trainer._check_text_inputs(engine)   # pylint: disable=protected-access
+  batch = {k: v for k, v in engine.abstract_batch().items()
+           if k not in ("pooled_text_embeds", "time_ids")}
+  engine.abstract_batch = lambda stream="train": batch
+  with pytest.raises(ValueError, match=r"^config key 'data.text_embeds' \(its pooled.npy\): "
+                                       r"network '\w+' is an SDXL-style UNet that reads "
+                                       r"pooled_text_embeds, which data 'synthetic' does not give"):
+    trainer._check_text_inputs(engine)   # pylint: disable=protected-access

@@ -205,3 +205,32 @@ def test_the_run_config_sets_how_a_loaded_teacher_computes(pipeline_dir):
   with c.unlocked():
     c.teacher.runtime.attention = "cudnn"
   assert teacher_lib.run_runtime(c, cudnn, "cpu") == {"attention": "cudnn"}
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"rescale_betas_zero_snr": True}, "scheduler option rescale_betas_zero_snr=True is not "
+                                       "supported"),
+    ({"trained_betas": [0.001] * 1000}, "scheduler option trained_betas="),
+    ({"prediction_type": "flow_prediction", "use_flow_sigmas": True},
+     "scheduler option use_flow_sigmas=True is not supported"),
+    ({"prediction_type": "flow_prediction"}, "scheduler prediction_type 'flow_prediction' is "
+                                             "not supported (known: epsilon, v_prediction, "
+                                             "sample)"),
+])
+def test_scheduler_options_the_process_cannot_reproduce_are_refused(pipeline_dir, tmp_path,
+                                                                    options, fragment):
+  """A scheduler whose noise levels the converted process would not reproduce (zero-terminal-
+  SNR rescaling, given betas, flow sigmas) or whose prediction kind is unknown stops in one
+  line naming the scheduler file, instead of converting a teacher that is called at the wrong
+  noise levels; `--process` names the process and goes on."""
+  import shutil
+  d = tmp_path / "pipe"
+  shutil.copytree(pipeline_dir, d)
+  path = d / "scheduler" / "scheduler_config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), **options}))
+  with pytest.raises(ValueError) as e:
+    teacher_lib.load_teacher(str(d))
+  assert str(e.value).startswith(f"{path}: {fragment}"), str(e.value)
+  if "rescale_betas_zero_snr" in options:
+    t = teacher_lib.load_teacher(str(d), process="vp_discrete(beta_schedule='linear')")
+    assert t.process.name == "vp_discrete"
