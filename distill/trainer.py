@@ -678,12 +678,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
   sums: dict[str, Any] = {}
   counts: dict[str, int] = {}   # per key: a phase that runs every k-th step is averaged over its runs
   count = 0
+  if restored is not None:   # the log window the checkpoint was saved in (exact metrics lines)
+    window = meta.get("log_window") or {}
+    sums, counts = dict(window.get("sums", {})), dict(window.get("counts", {}))
+    count = int(window.get("count", 0))
   step = start
   summary = {"start_step": start}
   try:
     if stop.requested and step < total:   # the signal came while the run was set up
       if step not in ckpt.all_steps():
-        ckpt.save(step, state, _meta(engine, step), force=True)
+        ckpt.save(step, state, _meta(engine, step, sums, counts, count), force=True)
       ckpt.wait()
       rlog.message(f"signal {stop.signal} during setup: saved step {step}, exiting")
       summary.update(step=step, interrupted=True)
@@ -692,7 +696,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
       stage, stage_step = engine.stage_of(step)
       if stage > 0 and stage_step == 0 and int(state.stage) < stage:
         if not ckpt.all_steps() or ckpt.latest_step() != step:
-          ckpt.save(step, state, _meta(engine, step), force=True)
+          ckpt.save(step, state, _meta(engine, step, sums, counts, count), force=True)
         state, frozen = engine.enter_stage(state, frozen, stage)
         rlog.message(f"stage {stage} begins at step {step}")
       state, frozen, metrics = engine.train_step(state, frozen, step)
@@ -722,7 +726,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
               f"{config.train.max_skipped_steps}); the last good checkpoint is step "
               f"{ckpt.latest_step()} in {ckpt.directory}")
       if ckpt.should_save(step) and step < total:
-        ckpt.save(step, state, _meta(engine, step))
+        ckpt.save(step, state, _meta(engine, step, sums, counts, count))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
         report = run_evaluation(engine, state, frozen, step, teacher_cache=eval_cache)
         _write_eval(engine, workdir, report, eval_cache, is_main)
@@ -730,7 +734,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
           and step % config.sample.every_steps == 0 and step < total):
         write_samples(engine, state, frozen, step, workdir, is_main)
       if stop.requested:
-        ckpt.save(step, state, _meta(engine, step), force=True)
+        ckpt.save(step, state, _meta(engine, step, sums, counts, count), force=True)
         ckpt.wait()
         rlog.message(f"signal {stop.signal}: saved step {step}, exiting")
         summary.update(step=step, interrupted=True)
@@ -753,11 +757,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
     ckpt.close()
 
 
-def _meta(engine: Engine, step: int) -> dict:
+def _meta(engine: Engine, step: int, sums: Optional[dict] = None,
+          counts: Optional[dict] = None, count: int = 0) -> dict:
+  """The JSON item of a checkpoint: step, stage, data position and the metrics of the log
+  window it was saved in (their sums, float32 values exact as JSON floats), so that a resumed
+  run logs the very lines an uninterrupted one does."""
   stage, _ = engine.stage_of(min(step, max(engine.total_steps - 1, 0)))
+  window = {"sums": {k: float(v) for k, v in jax.device_get(sums or {}).items()},
+            "counts": dict(counts or {}), "count": int(count)}
   return {"step": int(step), "stage": int(stage),
           "data": {"kind": "stateless", "seed": int(engine.config.seed),
-                   "processes": jax.process_count()}}
+                   "processes": jax.process_count()}, "log_window": window}
 
 
 def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:

@@ -91,7 +91,9 @@ def test_toy_teacher_run_directory(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted_run(tmp_path):
-  steps = ["--config.train.steps=60", "--config.train.log_every=5",
+  """Checkpoints every 20 steps, log lines every 6: the line of step 24 averages steps 19-24
+  across the kill (the checkpoint keeps its log window), exactly as the uninterrupted run's."""
+  steps = ["--config.train.steps=60", "--config.train.log_every=6",
            "--config.checkpoint.every_steps=20", "--config.eval.at_end=false",
            "--config.checkpoint.async_save=false"]
   ref = tmp_path / "ref"
