@@ -274,6 +274,9 @@ def _resolved(engine: Engine, data_hash: Optional[str] = None) -> dict:
       processes[name] = procs.process_config(own)
   obj = engine.objective
   return {"models": model_cfgs, "processes": processes, "frozen": frozen_references(engine),
+          # where trained networks started (`init.<net>`: that run's path, step and hash)
+          "init_runs": {n: ref for n, ref in engine.init_references.items()
+                        if not engine.plans[n].frozen},
           "evaluated_network": obj.student, "evaluated_as": obj.evaluates_as,
           "sampler": student_sampler(engine), "num_classes": int(engine.source.num_classes),
           "data_shape": list(engine.source.shape), "total_steps": engine.total_steps,
@@ -379,6 +382,15 @@ def _trace(engine: Engine, state, frozen, stage: int) -> None:
     engine.trace_phases(state, frozen, stage)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), engine.config)) from e
+
+
+def _recorded_init_runs(workdir: str) -> dict:
+  """The `resolved.init_runs` of the run's config.json (empty without one)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return (json.load(f).get("resolved") or {}).get("init_runs") or {}
 
 
 def frozen_references(engine: Engine) -> dict:
@@ -660,8 +672,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
     os.remove(rlog.metrics_path)
 
   if is_main:
+    resolved = _resolved(engine, data_hash)
+    if restored is not None:   # trained networks' init runs are read only when a run starts
+      resolved["init_runs"] = {**_recorded_init_runs(workdir), **resolved["init_runs"]}
     runlog.write_json(os.path.join(workdir, "config.json"), {
-        **config.to_dict(), "provenance": provenance, "resolved": _resolved(engine, data_hash)})
+        **config.to_dict(), "provenance": provenance, "resolved": resolved})
 
   if engine.stages and engine.total_steps != int(config.train.steps):
     rlog.message(f"objective {config.objective.name!r} runs {len(engine.stage_bounds) - 1} "

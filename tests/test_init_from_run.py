@@ -60,6 +60,11 @@ def test_student_starts_from_the_other_runs_ema_and_trains_on(sid_run, tmp_path)
   assert not _equal(trained.params, source.params)
   rows = mu.metrics(work)
   assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k.endswith("loss"))
+  # config.json records where the student started (that run's path, step, weights hash), and
+  # a resume (which does not read the init run) keeps the record.
+  want = {"path": os.path.abspath(sid), "step": 4, "hash": source.reference["hash"]}
+  recorded = lambda: json.load(open(os.path.join(work, "config.json")))["resolved"]["init_runs"]
+  assert {k: recorded()["student"][k] for k in want} == want
 
   # A resumed run restores its own checkpoint, whatever init says now. Reading a run leaves
   # a save another process has in flight (Orbax's temporary directory) alone.
@@ -68,6 +73,11 @@ def test_student_starts_from_the_other_runs_ema_and_trains_on(sid_run, tmp_path)
   engine2, state2, _, step = trainer.open_run(work, [])
   assert step == 2 and _equal(state2.params["student"], trained.params)
   assert os.path.isdir(in_flight)
+  os.rmdir(in_flight)
+  trainer.train(_config(teacher, f"init.student={sid}", "train.steps=3",
+                        "objective.discriminator=encoder", "objective.gan_feature_block=0",
+                        "objective.gan_weight=0.05"), work)
+  assert {k: recorded()["student"][k] for k in want} == want
 
 
 def test_bad_init_values_are_one_clear_error(sid_run, tmp_path):
