@@ -295,6 +295,26 @@ def check_data_fits(engine: Engine) -> None:
   """The data's labels and prompt embeddings are ones the networks can read (ValueError)."""
   _check_class_labels(engine)
   _check_text_inputs(engine)
+  _check_latents_vae(engine)
+
+
+def _check_latents_vae(engine: Engine) -> None:
+  """Latents that the teacher pipeline's own VAE (its `vae/`) did not make, e.g. an SD1.5
+  teacher on SDXL-VAE latents (both 4 channels, other scales), or that `eval.vae` would decode
+  as another VAE's, stop in one line (`data.other_vae = True` goes on)."""
+  path = (engine.teacher.reference or {}).get("path", "") if engine.teacher is not None else ""
+  vaes = [(os.path.join(path, "vae"), "the teacher's VAE")] if path else []
+  if engine.config.eval.get("vae"):
+    vaes.append((str(engine.config.eval.get("vae")), "eval.vae"))
+  for stream, source in engine.streams.items():
+    if not hasattr(source, "vae_mismatch") or source.other_vae:
+      continue
+    for vae_dir, what in vaes:
+      why = source.vae_mismatch(vae_dir, what) if vae_dir and os.path.isdir(vae_dir) else None
+      if why:
+        raise ValueError(sources.for_stream(
+            f"config key 'data.path': {why}; precompute with that VAE, or set "
+            "data.other_vae=True if you mean it", stream))
 
 
 def _check_what_training_evaluates(engine: Engine) -> None:

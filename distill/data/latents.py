@@ -59,7 +59,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -117,6 +119,26 @@ def text_fingerprint(text: dict[str, np.ndarray]) -> str:
     for part in (arr[:64], arr[-64:]):
       h.update(np.ascontiguousarray(part).tobytes())
   return h.hexdigest()
+
+
+def vae_hash(path: str) -> str:
+  """sha256 of a diffusers VAE directory's config and weights (what launch.precompute records
+  as meta.json's "vae" hash)."""
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(path)):
+    if name.endswith((".json", ".safetensors")):
+      with open(os.path.join(path, name), "rb") as f:
+        h.update(name.encode())
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def _json_or_empty(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def load_text_embeds(path: str, null_prompt: str = "file",
@@ -199,11 +221,14 @@ class Latents(Source):
   """Records of a `launch.precompute` directory; see the module docstring."""
 
   DEFAULTS = {"path": "", "text_embeds": "", "null_prompt": "file", "time_ids": False,
-              "flip": True}
+              "flip": True, "other_vae": False}
 
   def __init__(self, seed: int, path: str = "", text_embeds: str = "", null_prompt: str = "file",
-               time_ids: bool = False, flip: bool = True):
+               time_ids: bool = False, flip: bool = True, other_vae: bool = False):
     super().__init__(seed)
+    # True: latents of a VAE other than the teacher pipeline's own are meant (the trainer
+    # refuses them otherwise: `vae_mismatch`).
+    self.other_vae = bool(other_vae)
     if not path:
       raise ValueError("data.path: the latents dataset needs the directory `launch.precompute` "
                        "wrote")
@@ -236,6 +261,21 @@ class Latents(Source):
 
   def __len__(self) -> int:
     return len(self.reader)
+
+  def vae_mismatch(self, vae_dir: str, what: str) -> Optional[str]:
+    """Why latents of this directory do not fit the VAE at `vae_dir` (`what` names it: the
+    teacher's, eval.vae), or None: precompute records its VAE's hash (meta.json "vae"); a
+    directory without the record, or a VAE directory that is not there, is not compared."""
+    made = self.meta.get("vae") or {}
+    if not made.get("hash") or not os.path.isfile(os.path.join(vae_dir, "config.json")):
+      return None
+    if vae_hash(vae_dir) == made["hash"]:
+      return None
+    scale = lambda d: (_json_or_empty(os.path.join(d, "config.json")).get("scaling_factor")
+                       if d and os.path.isdir(d) else None)
+    return (f"latents {self.path} were made with the VAE {made.get('path')} (scaling_factor "
+            f"{scale(made.get('path'))}), not {what} {vae_dir} (scaling_factor "
+            f"{scale(vae_dir)}): the networks would learn, or decode, another VAE's latents")
 
   def _conditioning(self, records: list[dict]) -> dict[str, np.ndarray]:
     """The prompt keys of `records`' rows (text embeddings of their captions, time_ids)."""
