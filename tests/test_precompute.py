@@ -389,8 +389,9 @@ def test_bad_inputs_are_one_line_errors(vae_dir, tmp_path, capsys):
   (tmp_path / "m.jsonl").write_text('{"image": "missing.png", "caption_id": 0}\n')
   assert precompute.main(["--input", f"jsonl:{tmp_path / 'm.jsonl'}", "--vae", vae_dir,
                           "--out", str(tmp_path / "m")]) == 2
-  err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]  # beside the bar
-  assert len(err) == 1 and "missing.png: cannot be read" in err[0], err
+  err = capsys.readouterr().err.strip().splitlines()  # found before the first batch
+  assert len(err) == 1 and "line 1: image " in err[0] and "missing.png: no such file" in err[0]
+  assert not os.path.exists(tmp_path / "m")
   os.makedirs(tmp_path / "bad" / "a")
   (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not an image")
   assert precompute.main(["--input", f"folder:{tmp_path / 'bad'}", "--vae", vae_dir,
@@ -398,3 +399,79 @@ def test_bad_inputs_are_one_line_errors(vae_dir, tmp_path, capsys):
   err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
   assert len(err) == 1 and "x.png: cannot be read (UnidentifiedImageError" in err[0], err
   jax.clear_caches()
+
+
+def _fails(capsys, *args) -> str:
+  """The one stderr line of a precompute that exits 2."""
+  capsys.readouterr()
+  assert precompute.main([str(a) for a in args]) == 2
+  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def test_folder_input_skips_hidden_entries_and_refuses_top_level_images(vae_dir, tmp_path,
+                                                                       capsys):
+  root = tmp_path / "mixed"
+  _write_images(str(root), {"cat": 2, "dog": 1, ".ipynb_checkpoints": 1})
+  (root / "cat" / "._img00.png").write_bytes(b"macOS resource fork")
+  src = image_inputs.open_input(f"folder:{root}", SIZE)
+  assert src.classes == ["cat", "dog"] and len(src) == 3
+  assert [label for _, label in src.items] == [0, 0, 1]
+  _write_images(str(tmp_path / "top"), {"": 4})
+  for i in range(4):
+    os.replace(tmp_path / "top" / f"img{i:02d}.png", root / f"top{i}.png")
+  out = tmp_path / "out"
+  err = _fails(capsys, "--input", f"folder:{root}", "--vae", vae_dir, "--out", out)
+  assert (f"--input folder:{root}: 4 images at the top level beside class folders "
+          "(top0.png, top1.png, top2.png, ...)") in err, err
+  assert not out.exists()
+
+
+def _jsonl_images(root, ids) -> str:
+  """root/c.jsonl naming one small image per caption id of `ids` (raw JSON values)."""
+  _write_images(str(root), {"imgs": len(ids)})
+  lines = [f'{{"image": "imgs/img{i:02d}.png", "caption_id": {v}}}' for i, v in enumerate(ids)]
+  (root / "c.jsonl").write_text("\n".join(lines) + "\n")
+  return str(root / "c.jsonl")
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.7", '"3"', "true"])
+def test_jsonl_caption_ids_must_be_non_negative_integers(vae_dir, tmp_path, capsys, bad):
+  path = _jsonl_images(tmp_path, ["0", bad])
+  out = tmp_path / "out"
+  err = _fails(capsys, "--input", f"jsonl:{path}", "--vae", vae_dir, "--out", out)
+  assert f"--input jsonl:{path} line 2: " in err and \
+      f"caption_id must be an integer >= 0, got {json.loads(bad)!r}" in err, err
+  assert not out.exists()
+
+
+def test_empty_jsonl_or_missing_image_stops_before_anything_is_written(vae_dir, tmp_path,
+                                                                       capsys):
+  (tmp_path / "empty.jsonl").write_text("\n  \n")
+  out = tmp_path / "out"
+  err = _fails(capsys, "--input", f"jsonl:{tmp_path / 'empty.jsonl'}", "--vae", vae_dir,
+               "--out", out)
+  assert f"--input jsonl:{tmp_path / 'empty.jsonl'}: no examples" in err, err
+  assert not out.exists()
+  path = _jsonl_images(tmp_path, ["0", "1", "2"])
+  os.remove(tmp_path / "imgs" / "img01.png")
+  os.remove(tmp_path / "imgs" / "img02.png")
+  err = _fails(capsys, "--input", f"jsonl:{path}", "--vae", vae_dir, "--out", out)
+  assert (f"line 2: image {tmp_path / 'imgs' / 'img01.png'}: no such file (2 of 3 images "
+          "missing)") in err, err
+  assert not out.exists()
+
+
+def test_tfds_unknown_or_unprepared_dataset_is_one_short_line(vae_dir, tmp_path, capsys):
+  pytest.importorskip("tensorflow_datasets")
+  data_dir = tmp_path / "tfds"
+  out = tmp_path / "out"
+  base = ["--vae", vae_dir, "--out", out, "--tfds_data_dir", data_dir]
+  err = _fails(capsys, "--input", "tfds:mnist", *base)
+  assert (f"--input tfds:mnist:train: not prepared in --tfds_data_dir {data_dir} (expected "
+          f"{data_dir / 'mnist'}") in err and "never downloads" in err, err
+  err = _fails(capsys, "--input", "tfds:no_such_dataset", *base)
+  assert (f"--input tfds:no_such_dataset: no such tfds dataset (DatasetNotFoundError; "
+          f"--tfds_data_dir {data_dir})") in err and len(err) < 200, err
+  assert not out.exists()

@@ -1,7 +1,7 @@
 """Image datasets that `launch.precompute` encodes, by name, and DiT's image preprocessing.
 
     --input folder:/data/imagenet/train     class sub-folders (sorted names -> labels 0..K-1), or
-                                            a flat folder of images (no labels)
+                                            a flat folder of images (no labels), not both
     --input jsonl:/data/coco/captions.jsonl one JSON object per line: {"image": path (relative to
                                             the file's folder or absolute), "caption_id": int}
     --input tfds:imagenet2012[:split]       a prepared tfds dataset read with `tfds.data_source`
@@ -9,10 +9,15 @@
                                             the user's data dir (no download ever)
 
 Each input has `len()`, `get(i) -> {"image": uint8 (H, W, 3), "orig_size": int32 (2,),
-"crop_top_left": int32 (2,), "label"?: int, "caption_id"?: int}`, `num_classes` and `describe()`
-(recorded in meta.json). `center_crop` is the ADM / DiT preprocessing: halve with a box filter
-while the short side is at least twice the target, resize bicubically so the short side equals
-it, then crop the centre.
+"crop_top_left": int32 (2,), "label"?: int, "caption_id"?: int}`, `num_classes`, `describe()`
+(recorded in meta.json), `fingerprint()` (a sha256 of the ordered example listing: relative
+paths with their labels or caption ids, the tfds name, version and split; no image is read; a
+precompute resume compares it) and `caption_ids` ({"min", "max"} of a jsonl's ids, else None).
+Names starting with "." (`.ipynb_checkpoints`, `._x.png`) are never images or classes. A jsonl
+input checks that every image file exists before anything is encoded.
+
+`center_crop` is the ADM / DiT preprocessing: halve with a box filter while the short side is at
+least twice the target, resize bicubically so the short side equals it, then crop the centre.
 
 SDXL's micro-conditioning of that crop (`center_crop_coords`), as diffusers'
 `train_text_to_image_sdxl.py` computes it: `orig_size` = (height, width) of the original image
@@ -21,6 +26,7 @@ in its own pixels; `crop_top_left` = (top, left) of the crop in the pixels of th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -74,7 +80,28 @@ def _open(path: str):
 
 
 def _is_image(name: str) -> bool:
-  return name.endswith(IMAGE_EXTENSIONS) or name.lower().endswith(IMAGE_EXTENSIONS)
+  return not _hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(name: str) -> bool:
+  """Hidden entries (`.ipynb_checkpoints`, macOS `._x.png`) are no class and no image."""
+  return name.startswith(".")
+
+
+def listing_hash(rows) -> str:
+  """sha256 of an ordered listing of (relative path or name, label / caption id) rows."""
+  h = hashlib.sha256()
+  for row in rows:
+    h.update(json.dumps(row).encode())
+    h.update(b"\n")
+  return h.hexdigest()
+
+
+def caption_id(value) -> int:
+  """`value` as a caption id: a JSON integer >= 0 (not 1.7, "3" or true), else a ValueError."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"caption_id must be an integer >= 0, got {value!r}")
+  return value
 
 
 @IMAGE_INPUTS.register("folder")
@@ -85,18 +112,24 @@ class ImageFolder:
     if not os.path.isdir(root):
       raise ValueError(f"--input folder:{root}: not a directory")
     self.root, self.size = root, size
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    names = sorted(os.listdir(root))
+    subdirs = [d for d in names if not _hidden(d) and os.path.isdir(os.path.join(root, d))]
+    top = [f for f in names if _is_image(f) and os.path.isfile(os.path.join(root, f))]
+    if subdirs and top:
+      raise ValueError(f"--input folder:{root}: {len(top)} images at the top level beside class "
+                       f"folders ({', '.join(top[:3])}{', ...' if len(top) > 3 else ''}): move "
+                       f"them into a class folder or the folders away")
     if subdirs:
       self.classes = subdirs
       self.items = [(os.path.join(root, d, f), c) for c, d in enumerate(subdirs)
                     for f in sorted(os.listdir(os.path.join(root, d))) if _is_image(f)]
     else:
       self.classes = []
-      self.items = [(os.path.join(root, f), None) for f in sorted(os.listdir(root))
-                    if _is_image(f)]
+      self.items = [(os.path.join(root, f), None) for f in top]
     if not self.items:
       raise ValueError(f"--input folder:{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     self.num_classes = len(self.classes)
+    self.caption_ids = None
 
   def __len__(self) -> int:
     return len(self.items)
@@ -111,6 +144,9 @@ class ImageFolder:
   def describe(self) -> dict[str, Any]:
     return {"input": "folder", "root": os.path.abspath(self.root), "classes": self.classes}
 
+  def fingerprint(self) -> str:
+    return listing_hash((os.path.relpath(p, self.root), c) for p, c in self.items)
+
 
 @IMAGE_INPUTS.register("jsonl")
 class CaptionJsonl:
@@ -121,18 +157,29 @@ class CaptionJsonl:
       raise ValueError(f"--input jsonl:{path}: no such file")
     self.path, self.size = path, size
     base = os.path.dirname(os.path.abspath(path))
-    self.items = []
+    self.items, self.names, lines = [], [], []
     with open(path) as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
         try:
           obj = json.loads(line)
-          self.items.append((os.path.join(base, obj["image"]), int(obj["caption_id"])))
+          cid = caption_id(obj["caption_id"])
+          self.items.append((os.path.join(base, obj["image"]), cid))
+          self.names.append(obj["image"])
+          lines.append(n)
         except (ValueError, KeyError, TypeError) as e:
           raise ValueError(f"--input jsonl:{path} line {n}: expected {{\"image\": path, "
                            f"\"caption_id\": int}}, got {line.strip()[:80]!r} ({e})") from None
+    if not self.items:
+      raise ValueError(f"--input jsonl:{path}: no examples (expected one JSON object per line)")
+    missing = [(n, p) for n, (p, _) in zip(lines, self.items) if not os.path.isfile(p)]
+    if missing:
+      raise ValueError(f"--input jsonl:{path} line {missing[0][0]}: image {missing[0][1]}: no "
+                       f"such file ({len(missing)} of {len(self.items)} images missing)")
     self.num_classes = 0
+    ids = [c for _, c in self.items]
+    self.caption_ids = {"min": min(ids), "max": max(ids)}
 
   def __len__(self) -> int:
     return len(self.items)
@@ -144,6 +191,9 @@ class CaptionJsonl:
   def describe(self) -> dict[str, Any]:
     return {"input": "jsonl", "path": os.path.abspath(self.path)}
 
+  def fingerprint(self) -> str:
+    return listing_hash((name, c) for name, (_, c) in zip(self.names, self.items))
+
 
 @IMAGE_INPUTS.register("tfds")
 class TfdsImages:
@@ -153,12 +203,17 @@ class TfdsImages:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     name, _, split = name.partition(":")
     self.name, self.split, self.size, self.data_dir = name, split or "train", size, data_dir
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    self.source = tfds.data_source(name, split=self.split, data_dir=data_dir, try_gcs=False,
-                                   download=False)
+    builder = _tfds_builder(name, data_dir)
+    try:
+      self.source = tfds.data_source(name, split=self.split, data_dir=data_dir, try_gcs=False,
+                                     download=False)
+    except Exception as e:  # pylint: disable=broad-except  # tfds' not-prepared / format errors
+      raise ValueError(_tfds_error(builder, f"{name}:{self.split}", data_dir, e)) from None
+    self.version = str(builder.info.version)
     features = builder.info.features
     label = features["label"] if "label" in features.keys() else None
     self.num_classes = int(getattr(label, "num_classes", 0) or 0)
+    self.caption_ids = None
 
   def __len__(self) -> int:
     return len(self.source)
@@ -177,6 +232,39 @@ class TfdsImages:
   def describe(self) -> dict[str, Any]:
     return {"input": "tfds", "name": self.name, "split": self.split,
             "data_dir": self.data_dir}
+
+  def fingerprint(self) -> str:
+    return listing_hash([self.name, self.version, self.split, len(self.source)])
+
+
+def _first_line(e: BaseException) -> str:
+  """An exception's message up to its first line break, at most 200 characters."""
+  return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _tfds_where(data_dir: str | None) -> str:
+  return f"--tfds_data_dir {data_dir}" if data_dir else "tfds' default data dir (--tfds_data_dir)"
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+  """The tfds builder of `name`; an unknown name raises one ValueError line (not tfds' list of
+  every dataset) naming --input and --tfds_data_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError and kin
+    raise ValueError(f"--input tfds:{name}: no such tfds dataset ({type(e).__name__}; "
+                     f"{_tfds_where(data_dir)})") from None
+
+
+def _tfds_error(builder, spec: str, data_dir: str | None, e: BaseException) -> str:
+  """One line for a dataset `tfds.data_source` cannot open: not prepared in the data dir, or
+  tfds' own reason (another file format, an unknown split) cut to its first line."""
+  if not builder.is_prepared():
+    return (f"--input tfds:{spec}: not prepared in {_tfds_where(data_dir)} (expected "
+            f"{builder.data_dir} in array_record format; this tool never downloads)")
+  return (f"--input tfds:{spec}: cannot be read from {_tfds_where(data_dir)} "
+          f"({type(e).__name__}: {_first_line(e)})")
 
 
 def open_input(spec: str, size: int, **kwargs):
