@@ -35,8 +35,12 @@ P (multi-host: `--distributed`) writes shards p, p + P, ...; each batch is encod
 devices (the batch split over a 1-D mesh). A shard is written to a temporary name and renamed
 when complete, so a killed run resumes at the first missing shard and rewrites nothing that is
 finished (precompute.json, written before the first shard, holds the settings that decide the
-records: a rerun with others stops with one line instead of mixing them); meta.json is written
-last (by process 0 once every shard exists). `--vae` is a diffusers-layout AutoencoderKL
+records, the input's listing fingerprint among them: a rerun with others, or on an input whose
+files, order, labels or caption ids changed, stops with one line instead of mixing them);
+meta.json is written last (by process 0 once every shard exists; with a jsonl input it records
+the `caption_ids` range, which the latents source checks against the embeddings at setup).
+`--size`, `--batch` and `--shard_size` must be positive; an input with no examples stops before
+anything is written. `--vae` is a diffusers-layout AutoencoderKL
 directory (config.json + safetensors; no network access).
 """
 from __future__ import annotations
@@ -133,11 +137,33 @@ def vae_hash(path: str) -> str:
 SETTINGS = "precompute.json"
 
 
-def settings(args, count: int) -> dict:
-  """What decides the records an output holds: resuming with other values would mix them."""
+POSITIVE = ("size", "batch", "shard_size")
+# Settings added after outputs were first written: a precompute.json without one resumes (there
+# is nothing to compare it with).
+LATER_SETTINGS = ("input_fingerprint",)
+
+
+def check_flags(args) -> None:
+  """--size, --batch and --shard_size must be positive: one line naming the flag otherwise."""
+  for flag in POSITIVE:
+    value = getattr(args, flag)
+    if value < 1:
+      raise ValueError(f"--{flag}: expected a positive number, got {value}")
+
+
+def settings(args, count: int, fingerprint: str) -> dict:
+  """What decides the records an output holds: resuming with other values would mix them
+  (`fingerprint`: the input's ordered listing, so a changed input of the same count counts)."""
   return {"input": args.input, "count": int(count), "size": args.size, "kind": args.kind,
           "flip": bool(args.flip), "dtype": args.dtype, "shard_size": args.shard_size,
-          "seed": args.seed if args.kind == "sample" else None, "vae_hash": vae_hash(args.vae)}
+          "seed": args.seed if args.kind == "sample" else None, "vae_hash": vae_hash(args.vae),
+          "input_fingerprint": fingerprint}
+
+
+def _changed(before: dict, now: dict) -> list[str]:
+  """The settings whose values differ (one `before` lacks from LATER_SETTINGS is no change)."""
+  return [k for k in sorted(now)
+          if before.get(k) != now[k] and not (k in LATER_SETTINGS and k not in before)]
 
 
 def check_settings(out: str, now: dict, write: bool) -> None:
@@ -148,7 +174,11 @@ def check_settings(out: str, now: dict, write: bool) -> None:
   if os.path.isfile(path):
     with open(path) as f:
       before = json.load(f)
-    diff = [k for k in sorted(now) if before.get(k) != now[k]]
+    diff = _changed(before, now)
+    if diff == ["input_fingerprint"]:
+      raise ValueError(f"--out {out} holds shards of another --input {now['input']} listing "
+                       f"(same count {now['count']}; files, their order, labels or caption ids "
+                       f"changed since): rerun on the same input to resume, or choose a new --out")
     if diff:
       shown = "; ".join(f"{k} {before.get(k)!r} there, {now[k]!r} here" for k in diff[:3])
       raise ValueError(f"--out {out} holds shards written with other settings ({shown}): "
@@ -169,14 +199,17 @@ def run(args) -> int:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from distill.data import image_inputs, records
   from models import convert
+  check_flags(args)
   if args.distributed:
     jax.distributed.initialize()
   source = image_inputs.open_input(args.input, args.size, data_dir=args.tfds_data_dir)
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"--input {args.input}: no examples")
   vae_module, variables = convert.load_diffusers_dir(args.vae)
   if not hasattr(vae_module, "encode"):
     raise ValueError(f"--vae {args.vae}: {type(vae_module).__name__} has no encoder")
-  n = len(source)
-  recipe = settings(args, n)
+  recipe = settings(args, n, source.fingerprint())
   check_settings(args.out, recipe, write=jax.process_index() == 0)
   num_shards = math.ceil(n / args.shard_size)
   names = [records.shard_name(i, num_shards) for i in range(num_shards)]
@@ -212,7 +245,8 @@ def run(args) -> int:
         "num_classes": int(source.num_classes), "fields": fields, "shards": names,
         "dtype": args.dtype, "size": args.size,
         "vae": {"path": os.path.abspath(args.vae), "hash": recipe["vae_hash"]},
-        "source": source.describe()})
+        "source": source.describe(),
+        **({"caption_ids": source.caption_ids} if source.caption_ids else {})})
     print(f"wrote {n} examples ({num_shards} shards, latent {shape}) to {args.out}")
   return 0
 

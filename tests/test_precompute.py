@@ -463,6 +463,18 @@ def test_empty_jsonl_or_missing_image_stops_before_anything_is_written(vae_dir, 
   assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--size", "--batch", "--shard_size"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_non_positive_size_batch_shard_size_are_refused(vae_dir, tmp_path, capsys, flag, value):
+  _write_images(str(tmp_path / "imgs"), {"a": 1})
+  out = tmp_path / "out"
+  args = {"--size": str(SIZE), "--batch": "2", "--shard_size": "4", flag: value}
+  err = _fails(capsys, "--input", f"folder:{tmp_path / 'imgs'}", "--vae", vae_dir, "--out", out,
+               *[x for kv in args.items() for x in kv])
+  assert err == f"error: {flag}: expected a positive number, got {value}", err
+  assert not out.exists()
+
+
 def test_tfds_unknown_or_unprepared_dataset_is_one_short_line(vae_dir, tmp_path, capsys):
   pytest.importorskip("tensorflow_datasets")
   data_dir = tmp_path / "tfds"
@@ -475,3 +487,53 @@ def test_tfds_unknown_or_unprepared_dataset_is_one_short_line(vae_dir, tmp_path,
   assert (f"--input tfds:no_such_dataset: no such tfds dataset (DatasetNotFoundError; "
           f"--tfds_data_dir {data_dir})") in err and len(err) < 200, err
   assert not out.exists()
+
+
+def _kill_last_shard(out: str) -> list[str]:
+  """What a run killed before its last shard leaves: removes that shard and meta.json; returns
+  the listing left."""
+  meta = records.read_meta(out)
+  os.remove(os.path.join(out, meta["shards"][-1]))
+  os.remove(os.path.join(out, records.META))
+  return sorted(os.listdir(out))
+
+
+def test_resume_after_the_input_changed_with_the_same_count_is_refused(vae_dir, tmp_path, capsys):
+  root = tmp_path / "imgs"
+  _write_images(str(root), {"cat": 3, "dog": 3})
+  out = str(tmp_path / "out")
+  common = ["--input", f"folder:{root}", "--vae", vae_dir, "--out", out, "--size", str(SIZE),
+            "--shard_size", "4"]
+  _precompute(*common)
+  left = _kill_last_shard(out)
+  kept = [open(os.path.join(out, f), "rb").read() for f in left]
+  os.replace(root / "cat" / "img00.png", root / "dog" / "zz_moved.png")  # same count, 6
+  err = _fails(capsys, *common)
+  assert (f"--out {out} holds shards of another --input folder:{root} listing (same count 6; "
+          "files, their order, labels or caption ids changed since)") in err, err
+  assert sorted(os.listdir(out)) == left
+  assert [open(os.path.join(out, f), "rb").read() for f in left] == kept
+  # an output written before precompute.json had the fingerprint: nothing to compare, resumes
+  os.replace(root / "dog" / "zz_moved.png", root / "cat" / "img00.png")
+  with open(os.path.join(out, precompute.SETTINGS)) as f:
+    recorded = json.load(f)
+  del recorded["input_fingerprint"]
+  with open(os.path.join(out, precompute.SETTINGS), "w") as f:
+    json.dump(recorded, f)
+  _precompute(*common)
+  assert records.read_meta(out)["count"] == 6
+
+
+def test_jsonl_reordered_with_the_same_count_is_refused(vae_dir, tmp_path, capsys):
+  path = _jsonl_images(tmp_path, ["0", "1", "2"])
+  out = str(tmp_path / "out")
+  common = ["--input", f"jsonl:{path}", "--vae", vae_dir, "--out", out, "--size", str(SIZE),
+            "--shard_size", "2"]
+  _precompute(*common)
+  assert records.read_meta(out)["caption_ids"] == {"min": 0, "max": 2}
+  left = _kill_last_shard(out)
+  lines = open(path).read().splitlines()
+  with open(path, "w") as f:
+    f.write("\n".join(lines[::-1]) + "\n")
+  assert "holds shards of another --input jsonl:" in _fails(capsys, *common)
+  assert sorted(os.listdir(out)) == left
