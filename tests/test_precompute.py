@@ -537,3 +537,23 @@ def test_jsonl_reordered_with_the_same_count_is_refused(vae_dir, tmp_path, capsy
     f.write("\n".join(lines[::-1]) + "\n")
   assert "holds shards of another --input jsonl:" in _fails(capsys, *common)
   assert sorted(os.listdir(out)) == left
+
+
+def test_latents_source_checks_the_largest_caption_id_at_setup(caption_latents, tmp_path):
+  out, _, arr, ids = caption_latents
+  meta = records.read_meta(out)
+  assert meta["caption_ids"] == {"min": int(ids.min()), "max": int(ids.max())} and ids.max() == 6
+  short = _save(tmp_path / "short", **{k: (v[:6] if len(v) == CAPTIONS else v)
+                                       for k, v in arr.items()})
+  msg = _error_line({"path": out, "text_embeds": short})
+  assert msg == (f"data.text_embeds: {short}/embeds.npy has 6 captions, data.path {out}'s "
+                 "records use caption ids up to 6 (embeddings of another caption file?)"), msg
+  # an output written before meta.json had caption_ids still loads (checked per batch)
+  old = str(tmp_path / "old")
+  os.makedirs(old)
+  for name in meta["shards"]:
+    os.symlink(os.path.join(out, name), os.path.join(old, name))
+  records.write_meta(old, {k: v for k, v in meta.items() if k != "caption_ids"})
+  src = make_source({"name": "latents", "path": old, "text_embeds": short}, 0)
+  with pytest.raises(ValueError, match="caption id 6 is outside embeds.npy's 6 captions"):
+    src.batch(0, len(src))

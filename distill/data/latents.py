@@ -35,7 +35,9 @@ of each per-caption array the caption with id c:
                                     returns them as `clip_tokens` for the CLIP score)
 
 The per-caption arrays are memory-mapped, so 30k+ captions never load whole; every shape is
-checked against embeds.npy when the source is built. `text_embeds` / `text_mask` are the model's
+checked against embeds.npy when the source is built, and so is the largest caption id the
+records use (meta.json's `caption_ids`; outputs written before precompute recorded it are
+checked per batch). `text_embeds` / `text_mask` are the model's
 `encoder_hidden_states` / `encoder_attention_mask`, `pooled_text_embeds` and `time_ids` SDXL's
 `added_cond` (distill/context.py). `data.null_prompt = "zeros"` ignores the null files and
 serves no null prompt (`null_inputs()` is empty): the framework then uses all-zero prompt and
@@ -186,6 +188,16 @@ def load_text_embeds(path: str, null_prompt: str = "file",
   return out
 
 
+def check_caption_ids(meta: dict, path: str, count: int, text_embeds: str) -> None:
+  """The largest caption id the records use (meta.json's `caption_ids`, written by precompute;
+  older outputs lack it and are checked per batch by `text_rows`) must be a row of embeds.npy."""
+  largest = (meta.get("caption_ids") or {}).get("max")
+  if largest is not None and largest >= count:
+    raise ValueError(f"data.text_embeds: {text_embeds}/embeds.npy has {count} captions, "
+                     f"data.path {path}'s records use caption ids up to {largest} (embeddings "
+                     f"of another caption file?)")
+
+
 def text_rows(text: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
   """Batch keys `text_embeds` / `text_mask` / `pooled_text_embeds` of caption rows `ids`."""
   count = len(text["embeds"])
@@ -249,6 +261,7 @@ class Latents(Source):
         raise ValueError(f"data.text_embeds: {path!r} holds caption ids; give the directory of "
                          "their embeddings (embeds.npy)")
       self.text = load_text_embeds(text_embeds, null_prompt)
+      check_caption_ids(self.meta, path, len(self.text["embeds"]), text_embeds)
     self.size = 0  # the time_ids' target size; 0: no time_ids
     if time_ids:
       if self.text is None:

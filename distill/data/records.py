@@ -5,7 +5,9 @@
                                               "num_classes": K, "flip": bool, "fields": [...],
                                               "size": image side, "dtype": ...,
                                               "shards": ["latents-00000-of-00004.array_record",
-                                                         ...], "vae": {...}, "source": {...}}
+                                                         ...], "vae": {...}, "source": {...},
+                                              "caption_ids": {"min": a, "max": b} (captioned
+                                              records; older outputs lack it)}
     <dir>/latents-00000-of-00004.array_record   one record per example, in example order
 
 A record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays and ints:
