@@ -35,12 +35,13 @@ Encoding is diffusers' `encode_prompt` of each family, without prompt weighting 
          instruction is prepended, the length grows by its token count - 2, and token 0 plus the
          last `max_sequence_length - 1` tokens are kept. The null prompt never has it.
 
-Captions (`--captions`). A `.jsonl` file: one JSON object per line with `"caption_id": int`
-and `"caption": str` (other keys, e.g. `"image"`, are ignored, so the file `launch.precompute
---input jsonl:FILE` reads, with a caption added to each line, serves both); blank lines are
-skipped; row `caption_id` of the output is that caption, so the ids must cover 0..C-1 (an id may
-repeat with the same text). Any other file: one caption per line, caption id = line number - 1
-(a blank line is the empty caption).
+Captions (`--captions`). JSON lines (a `.jsonl` file, any case, or any file whose first
+non-blank line is a JSON object with a "caption" or "caption_id" key): one JSON object per line
+with `"caption_id": int` (>= 0) and `"caption": str` (other keys, e.g. `"image"`, are ignored, so
+the file `launch.precompute --input jsonl:FILE` reads, with a caption added to each line, serves
+both); blank lines are skipped; row `caption_id` of the output is that caption, so the ids must
+cover 0..C-1 (an id may repeat with the same text). Any other file: one caption per line,
+caption id = line number - 1 (a blank line is the empty caption).
 
 Output directory `--out` (written in `--batch` chunks into memory-mapped .npy files, so C need
 not fit in RAM; C = captions, L = tokens, D = width):
@@ -71,6 +72,7 @@ import sys
 
 import numpy as np
 
+from distill.data.image_inputs import caption_id
 from launch import cli
 
 KINDS = ("sd15", "sdxl", "sana")
@@ -104,13 +106,30 @@ def parse(argv):
 
 # -- captions ------------------------------------------------------------------------------
 def read_captions(path: str) -> list[str]:
-  """Captions in id order from a .jsonl (`caption_id`, `caption`) or a one-per-line text file."""
+  """Captions in id order from JSON lines (`is_jsonl`) or a one-per-line text file."""
   if not os.path.isfile(path):
     raise ValueError(f"--captions {path}: no such file")
-  captions = _jsonl_captions(path) if path.endswith(".jsonl") else _line_captions(path)
+  captions = _jsonl_captions(path) if is_jsonl(path) else _line_captions(path)
   if not captions:
     raise ValueError(f"--captions {path}: no captions")
   return captions
+
+
+JSONL_KEYS = ("caption", "caption_id")
+
+
+def is_jsonl(path: str) -> bool:
+  """Whether `path` holds JSON lines: named `.jsonl` (any case), or its first non-blank line is a
+  JSON object with a caption key (the precompute file under another name)."""
+  if path.lower().endswith(".jsonl"):
+    return True
+  with open(path, encoding="utf-8", errors="replace") as f:
+    first = next((line for line in f if line.strip()), "")
+  try:
+    obj = json.loads(first)
+  except ValueError:
+    return False
+  return isinstance(obj, dict) and any(k in obj for k in JSONL_KEYS)
 
 
 def _line_captions(path: str) -> list[str]:
@@ -127,9 +146,9 @@ def _jsonl_captions(path: str) -> list[str]:
         continue
       try:
         obj = json.loads(line)
-        cid, text = int(obj["caption_id"]), obj["caption"]
-        if not isinstance(text, str) or cid < 0:
-          raise ValueError("caption must be a string and caption_id >= 0")
+        cid, text = caption_id(obj["caption_id"]), obj["caption"]
+        if not isinstance(text, str):
+          raise ValueError(f"caption must be a string, got {text!r}")
       except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--captions {path} line {n}: expected {{\"caption_id\": int, "
                          f"\"caption\": str}}, got {line.strip()[:80]!r} ({e})") from None

@@ -252,3 +252,40 @@ def test_encode_prompts_failures_leave_no_output(sdxl_dir, sana_dir, tmp_path, c
   assert encode_prompts.main(base + ["--captions", good, "--batch", "2"]) == 2
   assert "encoder failed" in capsys.readouterr().err and len(calls) == 3
   assert not out.exists() and not (tmp_path / "o.partial").exists()
+
+
+def _fails(capsys, *args) -> str:
+  """The one stderr line of an encode_prompts run that exits 2."""
+  capsys.readouterr()
+  assert encode_prompts.main([str(a) for a in args]) == 2
+  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def test_json_lines_are_read_as_jsonl_whatever_the_file_name(sdxl_dir, tmp_path):
+  lines = _jsonl(tmp_path / "c.jsonl", [3, 0, 4, 2, 1])
+  for name in ("caps.txt", "caps.JSONL", "captions"):
+    (tmp_path / name).write_text(open(lines).read())
+    assert encode_prompts.read_captions(str(tmp_path / name)) == CAPTIONS, name
+  # a text file stays one caption per line, even with braces or JSON that is no caption object
+  plain = ["{a cat}", '{"image": "x.png"}', "[1, 2]", "a dog"]
+  (tmp_path / "plain.txt").write_text("\n".join(plain) + "\n")
+  assert encode_prompts.read_captions(str(tmp_path / "plain.txt")) == plain
+  out = tmp_path / "out"
+  _run("--kind", "sd15", "--pipeline", sdxl_dir, "--captions", tmp_path / "caps.txt",
+       "--out", out)
+  assert json.loads((out / "captions.json").read_text()) == CAPTIONS
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.7", '"3"', "true"])
+def test_caption_ids_must_be_non_negative_integers(tmp_path, capsys, bad):
+  path = tmp_path / "c.jsonl"
+  path.write_text('{"caption_id": 0, "caption": "a cat"}\n'
+                  f'{{"caption_id": {bad}, "caption": "a dog"}}\n')
+  out = tmp_path / "out"
+  err = _fails(capsys, "--kind", "sd15", "--pipeline", tmp_path, "--captions", path, "--out", out)
+  assert f"--captions {path} line 2: " in err and \
+      f"caption_id must be an integer >= 0, got {json.loads(bad)!r}" in err, err
+  assert not out.exists()
+
