@@ -58,9 +58,11 @@ not fit in RAM; C = captions, L = tokens, D = width):
   meta.json        kind, count, shapes, dtypes, the encoder folders, truncated-caption count
 The run writes `OUT.partial` and renames it to OUT when complete: a failed or killed run leaves
 no OUT (a new run removes a stale OUT.partial), and an existing OUT is replaced only with
-`--overwrite`. `--precision` is the torch dtype the encoders run in (diffusers pipelines often
-run them in float16 / bfloat16; float32 is exact); `--device` cpu | cuda[:i] (default: cuda
-when available).
+`--overwrite`, and only when it is empty or a previous output of this tool (its meta.json
+names one of the kinds): any other directory (latents, a pipeline) is refused, left untouched.
+`--precision` is the torch dtype the encoders run in (diffusers pipelines often run them in
+float16 / bfloat16; float32 is exact); `--device` cpu | cuda[:i] (default: cuda when
+available).
 """
 from __future__ import annotations
 
@@ -301,16 +303,38 @@ def make_encode(kind: str, m: dict, args):
 
 # -- output --------------------------------------------------------------------------------
 def start_output(out: str, overwrite: bool) -> str:
-  """The temporary directory to write (OUT.partial, fresh); refuses an existing OUT."""
+  """The temporary directory to write (OUT.partial, fresh); refuses an existing OUT, and with
+  `overwrite` one that is not a previous output of this tool."""
   out = os.path.normpath(out)
-  if os.path.exists(out) and not overwrite and not (os.path.isdir(out) and not os.listdir(out)):
-    raise ValueError(f"--out {out}: already exists; pass --overwrite to replace it")
+  empty = os.path.isdir(out) and not os.listdir(out)
+  if os.path.exists(out) and not empty:
+    if not overwrite:
+      raise ValueError(f"--out {out}: already exists; pass --overwrite to replace it")
+    kind = output_kind(out)
+    if kind not in KINDS:
+      raise ValueError(f"--out {out}: not a launch.encode_prompts output ({kind}); --overwrite "
+                       f"replaces only those, so it is left untouched: choose another --out")
   tmp = out + ".partial"
   if os.path.exists(tmp):
     print(f"removing {tmp} (left by an unfinished run)", file=sys.stderr)
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   return tmp
+
+
+def output_kind(out: str) -> str:
+  """The `kind` a previous output's meta.json records, else why `out` is none (for the line)."""
+  meta = os.path.join(out, "meta.json")
+  if not os.path.isdir(out):
+    return "not a directory"
+  try:
+    with open(meta) as f:
+      kind = json.load(f).get("kind")
+  except (OSError, ValueError, AttributeError):
+    return f"no meta.json with a kind of {', '.join(KINDS)}"
+  if kind in KINDS:
+    return kind
+  return f"its meta.json has kind {kind!r}, not one of {', '.join(KINDS)}"
 
 
 def finish_output(tmp: str, out: str) -> None:

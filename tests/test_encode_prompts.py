@@ -289,3 +289,33 @@ def test_caption_ids_must_be_non_negative_integers(tmp_path, capsys, bad):
       f"caption_id must be an integer >= 0, got {json.loads(bad)!r}" in err, err
   assert not out.exists()
 
+
+def _tree(root) -> dict:
+  """Every file under `root` with its bytes."""
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(root) for f in files}
+
+
+def test_overwrite_replaces_only_a_previous_output(sdxl_dir, tmp_path, capsys):
+  captions = _jsonl(tmp_path / "c.jsonl", range(5))
+  latents = tmp_path / "latents"   # what launch.precompute writes
+  latents.mkdir()
+  (latents / "meta.json").write_text(json.dumps({"format": "distill-latents/1",
+                                                 "kind": "mean_std"}))
+  (latents / "latents-00000-of-00001.array_record").write_bytes(b"records")
+  other = tmp_path / "other"       # a folder without meta.json (e.g. a pipeline)
+  other.mkdir()
+  (other / "model_index.json").write_text("{}")
+  plain = tmp_path / "file.npy"
+  plain.write_bytes(b"not a directory")
+  for out, why in ((latents, "its meta.json has kind 'mean_std', not one of sd15, sdxl, sana"),
+                   (other, "no meta.json with a kind of sd15, sdxl, sana"),
+                   (plain, "not a directory")):
+    before = _tree(out) if out.is_dir() else out.read_bytes()
+    err = _fails(capsys, "--kind", "sd15", "--pipeline", sdxl_dir, "--captions", captions,
+                 "--out", out, "--overwrite")
+    assert err == (f"error: --out {out}: not a launch.encode_prompts output ({why}); "
+                   "--overwrite replaces only those, so it is left untouched: choose another "
+                   "--out"), err
+    assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
+    assert not os.path.exists(f"{out}.partial") and not os.path.exists(f"{out}.old")
