@@ -243,7 +243,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _tfds_where(data_dir: str | None) -> str:
-  return f"--tfds_data_dir {data_dir}" if data_dir else "tfds' default data dir (--tfds_data_dir)"
+  """Where tfds looked, for a message: --tfds_data_dir, or tfds' default without it."""
+  if data_dir:
+    return f"--tfds_data_dir {data_dir}"
+  return "tfds' default data dir (no --tfds_data_dir)"
 
 
 def _tfds_builder(name: str, data_dir: str | None):
