@@ -205,6 +205,14 @@ def overlay_params(target: Any, source: Any, what: str) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def params_for(module, params: Any, source_config: Mapping[str, Any]) -> Any:
+  """A source network's `params` laid out for `module` where the model moves weights when its
+  architecture changes (its `params_from(params, source_config)`, e.g. SANA's timestep MLP when
+  a guidance embedding is added); unchanged for models without that hook."""
+  hook = getattr(module, "params_from", None)
+  return params if hook is None else hook(params, source_config)
+
+
 @dataclasses.dataclass
 class NetPlan:
   """How one network is made: module, its process, and where its first weights come from."""
@@ -596,6 +604,7 @@ class Engine:
         mstate = jax.device_put(jax.tree_util.tree_map(jnp.array, src_state), ms_sh)
       else:  # a changed architecture (e.g. an added time input): overlay the source weights
         params, mstate = jax.jit(random_init, out_shardings=(shardings, ms_sh))(rng)
+        src_params = params_for(plan.info.module, src_params, src_cfg)
         params = jax.device_put(
             overlay_params(params, src_params, f"network {name!r} from {source!r}"),
             shardings)

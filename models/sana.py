@@ -13,7 +13,9 @@ D = heads * head_dim and N = (H / p) * (W / p) tokens:
   embedding, as in SANA's released configs);
 - time (AdaLayerNormSingle): e = MLP(sinusoid(t, 256, flip_sin_to_cos, shift 0)), with
   MLP = Linear -> SiLU -> Linear; SANA-Sprint (`guidance_embeds=True`) adds
-  MLP'(sinusoid(guidance)) to e. The six block modulations are Linear(SiLU(e)) (B, 6D);
+  MLP'(sinusoid(guidance)) to e (the last Linear of MLP' zero-initialised, so a fresh guidance
+  embedding adds nothing: `params_from` gives a student a teacher's weights without one, and it
+  starts as that teacher at every w). The six block modulations are Linear(SiLU(e)) (B, 6D);
 - caption: `caption_projection` (Linear -> tanh-GELU -> Linear, caption_channels -> D), then
   `caption_norm`, an RMSNorm (eps 1e-5) with a learned scale;
 - each block: (shift, scale, gate)_{msa, mlp} = table (6, D) + modulation;
@@ -59,7 +61,7 @@ norm_k]}, [norm2], ff/{conv_inverted,conv_depth,conv_point}}`, `scale_shift_tabl
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -322,7 +324,8 @@ class TimestepGuidanceEmbedding(nn.Module):
     if self.guidance_embeds:
       e = TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(t_freq)
       g_freq = timestep_embedding(guidance).astype(self.dtype)
-      e = e + TimestepEmbedding(self.dim, name="guidance_embedder", **kw)(g_freq)
+      e = e + TimestepEmbedding(self.dim, zero_init_out=True, name="guidance_embedder",
+                                **kw)(g_freq)
     else:
       e = _SizeFreeEmbedding(self.dim, name="emb", **kw)(t_freq)
     mods = dense(6 * self.dim, ("embed", "mlp"), "linear", **kw)(nn.silu(e))
@@ -423,6 +426,24 @@ class Sana(nn.Module):
     """The call keywords for CFG scale w: `guidance = w * guidance_embeds_scale`, as diffusers'
     SANA-Sprint pipeline scales it before the transformer (cfg_embed_scale 0.1)."""
     return {"guidance": jnp.asarray(w, jnp.float32) * self.guidance_embeds_scale}
+
+  def params_from(self, params: Mapping[str, Any], source_config: Mapping[str, Any]) -> dict:
+    """The weights of a SANA of config `source_config` laid out for this one (a student
+    initialised from a teacher): adding the guidance embedding moves the timestep MLP from
+    AdaLayerNormSingle's `time_embed/emb/timestep_embedder` to `time_embed/timestep_embedder`
+    (diffusers' SanaCombinedTimestepGuidanceEmbeddings, as SANA-Sprint's student); the new
+    `guidance_embedder` is not in them (its fresh init adds nothing). Other layouts are
+    returned as they are."""
+    time_embed = params.get("time_embed", {})
+    adds = self.guidance_embeds and not source_config.get("guidance_embeds")
+    if not adds or "emb" not in time_embed:
+      return dict(params)
+    time_embed = dict(time_embed)
+    emb = dict(time_embed.pop("emb"))
+    time_embed["timestep_embedder"] = emb.pop("timestep_embedder")
+    if emb:   # nothing else lives there in SANA; kept so that a strict overlay names it
+      time_embed["emb"] = emb
+    return {**params, "time_embed": time_embed}
 
   # -- derived sizes ---------------------------------------------------------------------------
   @property
