@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from distill import wrappers
+from distill.context import embeds_guidance
 from distill.objective import Network, Objective, Phase, register_objective
 from distill.objectives import scm
 from distill.objectives.lcm import choice
@@ -126,12 +127,18 @@ def student_x0(ctx, params, x_real, cond, draws, student: str = STUDENT):
   return ctx.x0(student, x_t, draws["t"], cond, params=params, **extras)
 
 
-def teacher_features(ctx, x0, cond, draws, *, blocks: tuple, teacher: str = TEACHER):
-  """The frozen teacher's block outputs at x0 + sigma eps, read in its own process."""
+def teacher_features(ctx, x0, cond, draws, *, blocks: tuple, teacher: str = TEACHER, w=None):
+  """The frozen teacher's block outputs at x0 + sigma eps, read in its own process. A teacher
+  that takes the CFG scale as its input (SANA `guidance_embeds`) reads w (B,): the scale the
+  student sampled x0 at, or 1 (no guidance) where None."""
   process = ctx.nets[teacher].process
   sigma = draws["sigma"]
   x_t, t = wrappers.from_edm(process, x0 + bcast(sigma, x0) * draws["eps"], sigma, "LADD")
-  _, feats = ctx.call(teacher, x_t, process.timestep(t), **dict(cond or {}),
+  extras = {}
+  if embeds_guidance(ctx.nets[teacher].module):
+    w = jnp.ones(x0.shape[:1], jnp.float32) if w is None else w
+    extras = ctx.guidance_inputs(teacher, jnp.broadcast_to(w, x0.shape[:1]))
+  _, feats = ctx.call(teacher, x_t, process.timestep(t), **dict(cond or {}), **extras,
                       return_features=tuple(blocks))
   return [feats[b] for b in blocks]
 
@@ -170,7 +177,8 @@ def generator_term_given(params, ctx, batch, draws, *, blocks, adv_loss: str):
   """L_G for given draws (the student's params differentiable; heads and teacher in ctx)."""
   cond = step_cond(ctx, batch, draws, STUDENT)
   x0_hat = student_x0(ctx, params, jnp.asarray(batch["x"], jnp.float32), cond, draws)
-  logits = head_logits(ctx, teacher_features(ctx, x0_hat, cond, draws["d"], blocks=blocks))
+  logits = head_logits(ctx, teacher_features(ctx, x0_hat, cond, draws["d"], blocks=blocks,
+                                             w=draws.get("w")))
   loss = generator_adv_loss(logits, adv_loss)
   return loss, {"adv_g": loss}
 
@@ -183,13 +191,14 @@ def disc_loss_given(trainable, ctx, batch, draws, *, blocks, adv_loss: str,
   cond = step_cond(ctx, batch, fd, STUDENT)
   x_real = jnp.asarray(batch["x"], jnp.float32)
   fake = jax.lax.stop_gradient(student_x0(ctx, ctx.params[STUDENT], x_real, cond, fd))
-  fake_cond, fake_d = cond, fd["d"]
+  fake_cond, fake_d, fake_w = cond, fd["d"], fd.get("w")
   if misaligned_pairs:
     fake = jnp.concatenate([fake, jnp.roll(x_real, 1, axis=0)])
     fake_cond = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), cond)
     fake_d = {k: jnp.concatenate([fd["d"][k], draws["misaligned"][k]]) for k in ("sigma", "eps")}
-  f_feats = teacher_features(ctx, fake, fake_cond, fake_d, blocks=blocks)
-  r_feats = teacher_features(ctx, x_real, cond, draws["real"], blocks=blocks)
+    fake_w = None if fake_w is None else jnp.concatenate([fake_w, fake_w])
+  f_feats = teacher_features(ctx, fake, fake_cond, fake_d, blocks=blocks, w=fake_w)
+  r_feats = teacher_features(ctx, x_real, cond, draws["real"], blocks=blocks, w=fd.get("w"))
   r_feats = [jax.lax.stop_gradient(f) for f in r_feats]
   f_feats = [jax.lax.stop_gradient(f) for f in f_feats]
   n_fake = fake.shape[0]

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 
 from distill import processes as procs
 from distill import wrappers
-from distill.context import cond_from_batch, null_condition
+from distill.context import cond_from_batch, embeds_guidance, null_condition
 from distill.objective import Network, Objective, Phase, register_objective
 from distill.objectives import matching
 from models import attention as attention_lib
@@ -244,10 +244,17 @@ def teacher_velocity(ctx, teacher: str, x_t, t, cond: dict, w, sigma_data: float
   """dx_t/dt = sigma_d F_teacher(x_t, t) in TrigFlow coordinates, with CFG u + w (c - u)
   (`matching.guided` on the raw output: F is an affine map of it, so the same as CFG on F or
   on the teacher's own velocity). The null condition: the null class, or the data's null
-  prompt (`context.null_condition`)."""
+  prompt (`context.null_condition`). A teacher that takes the CFG scale as its input (a SANA
+  with `guidance_embeds`, SANA-Sprint's own teacher) gets w there instead, in one conditional
+  pass (w = 1 unguided)."""
   info = ctx.nets[teacher]
   scale = w if guided else 1.0
-  apply_inner = lambda xs, s: matching.guided(ctx, teacher, xs, s, cond, scale, kind="raw")
+  if embeds_guidance(info.module):
+    extras = ctx.guidance_inputs(teacher, jnp.broadcast_to(jnp.asarray(scale, jnp.float32),
+                                                           x_t.shape[:1]))
+    apply_inner = lambda xs, s: ctx.apply(teacher, xs, s, cond, **extras)
+  else:
+    apply_inner = lambda xs, s: matching.guided(ctx, teacher, xs, s, cond, scale, kind="raw")
   return sigma_data * wrappers.as_trigflow(apply_inner, info.process, info.prediction, x_t, t,
                                            sigma_data)
 
