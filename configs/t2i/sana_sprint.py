@@ -26,7 +26,14 @@ The student is the teacher behind the `flow_to_trigflow` wrapper (SANA-Sprint's 
 flow -> TrigFlow transform: x_F = y / (sin t + cos t) at s = sin t / (sin t + cos t), velocity
 converted back), with SANA-Sprint's guidance embedding added (`guidance_embeds`, fed w * 0.1 as
 its pipeline does). Null condition: the encoded empty prompt with its mask (`null.npy`,
-`null_mask.npy`).
+`null_mask.npy`). Both public teacher layouts start it:
+- a teacher without guidance embeddings (SANA 1.5; SANA-Sprint's teacher): the student's
+  timestep MLP takes diffusers' SanaCombinedTimestepGuidanceEmbeddings place
+  (`time_embed.timestep_embedder`) and its new guidance MLP's last layer starts at zero, so the
+  student starts as the teacher's conditional output at every w; the teacher's velocity is CFG
+  at the sampled w;
+- a teacher with them (`guidance_embeds=True`): the student is its copy, and the CFG scale is the
+  teacher's input: its velocity (and the LADD features) are one pass at the sampled w.
 
 Settings (NVlabs/Sana train_scripts/train_scm_ladd.py and its 1.6B 1024 px config):
 - sCM: sigma_d 0.5, time proposal ln(sigma) ~ N(0.2, 1.6^2), CFG w from {4, 4.5, 5} distilled
@@ -42,7 +49,8 @@ Settings (NVlabs/Sana train_scripts/train_scm_ladd.py and its 1.6B 1024 px confi
 
 Published: 1 step FID 7.59, GenEval 0.74 (1024 px). Expected results here: none measured (no
 weights or accelerator on the CI machine); the recipe builds and trains on a tiny SANA
-(tests/test_t2i_recipes.py).
+(tests/test_t2i_recipes.py), from tiny converted teachers of both layouts, then samples and
+exports (tests/test_sana_sprint_teacher.py).
 """
 from configs.t2i import common
 
