@@ -46,13 +46,13 @@ directory (config.json + safetensors; no network access).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
 
 import numpy as np
 
+from distill.data.latents import vae_hash
 from launch import cli
 
 
@@ -122,16 +122,6 @@ def encode_examples(encoder, num_devices: int, examples: list[dict], flip: bool,
     rec.update({k: int(e[k]) for k in ("label", "caption_id") if k in e})
     rec.update({k: np.asarray(e[k], np.int32) for k in CROP_FIELDS if k in e})
   return records
-
-
-def vae_hash(path: str) -> str:
-  h = hashlib.sha256()
-  for name in sorted(os.listdir(path)):
-    if name.endswith((".json", ".safetensors")):
-      with open(os.path.join(path, name), "rb") as f:
-        h.update(name.encode())
-        h.update(f.read())
-  return h.hexdigest()
 
 
 SETTINGS = "precompute.json"
