@@ -22,6 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from launch import encode_prompts  # noqa: E402
+from tests._tool_utils import one_error_line  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -256,11 +257,7 @@ def test_encode_prompts_failures_leave_no_output(sdxl_dir, sana_dir, tmp_path, c
 
 def _fails(capsys, *args) -> str:
   """The one stderr line of an encode_prompts run that exits 2."""
-  capsys.readouterr()
-  assert encode_prompts.main([str(a) for a in args]) == 2
-  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  return err[0]
+  return one_error_line(capsys, encode_prompts.main, *args)
 
 
 def test_json_lines_are_read_as_jsonl_whatever_the_file_name(sdxl_dir, tmp_path):

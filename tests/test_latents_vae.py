@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from distill import trainer  # noqa: E402
 from distill.data.sources import make_source  # noqa: E402
 from launch import precompute  # noqa: E402
+from tests._tool_utils import save_tiny_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,7 @@ def latents(tmp_path_factory):
   """(latents dir, its VAE dir, a copy of that VAE with SDXL's scaling factor)."""
   from PIL import Image
   root = tmp_path_factory.mktemp("vae_latents")
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
-                                norm_num_groups=4, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-  vae.save_pretrained(root / "vae", safe_serialization=True)
+  save_tiny_vae(root / "vae")
   other = root / "vae_xl"
   shutil.copytree(root / "vae", other)
   cfg = json.loads((other / "config.json").read_text())

@@ -24,6 +24,7 @@ pytest.importorskip("array_record")
 pytest.importorskip("diffusers")
 
 from distill.data.sources import make_source  # noqa: E402
+from tests._tool_utils import save_tiny_vae  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 4
@@ -56,8 +57,6 @@ def _run_processes(cmds: list[list[str]], env: dict, timeout: int = 600) -> list
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
   """A small precomputed latent dataset (20 images, 3 classes, flipped twins)."""
-  import torch
-  import diffusers
   from PIL import Image
   from launch import precompute
   root = tmp_path_factory.mktemp("mp")
@@ -67,12 +66,7 @@ def latents(tmp_path_factory):
     for i in range(n):
       Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(
           root / "imgs" / c / f"{i}.png")
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
-                                norm_num_groups=4, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-  vae.save_pretrained(root / "vae", safe_serialization=True)
+  save_tiny_vae(root / "vae")
   assert precompute.main(["--input", f"folder:{root / 'imgs'}", "--vae", str(root / "vae"),
                           "--out", str(root / "lat"), "--size", "16", "--flip",
                           "--shard_size", "6"]) == 0

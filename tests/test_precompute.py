@@ -26,6 +26,7 @@ pytest.importorskip("array_record")
 from distill.data import image_inputs, records  # noqa: E402
 from distill.data.sources import make_source  # noqa: E402
 from launch import precompute  # noqa: E402
+from tests._tool_utils import one_error_line, save_tiny_vae  # noqa: E402
 from models import convert  # noqa: E402
 
 SIZE = 16
@@ -34,13 +35,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("vae"))
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
-                                norm_num_groups=4, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE)
-  vae.save_pretrained(path, safe_serialization=True)
-  return path
+  return save_tiny_vae(path, SIZE)
 
 
 def _write_images(root: str, layout: dict[str, int], seed: int = 0) -> list[str]:
@@ -403,11 +398,7 @@ def test_bad_inputs_are_one_line_errors(vae_dir, tmp_path, capsys):
 
 def _fails(capsys, *args) -> str:
   """The one stderr line of a precompute that exits 2."""
-  capsys.readouterr()
-  assert precompute.main([str(a) for a in args]) == 2
-  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  return err[0]
+  return one_error_line(capsys, precompute.main, *args)
 
 
 def test_folder_input_skips_hidden_entries_and_refuses_top_level_images(vae_dir, tmp_path,
