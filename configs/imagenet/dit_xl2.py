@@ -49,7 +49,8 @@ Settings per objective (batch sizes are global; learning rates for those batches
   w ~ U[1, 5] (Meng's w in [0, 4]) into a zero-initialised guidance embedding of the student
   (20k steps, v-loss weighting), then three progressive stages 16 -> 8 -> 4 -> 2 DDIM steps
   with w kept (20k steps each, lr 5e-5 annealed linearly to 0 within every stage, optimizer
-  restarted), batch 256; evaluated at w = 1.5, the student taking w as its input.
+  restarted), batch 256; evaluated at w = 1.5, the student taking w as its input (which
+  diffusers' DiTTransformer2DModel has no place for: launch.convert refuses to export it).
 
 Every recipe is evaluated class-conditionally (labels drawn uniformly, as ImageNet FID is):
 FID in Inception features of the decoded samples, so `launch.evaluate` needs the VAE and the

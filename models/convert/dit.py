@@ -43,6 +43,13 @@ _CONFIG_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "o
 _EXPORTABLE = {"norm": "layer", "qk_norm": False, "pos_embed": "sincos", "rope": False,
                "mlp": "gelu", "mlp_ratio": 4.0, "guidance_embed": False,
                "timestep2_embed": False, "guidance_adapter": 0}
+# Why a student with another value of the field cannot be exported (default: no equivalent).
+_NOT_EXPORTABLE = {
+    "guidance_embed": "this student takes the guidance scale w as an input (guidance_embed: "
+                      "its guidance_embedder, the guided recipe's), which diffusers' "
+                      "DiTTransformer2DModel has no place for; without it the network is "
+                      "another one, so it cannot be exported",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +70,9 @@ def module_from_config(config: Mapping[str, Any], **overrides) -> DiT:
 def diffusers_config(module: DiT) -> dict:
   """The DiTTransformer2DModel kwargs for our module; raises if it uses non-diffusers extras."""
   bad = {k: getattr(module, k) for k, v in _EXPORTABLE.items() if getattr(module, k) != v}
+  why = [_NOT_EXPORTABLE[k] for k in bad if k in _NOT_EXPORTABLE]
+  if why:
+    raise ValueError(f"export: {why[0]}")
   if bad:
     raise ValueError(f"DiT with {bad} has no DiTTransformer2DModel equivalent")
   cfg = {k: getattr(module, k) for k in _CONFIG_FIELDS}
@@ -161,8 +171,9 @@ class DiTConverter(TorchConverter):
 
   def to_torch(self, module: DiT, variables: Mapping):
     from diffusers import DiTTransformer2DModel  # pylint: disable=import-outside-toplevel
+    config = diffusers_config(module)   # first: what diffusers cannot express, in one line
     tensors = numpy_to_torch(state_dict_from_params(module, variables))
-    return torch_module_with(DiTTransformer2DModel, diffusers_config(module), tensors)
+    return torch_module_with(DiTTransformer2DModel, config, tensors)
 
 
 CONVERTER = register_converter("DiTTransformer2DModel")(DiTConverter())
