@@ -75,6 +75,9 @@ CASES = {
     "ddim_eps_learn_sigma": ("ddim", {"name": "vp_discrete", "beta_schedule": "linear"}, "eps",
                              True, 4),
     "lcm_v": ("lcm", {"name": "vp_discrete", "beta_schedule": "scaled_linear"}, "v", False, 4),
+    # DMD2's multistep sampler over an SD-like VP student (LCMScheduler, no boundary scalings).
+    "consistency_vp_eps": ("consistency", {"name": "vp_discrete",
+                                           "beta_schedule": "scaled_linear"}, "eps", False, 4),
     "euler_flow": ("euler", {"name": "rectified_flow", "shift": 3.0}, "flow", False, 4),
     "consistency_flow": ("consistency", {"name": "rectified_flow"}, "flow", False, 3),
 }
@@ -103,7 +106,8 @@ def test_dit_pipeline_with_exported_scheduler_reproduces_our_sampler(case):
   noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
   torch.manual_seed(123)
   stochastic = sampler in ("lcm", "consistency")
-  draws = steps - 1 if sampler == "lcm" else steps       # LCM draws none at its last step
+  lcm = sched_cfg["_class_name"] == "LCMScheduler"
+  draws = steps - 1 if lcm else steps                    # LCM draws none at its last step
   step_noise = [torch.randn(shape).numpy() for _ in range(draws if stochastic else 0)]
   step_noise += [np.zeros(shape, np.float32)] * (steps - len(step_noise))
   ctx = ctx_lib.Context(params={"student": variables["params"]}, ema={}, model_state={},

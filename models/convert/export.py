@@ -12,6 +12,7 @@ walks); `SCHEDULERS` is the registry:
 |--------------------------|-------------------|-------------------------------------------------------|
 | ddim                     | vp_discrete       | DDIMScheduler (same spacing, set_alpha_to_one)         |
 | lcm                      | vp_discrete       | LCMScheduler (LCM spacing over `lcm_original_steps`)   |
+| consistency              | vp_discrete       | LCMScheduler (the DDPM grid, no boundary scalings)     |
 | euler                    | rectified_flow    | FlowMatchEulerDiscreteScheduler (shift; time x 1000)   |
 | consistency / trigflow   | rectified_flow    | FlowMatchEulerDiscreteScheduler(stochastic_sampling)   |
 
@@ -75,6 +76,25 @@ def _lcm(process, prediction, grid) -> dict:
           "prediction_type": _prediction_type(prediction, "lcm"),
           "original_inference_steps": int(grid.get("original_steps", 50)),
           "timestep_scaling": float(grid.get("timestep_scaling", 10.0)),
+          "set_alpha_to_one": True, "clip_sample": False}
+
+
+# LCMScheduler's boundary scalings at this timestep_scaling: c_skip = 0.25 / ((1e8 t)^2 + 0.25)
+# < 1e-16 and c_out = 1 (float64) at every timestep t >= 1, so its step is the plain
+# consistency step x0 = f(x_t, t), re-noised to the next time.
+PLAIN_CONSISTENCY_SCALING = 1e8
+
+
+@SCHEDULERS.register("consistency/vp_discrete")
+def _consistency_vp(process, prediction, grid) -> dict:
+  """A consistency student over a VP network (DMD2's multistep sampler): LCMScheduler on the
+  full DDPM grid (original_inference_steps = the process's steps: K steps at 999, 999 - 1000/K,
+  ... as our trailing grid) with its boundary scalings switched off."""
+  del grid
+  return {"_class_name": "LCMScheduler", **_vp_betas(process),
+          "prediction_type": _prediction_type(prediction, "consistency"),
+          "original_inference_steps": int(process.num_train_timesteps),
+          "timestep_scaling": PLAIN_CONSISTENCY_SCALING,
           "set_alpha_to_one": True, "clip_sample": False}
 
 
@@ -167,3 +187,4 @@ def peft_lora(rules, lora_params: Mapping, *, rank: int, alpha: float) -> tuple[
             "init_lora_weights": True, "use_rslora": False, "use_dora": False,
             "inference_mode": True, "base_model_name_or_path": None}
   return tensors, config
+
