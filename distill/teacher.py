@@ -224,9 +224,20 @@ def process_from_scheduler(cfg: dict) -> tuple[dict, str]:
   return proc, kind
 
 
+def _exported_subfolder(path: str) -> tuple[str, ...]:
+  """The network folder an export of this project records in export.json (exports written
+  before UNets went to unet/ hold theirs in model/), or none."""
+  exported = os.path.join(path, "export.json")
+  if not os.path.isfile(exported):
+    return ()
+  with open(exported) as f:
+    sub = json.load(f).get("subfolder")
+  return (sub,) if isinstance(sub, str) and sub else ()
+
+
 def _model_dir(path: str) -> tuple[str, Optional[str]]:
   """(model directory, scheduler config path or None) for a model or pipeline directory."""
-  for sub in ("transformer", "unet"):
+  for sub in ("transformer", "unet") + _exported_subfolder(path):
     if os.path.isfile(os.path.join(path, sub, "config.json")):
       sched = os.path.join(path, "scheduler", "scheduler_config.json")
       return os.path.join(path, sub), sched if os.path.isfile(sched) else None

@@ -64,10 +64,10 @@ def main(argv: list[str]) -> int:
 def _export(args) -> int:
   """Writes OUT/<transformer|unet>/ (the merged weights), OUT/scheduler/ (the student's
   few-step sampler as a diffusers scheduler, where one reproduces it), OUT/lora/ (LoRA students:
-  the adapter in PEFT's format) and, with --vae, OUT/vae/ + model_index.json (a pipeline
-  diffusers' from_pretrained loads). Everything goes to a temporary directory first and is moved
-  into place at the end, so a failed export leaves nothing behind."""
-  import json
+  the adapter in PEFT's format) and, with --vae, OUT/vae/ + model_index.json (where the
+  directory is a pipeline diffusers' from_pretrained loads; export.json says why not otherwise).
+  Everything goes to a temporary directory first and is moved into place at the end, so a
+  failed export leaves nothing behind."""
   import shutil
   import tempfile
 
@@ -76,7 +76,6 @@ def _export(args) -> int:
   from distill import trainer
   from distill.context import merge_params
   from models import convert
-  from models.convert import export
   if os.path.exists(args.out):
     raise FileExistsError(f"--out: {args.out!r} exists; choose a new directory")
   if args.sampler:
@@ -91,7 +90,7 @@ def _export(args) -> int:
   info = engine.nets[net]
   full = merge_params(info, params, {**frozen, **state.params})
   conv = convert.converter_for(info.module)
-  sub = getattr(conv, "subfolder", "model")
+  sub = conv.subfolder
   sampler = args.sampler or (trainer.student_sampler(engine) if net == engine.objective.student
                              else None)
   parent = os.path.dirname(os.path.abspath(args.out))
@@ -105,44 +104,75 @@ def _export(args) -> int:
   try:
     torch_module = convert.to_diffusers(info.module, {"params": jax.device_get(full)},
                                         out_dir=os.path.join(tmp, sub))
+    shipped = {sub: type(torch_module).__name__}
     if sampler:
-      try:
-        sched = export.scheduler_config(info, sampler, _grid_kwargs(engine))
-      except ValueError as e:
-        notes["scheduler"] = str(e)
-        print(f"no scheduler: {e}")
-      else:
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-          json.dump(sched, f, indent=2)
-        notes["scheduler"] = sched["_class_name"]
-    adapter_spec = engine.plans[net].lora
-    if adapter_spec is not None:
-      rank = int(adapter_spec.rank)
-      tensors, adapter = conv.peft_lora(info.module, jax.device_get(params), rank=rank,
-                                        alpha=float(info.lora_scale) * rank)
-      os.makedirs(os.path.join(tmp, "lora"))
-      from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-      save_file(tensors, os.path.join(tmp, "lora", "adapter_model.safetensors"))
-      with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
-        json.dump(adapter, f, indent=2)
-      notes["lora"] = {"base": info.base, "rank": rank, "modules": len(adapter["target_modules"])}
+      _write_scheduler(tmp, info, sampler, _grid_kwargs(engine), notes, shipped)
+    if engine.plans[net].lora is not None:
+      _write_lora(tmp, conv, info, jax.device_get(params), int(engine.plans[net].lora.rank),
+                  notes)
     if args.vae:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
-      index = {"_class_name": getattr(conv, "pipeline_class", None),
-               "vae": ["diffusers", "AutoencoderKL"], sub: ["diffusers", type(torch_module).__name__]}
-      if os.path.isdir(os.path.join(tmp, "scheduler")):
-        index["scheduler"] = ["diffusers", notes["scheduler"]]
-      with open(os.path.join(tmp, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    with open(os.path.join(tmp, "export.json"), "w") as f:
-      json.dump(notes, f, indent=2)
+      shipped["vae"] = "AutoencoderKL"
+    _write_index(tmp, conv.pipeline_for(info.module), shipped, sub, notes)
+    _write_json(os.path.join(tmp, "export.json"), notes)
     os.rename(tmp, args.out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
+
+
+def _write_json(path: str, obj) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def _write_scheduler(tmp: str, info, sampler: str, grid: dict, notes: dict,
+                     shipped: dict) -> None:
+  """scheduler/scheduler_config.json of the diffusers scheduler reproducing `sampler`, or the
+  reason there is none (export.json and one printed line)."""
+  from models.convert import export  # pylint: disable=import-outside-toplevel
+  try:
+    sched = export.scheduler_config(info, sampler, grid)
+  except ValueError as e:
+    notes["scheduler"] = str(e)
+    print(f"no scheduler: {e}")
+    return
+  os.makedirs(os.path.join(tmp, "scheduler"))
+  _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+  notes["scheduler"] = shipped["scheduler"] = sched["_class_name"]
+
+
+def _write_lora(tmp: str, conv, info, lora_params, rank: int, notes: dict) -> None:
+  """lora/: a LoRA student's adapter in PEFT's format (adapter_model.safetensors +
+  adapter_config.json), over the network its base is exported as; where no PEFT mapping
+  exists, only the merged network is exported and export.json says why."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  try:
+    tensors, adapter = conv.peft_lora(info.module, lora_params, rank=rank,
+                                      alpha=float(info.lora_scale) * rank)
+  except ValueError as e:
+    notes["lora"] = f"{e}; the merged network is exported without lora/"
+    print(f"no lora/: {notes['lora']}")
+    return
+  os.makedirs(os.path.join(tmp, "lora"))
+  save_file(tensors, os.path.join(tmp, "lora", "adapter_model.safetensors"))
+  _write_json(os.path.join(tmp, "lora", "adapter_config.json"), adapter)
+  notes["lora"] = {"base": info.base, "rank": rank, "modules": len(adapter["target_modules"])}
+
+
+def _write_index(tmp: str, pipeline, shipped: dict, sub: str, notes: dict) -> None:
+  """model_index.json where the directory is a pipeline from_pretrained loads; export.json's
+  "model_index" names the pipeline (and the components to pass it) or says why there is none."""
+  from models.convert import export  # pylint: disable=import-outside-toplevel
+  index, notes["model_index"] = export.pipeline_index(pipeline, shipped, sub)
+  if index is None:
+    if "vae" in shipped:   # asked for a pipeline (--vae): say why it is not one
+      print(notes["model_index"])
+    return
+  _write_json(os.path.join(tmp, "model_index.json"), index)
 
 
 def _grid_kwargs(engine) -> dict:

@@ -333,6 +333,20 @@ class TorchConverter:
   config and state dict and calls the subclass's `from_config_state(config, state_dict,
   **overrides)`; subclasses add `to_torch(module, variables)`."""
 
+  subfolder: str = "model"                 # its folder in a diffusers pipeline directory
+  pipeline_class: Optional[str] = None     # the diffusers pipeline that runs it, if one does
+
+  def pipeline_for(self, module) -> Optional[str]:
+    """The diffusers pipeline class that runs `module` (None: no pipeline can be named)."""
+    del module
+    return self.pipeline_class
+
+  def peft_lora(self, module, lora_params: Mapping, *, rank: int, alpha: float):
+    """A LoRA tree over `module` -> PEFT (tensors, adapter_config); converters that map their
+    modules' LoRA kernels override this. Raises ValueError (one line) where none does."""
+    del lora_params, rank, alpha
+    raise ValueError(f"export: no PEFT mapping for a LoRA over {type(module).__name__}")
+
   def from_config_state(self, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                         **overrides):
     raise NotImplementedError

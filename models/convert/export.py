@@ -31,7 +31,7 @@ adapter_config.json (`r`, `lora_alpha`, `target_modules`), so
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -188,3 +188,48 @@ def peft_lora(rules, lora_params: Mapping, *, rank: int, alpha: float) -> tuple[
             "inference_mode": True, "base_model_name_or_path": None}
   return tensors, config
 
+
+# --------------------------------------------------------------------------------------------
+# Pipeline index
+# --------------------------------------------------------------------------------------------
+
+# What an export ships of a pipeline besides the network's folder: the VAE (--vae) and the
+# scheduler. Every other component (text encoders, tokenizers, ...) is the teacher pipeline's.
+SHIPPED = ("vae", "scheduler")
+
+
+def pipeline_index(pipeline: Optional[str], shipped: Mapping[str, str],
+                   network: str) -> tuple[Optional[dict], str]:
+  """(model_index.json or None, a note for export.json) of an export directory holding
+  `shipped` ({folder: diffusers class}) whose network is in folder `network`.
+
+  The index is written only where `pipeline`'s from_pretrained loads the directory: the
+  network, vae/ and scheduler/ are there; components the export cannot hold (text encoders,
+  tokenizers) are null entries the caller passes to from_pretrained, as the note says."""
+  if pipeline is None:
+    return None, (f"no model_index.json: no diffusers pipeline runs this {shipped[network]}; "
+                  f"load {network}/ with {shipped[network]}.from_pretrained")
+  lacking = [k for k in (network,) + SHIPPED if k not in shipped]
+  if lacking:
+    why = {"vae": "vae/ (--vae)",
+           "scheduler": "scheduler/ (none was exported: see \"scheduler\")"}
+    return None, (f"no model_index.json: {pipeline} needs "
+                  f"{' and '.join(why.get(k, k + '/') for k in lacking)}; load {network}/ with "
+                  f"{shipped[network]}.from_pretrained")
+  import diffusers  # pylint: disable=import-outside-toplevel
+  cls = getattr(diffusers, pipeline)
+  # pylint: disable=protected-access
+  modules, options = cls._get_signature_keys(cls)
+  optional = set(cls._optional_components)
+  # pylint: enable=protected-access
+  index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+  index.update({k: ["diffusers", shipped[k]] if k in shipped else [None, None]
+                for k in sorted(modules)})
+  if "requires_safety_checker" in options:
+    index["requires_safety_checker"] = False
+  required = [k for k in sorted(modules) if k not in shipped and k not in optional]
+  note = pipeline
+  if required:
+    note += (f" (from_pretrained needs {', '.join(f'{k}=' for k in required)} "
+             f"passed: the teacher pipeline's; this export holds no {', '.join(required)})")
+  return index, note

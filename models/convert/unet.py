@@ -101,13 +101,40 @@ def diffusers_config(module: UNet) -> dict[str, Any]:
   return cfg
 
 
+# The diffusers pipeline of a UNet: the first whose test the module passes.
+PIPELINES = (
+    ("StableDiffusionXLPipeline", lambda m: m.addition_embed_type == "text_time"),
+    # LCM's w input (time_cond_proj): the pipeline that feeds it w = guidance_scale - 1.
+    ("LatentConsistencyModelPipeline", lambda m: bool(m.time_cond_proj_dim)),
+    ("StableDiffusionPipeline", lambda m: m.addition_embed_type is None
+     and m.class_embed_type is None and bool(m.cross_attention_dim)),
+)
+
+
 class UNetConverter(MirroredConverter):
   """diffusers UNet2DConditionModel <-> models.unet.UNet (see the module docstring)."""
 
   diffusers_class = "UNet2DConditionModel"
   flax_module_type = UNet
+  subfolder = "unet"                 # its folder in a diffusers pipeline directory
   lists = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
                      "downsamplers", "upsamplers", "to_out", "net"})
+
+  def pipeline_for(self, module: UNet):
+    """StableDiffusionXLPipeline (text_time added conditioning), LatentConsistencyModelPipeline
+    (LCM's w input), StableDiffusionPipeline (text-conditioned), else None (`PIPELINES`)."""
+    return next((name for name, fits in PIPELINES if fits(module)), None)
+
+  def peft_lora(self, module: UNet, lora_params: Mapping, *, rank: int, alpha: float):
+    """A LoRA tree over this UNet (scanned transformer blocks or not) -> PEFT (tensors,
+    adapter_config), keyed by the torch modules of UNet2DConditionModel."""
+    from models.convert import export  # pylint: disable=import-outside-toplevel
+    tree = meta.unbox(lora_params)
+    tree = tree.get("params", tree)
+    if module.scan_blocks:
+      tree = unstack_transformer_blocks(tree)
+    plain = module.clone(scan_blocks=False)
+    return export.peft_lora(self.rules(plain), tree, rank=rank, alpha=alpha)
 
   def module_from_config(self, config, **overrides):
     return module_from_config(config, **overrides)
