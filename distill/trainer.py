@@ -918,6 +918,26 @@ def _recorded_teacher(resolved: Mapping[str, Any]) -> Optional[dict]:
   return dict(refs[0]) if refs else None
 
 
+# Data keys naming a file or directory a run's data source reads when the run is reopened.
+DATA_PATH_KEYS = ("path", "text_embeds")
+
+
+def _check_recorded_data(config, overrides) -> None:
+  """Reading a run back rebuilds its data sources: a recorded data path (data.path,
+  data.text_embeds, data_streams.<s>.*) that is gone is one line saying which, and that
+  --config.<key>=DIR names where that data is now."""
+  sections = {"data": config.data, **{f"data_streams.{n}": d
+                                      for n, d in (config.get("data_streams") or {}).items()}}
+  given = {o.partition("=")[0] for o in overrides}
+  for name, data in sections.items():
+    for key in DATA_PATH_KEYS:
+      value, full = data.get(key), f"{name}.{key}"
+      if isinstance(value, str) and value and full not in given and not os.path.exists(value):
+        raise FileNotFoundError(f"{full}: the run's recorded {value!r} is gone (reading the run "
+                                f"back rebuilds its data source); pass --config.{full}=DIR "
+                                "naming where that data is now")
+
+
 def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   """Rebuilds a run's engine from its config.json and restores its latest checkpoint.
 
@@ -956,6 +976,7 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
           f"config.json to read the run with this one)") from None
     raise
   config = runnable_here(config)
+  _check_recorded_data(config, overrides)
   teacher = teacher_lib.from_config(config)
   if recorded and teacher is not None and teacher.reference.get("hash") != recorded.get("hash"):
     raise ValueError(

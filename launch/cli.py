@@ -11,6 +11,20 @@ import sys
 
 
 def parse(argv: list[str], *, prog: str, need_config: bool, extra=None) -> argparse.Namespace:
+  overrides, rest = split_overrides(argv)
+  p = argparse.ArgumentParser(prog=prog)
+  p.add_argument("--config", required=need_config, help="configs/X.py[:arg]")
+  p.add_argument("--workdir", required=True, help="the run directory")
+  p.add_argument("--log_level", default="WARNING")
+  if extra is not None:
+    extra(p)
+  args = p.parse_args(rest)
+  args.overrides = overrides
+  return args
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(`a.b=value` overrides from `--config.a.b=value` / `--config.a.b value`, other args)."""
   overrides, rest = [], []
   i = 0
   while i < len(argv):
@@ -26,15 +40,7 @@ def parse(argv: list[str], *, prog: str, need_config: bool, extra=None) -> argpa
     else:
       rest.append(a)
     i += 1
-  p = argparse.ArgumentParser(prog=prog)
-  p.add_argument("--config", required=need_config, help="configs/X.py[:arg]")
-  p.add_argument("--workdir", required=True, help="the run directory")
-  p.add_argument("--log_level", default="WARNING")
-  if extra is not None:
-    extra(p)
-  args = p.parse_args(rest)
-  args.overrides = overrides
-  return args
+  return overrides, rest
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@
     # scheduler/ (its few-step sampler), lora/ (PEFT adapter of LoRA students), export.json;
     # with --vae also vae/ + model_index.json (DiTPipeline.from_pretrained(OUT) loads it)
     python -m launch.convert --workdir runs/x --network student --out export/student \
-        [--vae path/to/sd-vae-ft-ema] [--sampler lcm]
+        [--vae path/to/sd-vae-ft-ema] [--sampler lcm] [--config.data.text_embeds=MOVED ...]
 
 A diffusers source may be a model directory (config.json + safetensors, sharded index too) or a
 pipeline directory (transformer/ or unet/ plus scheduler/, whose config gives the noise process
@@ -43,7 +43,11 @@ def main(argv: list[str]) -> int:
                       "is missing or does not say it, e.g. \"rectified_flow(timestep_scale=1.0, "
                       "prediction='flow')\" (a dense-time flow teacher such as SANA-Sprint's)")
   p.add_argument("--log_level", default="WARNING")
-  args = p.parse_args(argv)
+  overrides, rest = cli.split_overrides(argv)
+  args = p.parse_args(rest)
+  args.overrides = overrides
+  if overrides and not args.workdir:
+    p.error("--config.KEY=VALUE overrides apply to --workdir (the run's config)")
   cli.setup(args)
   from distill import teacher as teacher_lib
   try:
@@ -84,7 +88,7 @@ def _export(args) -> int:
   if args.vae and not os.path.isfile(os.path.join(args.vae, "config.json")):
     raise FileNotFoundError(f"--vae: {args.vae!r} has no config.json (a diffusers "
                             "AutoencoderKL directory)")
-  engine, state, frozen, step = trainer.open_run(args.workdir)
+  engine, state, frozen, step = trainer.open_run(args.workdir, args.overrides)
   net = trainer.network_for_role(engine, args.network)
   params = trainer.eval_params(engine, state, frozen)[net]
   info = engine.nets[net]

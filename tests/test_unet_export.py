@@ -339,3 +339,26 @@ def test_dit_export_writes_model_index_only_where_dit_pipeline_loads_it(tmp_path
   pipe = diffusers.DiTPipeline.from_pretrained(str(tmp_path / "own"))
   assert type(pipe.scheduler).__name__ == "LCMScheduler"
   assert json.load(open(tmp_path / "own" / "export.json"))["model_index"] == "DiTPipeline"
+
+
+def test_run_whose_prompt_directory_moved_exports_with_its_new_place(runs, tmp_path):
+  """data #13: a text-to-image run whose data.text_embeds directory moved (exporting on
+  another machine) stops in one line naming the key and the flag that fixes it (it said only
+  "has no embeds.npy", and convert took no overrides); --config.data.text_embeds=NEW exports."""
+  prompts = tmp_path / "prompts"
+  prompts.mkdir()
+  np.save(prompts / "embeds.npy", np.random.default_rng(0).normal(size=(3, 5, 24)).astype("f4"))
+  np.save(prompts / "null.npy", np.zeros((5, 24), np.float32))
+  data = trainer.load_config("configs/t2i/sd15.py:dmd2,prompts").data.to_dict()
+  run = make_run(tmp_path / "run", "configs/t2i/sd15.py:dmd2,prompts",
+                 runs["teachers"]["sd15"], dict(data, text_embeds=str(prompts), shape=(8, 8, 4)))
+  moved = tmp_path / "moved"
+  os.rename(prompts, moved)
+  rc, lines = export(run, tmp_path / "out")
+  assert rc == 2 and len(lines) == 1, lines
+  assert (f"data.text_embeds: the run's recorded '{prompts}' is gone" in lines[0]
+          and "pass --config.data.text_embeds=DIR" in lines[0])
+  assert not (tmp_path / "out").exists()
+  rc, lines = export(run, tmp_path / "out", f"--config.data.text_embeds={moved}")
+  assert rc == 0, lines
+  assert (tmp_path / "out" / "unet" / "config.json").is_file()
