@@ -129,6 +129,9 @@ def runs(tmp_path_factory):
   made = {}
   for family, recipe, extra in (("sd15", "lcm_lora", ["objective.lora_rank=4"]),
                                 ("sdxl", "lcm_lora", ["objective.lora_rank=4"]),
+                                ("sd15", "hyper_sd", ["objective.lora_rank=4",
+                                                      "objective.stage_steps=1",
+                                                      "objective.segment_stages=(2, 1)"]),
                                 ("sd15", "lcm", []), ("sd15", "dmd2", [])):
     made[f"{family}/{recipe}"] = make_run(root / f"{family}_{recipe}",
                                           f"configs/t2i/{family}.py:{recipe}", teachers[family],
@@ -175,23 +178,26 @@ def _our_student(workdir, family: str, seed: int = 0):
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_lora_student_exports_the_merged_unet_and_its_peft_adapter(runs, family, tmp_path):
-  """data #5: an LCM-LoRA UNet student exports (it stopped with AttributeError 'peft_lora').
+@pytest.mark.parametrize("key", ["sd15/lcm_lora", "sdxl/lcm_lora", "sd15/hyper_sd"])
+def test_lora_student_exports_the_merged_unet_and_its_peft_adapter(runs, key, tmp_path):
+  """data #5: an LCM-LoRA or Hyper-SD (staged, one LoRA over the original UNet) UNet student
+  exports (it stopped with AttributeError 'peft_lora').
   unet/ computes our merged student (atol 1e-5: float32 UNets, a different op order), and
   lora/ applied by peft to the teacher's UNet computes unet/ (rtol 1e-5, atol 1e-6: the same
   float32 weights up to the merge's rounding); the adapter changes the output. SDXL's student
   is trained with scanned transformer blocks (teacher.runtime): the adapter is unstacked."""
   peft = pytest.importorskip("peft")
+  family = key.split("/")[0]
   out = tmp_path / "export"
-  rc, lines = export(runs[f"{family}/lcm_lora"], out, "--vae", runs["vae"])
+  rc, lines = export(runs[key], out, "--vae", runs["vae"])
   assert rc == 0, lines
   assert sorted(os.listdir(out)) == ["export.json", "lora", "model_index.json", "scheduler",
                                      "unet", "vae"]
   notes = json.load(open(out / "export.json"))
-  assert notes["lora"]["rank"] == 4 and notes["scheduler"] == "LCMScheduler"
+  sampler = {"lcm_lora": "LCMScheduler", "hyper_sd": "DDIMScheduler"}[key.split("/")[1]]
+  assert notes["lora"]["rank"] == 4 and notes["scheduler"] == sampler
   exported = _torch_unet(out / "unet", family)
-  np.testing.assert_allclose(exported, _our_student(runs[f"{family}/lcm_lora"], family),
+  np.testing.assert_allclose(exported, _our_student(runs[key], family),
                              atol=1e-5, rtol=0)
   teacher_dir = os.path.join(runs["teachers"][family], "unet")
   base = diffusers.UNet2DConditionModel.from_pretrained(teacher_dir).eval()
