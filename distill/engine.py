@@ -949,10 +949,15 @@ class Engine:
     if self._reader is None:
       self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
     pending = self._next.pop(stream, None)
-    if pending is not None and pending[0] == (step,) + args:
-      local = pending[1].result()
-    else:
-      local = source.batch(step, *args)
+    try:
+      if pending is not None and pending[0] == (step,) + args:
+        local = pending[1].result()
+      else:
+        local = source.batch(step, *args)
+    except (ValueError, KeyError, IndexError, OSError) as e:   # bad records met while training
+      raise sources.DataReadError(sources.for_stream(
+          f"data (config key 'data.name': {self.stream_datasets[stream]!r}) at step {step}: "
+          f"{e}", stream)) from e
     self._next[stream] = ((step + 1,) + args, self._reader.submit(source.batch, step + 1, *args))
     return local
 

@@ -734,7 +734,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
           ckpt.save(step, state, _meta(engine, step, sums, counts, count), force=True)
         state, frozen = engine.enter_stage(state, frozen, stage)
         rlog.message(f"stage {stage} begins at step {step}")
-      state, frozen, metrics = engine.train_step(state, frozen, step)
+      try:
+        state, frozen, metrics = engine.train_step(state, frozen, step)
+      except sources.DataReadError as e:
+        raise TrainingError(f"{e}; the last good checkpoint is step {ckpt.latest_step()} in "
+                            f"{ckpt.directory}") from e
       for k, v in metrics.items():
         sums[k] = sums[k] + v if k in sums else v
         counts[k] = counts.get(k, 0) + 1

@@ -25,6 +25,9 @@ def main(argv: list[str]) -> int:
     summary = trainer.train(config, args.workdir)
   except trainer.SetupError as e:
     return cli.fail(e)
+  except trainer.TrainingError as e:   # non-finite updates, unreadable data: the run stops
+    cli.fail(e)   # its one line; exit 1: the run started (its checkpoints stay)
+    return 1
   if "eval" in summary:
     cli.print_eval(summary["eval"])
   return 0

@@ -161,3 +161,37 @@ def test_streams_shard_over_eight_devices():
   p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env(8), "PYTHONPATH": ROOT},
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def test_a_batch_that_cannot_be_read_while_training_stops_in_one_line(tmp_path, capsys,
+                                                                        monkeypatch):
+  """A record the setup checks could not see (a corrupt shard) stops the run at that step with
+  one line naming the data and the last good checkpoint; launch.train exits 1 with that line,
+  the checkpoints already written kept."""
+  from distill.data import sources, toy
+  from launch import train as train_tool
+
+  class Corrupt(toy.GMM):
+    DEFAULTS = dict(toy.GMM.DEFAULTS)
+
+    def batch(self, step, *args):
+      if step >= 2:
+        raise ValueError("shard 3: truncated record")
+      return super().batch(step, *args)
+
+  if "test_corrupt" not in sources.DATASETS:
+    sources.register_dataset("test_corrupt")(Corrupt)
+  w = tmp_path / "run"
+  args = ["data.name=test_corrupt", "train.steps=5", "checkpoint.every_steps=1",
+          "eval.at_end=false", "sample.num=0", "model.hidden=16", "model.depth=1"]
+  with pytest.raises(trainer.TrainingError, match=r"^data \(config key 'data.name': "
+                                                  r"'test_corrupt'\) at step 2: shard 3: "
+                                                  r"truncated record; the last good checkpoint "
+                                                  r"is step 2"):
+    trainer.train(trainer.prepare_config(trainer.load_config(TEACHER, args)), str(w))
+  monkeypatch.setattr(trainer, "train", lambda *a: (_ for _ in ()).throw(
+      trainer.TrainingError("data at step 2: shard 3: truncated record")))
+  capsys.readouterr()
+  assert train_tool.main(["--config", TEACHER, "--workdir", str(w)]) == 1
+  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+  assert err == ["error: data at step 2: shard 3: truncated record"]

@@ -224,6 +224,11 @@ def resolve_config(data_config: Any) -> tuple[str, dict[str, Any]]:
 TRAIN_STREAM = "train"   # the stream the config's `data` section describes
 
 
+class DataReadError(RuntimeError):
+  """A batch a source could not read while training (a record the setup checks could not see,
+  e.g. a corrupt shard): the trainer stops on it in one line."""
+
+
 def stream_settings(config: Any) -> dict[str, tuple[dict[str, Any], int]]:
   """{stream: (its data config, its global batch size)} of a run config: `data` as "train" and
   each `data_streams.<name>` (a dataset section plus an optional `batch_size`)."""
