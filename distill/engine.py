@@ -707,16 +707,20 @@ class Engine:
                                     sharding=shd.batch_sharding(self.mesh, len(shape)))
             for k, (shape, dtype) in self._batch_shapes(stream).items()}
 
-  def phase_batch_shapes(self, phase) -> dict:
-    """{key: (shape, dtype)} of what `phase`'s loss reads as its batch (small probe batches):
-    its first stream's keys, and each further stream's under its name."""
+  @staticmethod
+  def _phase_view(phase, of_stream: Callable[[str], dict]) -> dict:
+    """What `phase`'s loss reads as its batch, from `of_stream(name)` of each stream it reads:
+    its first stream's keys, and each further stream's dict under that stream's name."""
     first, *more = phase.streams
-    return {**self._batch_shapes(first), **{n: self._batch_shapes(n) for n in more}}
+    return {**of_stream(first), **{n: of_stream(n) for n in more}}
+
+  def phase_batch_shapes(self, phase) -> dict:
+    """{key: (shape, dtype)} of `phase`'s batch (small probe batches)."""
+    return self._phase_view(phase, self._batch_shapes)
 
   def abstract_phase_batch(self, phase) -> dict:
     """The global batch `phase`'s loss reads as sharded jax.ShapeDtypeStructs."""
-    first, *more = phase.streams
-    return {**self.abstract_batch(first), **{n: self.abstract_batch(n) for n in more}}
+    return self._phase_view(phase, self.abstract_batch)
 
   def phase_batch(self, step: int, phase, batches: Optional[dict] = None) -> dict:
     """This process's slice of the global batch `phase` reads at `step`; `batches` caches each
@@ -725,8 +729,7 @@ class Engine:
     for stream in phase.streams:
       if stream not in batches:
         batches[stream] = self.global_batch(step, stream)
-    first, *more = phase.streams
-    return {**batches[first], **{n: batches[n] for n in more}}
+    return self._phase_view(phase, batches.__getitem__)
 
   def _opt_state_shapes(self, name: str, params, param_sh):
     """(abstract optimizer state, its shardings): moments follow their parameters, scalars
