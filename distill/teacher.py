@@ -73,29 +73,30 @@ def load_teacher(path: str, params_role: str = "ema", process: Optional[str] = N
 
 def _load_run_dir(path: str, params_role: str) -> Teacher:
   with open(os.path.join(path, "config.json")) as f:
-    resolved = json.load(f)["resolved"]
+    stored = json.load(f)
+  resolved = stored["resolved"]
   net = resolved["evaluated_network"]
   wrapper = ((resolved.get("networks") or {}).get(net) or {}).get("wrapper")
   if wrapper:
     raise ValueError(f"config key 'teacher.checkpoint': {path!r}: its network {net!r} is "
                      f"trained behind the wrapper {wrapper!r}; loading a wrapped network as a "
                      "teacher is not supported yet")
-  return load_run_network(path, net, params_role, resolved=resolved)
+  return load_run_network(path, net, params_role, stored=stored)
 
 
-def _adapter_base(path: str, net: str, info: Mapping[str, Any], resolved: Mapping[str, Any],
+def _adapter_base(path: str, net: str, info: Mapping[str, Any], stored: Mapping[str, Any],
                   key: str) -> "Teacher":
-  """The base network a LoRA adapter `net` of the run at `path` was trained over, as that run
-  read it (its frozen reference, with its teacher.runtime layout), checked against the recorded
-  hash; the adapter's scale must be recorded (runs written before it was are refused)."""
-  base_ref = (resolved.get("frozen") or {}).get(info["base"])
+  """The base network a LoRA adapter `net` of the run at `path` (its config.json: `stored`)
+  was trained over, as that run read it (its frozen reference, with its teacher.runtime
+  layout), checked against the recorded hash; the adapter's scale must be recorded (runs
+  written before it was are refused)."""
+  base_ref = (stored["resolved"].get("frozen") or {}).get(info["base"])
   if info.get("lora_scale") is None or not base_ref:
     raise ValueError(f"config key {key!r}: network {net!r} of {path!r} is a LoRA adapter over "
                      f"its {info['base']!r}, and the run does not record how to merge it (a run "
                      f"written before this version); export the merged network with `python -m "
                      f"launch.convert --workdir {path} --out DIR` and read that")
-  with open(os.path.join(path, "config.json")) as f:
-    runtime = ((json.load(f).get("teacher") or {}).get("runtime") or {})
+  runtime = (stored.get("teacher") or {}).get("runtime") or {}
   role = "raw" if base_ref.get("params") == "raw" else "ema"
   base = with_runtime(load_teacher(base_ref["path"], role), runtime)
   if base.reference.get("hash") != base_ref.get("hash"):
@@ -106,25 +107,26 @@ def _adapter_base(path: str, net: str, info: Mapping[str, Any], resolved: Mappin
 
 
 def load_run_network(path: str, net: str, params_role: str = "ema",
-                     key: str = "teacher.checkpoint", resolved: Optional[dict] = None) -> Teacher:
+                     key: str = "teacher.checkpoint", stored: Optional[dict] = None) -> Teacher:
   """Network `net` of the run directory `path` at its latest checkpoint: its EMA weights
   (`params_role` "ema": the `eval` role, else the first) when it has any, else its raw ones.
-  `key` names the config key in errors; `resolved`: the run's config.json "resolved" record
-  when the caller has already read it."""
+  `key` names the config key in errors; `stored`: the run's config.json when the caller has
+  already read it."""
   from distill import checkpoint as ckpt
   from distill.engine import module_from_config, num_classes_of
 
   if not is_run_dir(path):
     raise FileNotFoundError(f"config key {key!r}: {path!r} is not a run directory "
                             "(config.json + checkpoints/)")
-  if resolved is None:
+  if stored is None:
     with open(os.path.join(path, "config.json")) as f:
-      resolved = json.load(f)["resolved"]
+      stored = json.load(f)
+  resolved = stored["resolved"]
   if net not in resolved["models"]:
     raise ValueError(f"config key {key!r}: the run {path!r} has no network {net!r} (it has "
                      f"{', '.join(sorted(resolved['models']))})")
   info = (resolved.get("networks") or {}).get(net) or {}
-  base = _adapter_base(path, net, info, resolved, key) if info.get("base") else None
+  base = _adapter_base(path, net, info, stored, key) if info.get("base") else None
   chosen = {}
 
   def select(structure):   # read this network's weights and model state only
@@ -311,11 +313,6 @@ def _load_diffusers_dir(path: str, process: Optional[str] = None) -> Teacher:
   return Teacher(module=module, params=params, model_config=model_config,
                  process=procs.make_process(**proc_cfg), prediction=prediction,
                  num_classes=num_classes_of(model_config), reference=ref)
-
-
-def maybe_load(path: Optional[str], params_role: str,
-               runtime: Optional[Mapping[str, Any]] = None) -> Optional[Teacher]:
-  return with_runtime(load_teacher(path, params_role), runtime) if path else None
 
 
 def from_config(config, platform: Optional[str] = None) -> Optional[Teacher]:
