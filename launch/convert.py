@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 
+from distill import runlog
 from launch import cli
 
 
@@ -118,19 +119,13 @@ def _export(args) -> int:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
       shipped["vae"] = "AutoencoderKL"
     _write_index(tmp, conv.pipeline_for(info.module), shipped, sub, notes)
-    _write_json(os.path.join(tmp, "export.json"), notes)
+    runlog.write_json(os.path.join(tmp, "export.json"), notes)
     os.rename(tmp, args.out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
-
-
-def _write_json(path: str, obj) -> None:
-  import json  # pylint: disable=import-outside-toplevel
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
 
 
 def _write_scheduler(tmp: str, info, sampler: str, grid: dict, notes: dict,
@@ -145,7 +140,7 @@ def _write_scheduler(tmp: str, info, sampler: str, grid: dict, notes: dict,
     print(f"no scheduler: {e}")
     return
   os.makedirs(os.path.join(tmp, "scheduler"))
-  _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+  runlog.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
   notes["scheduler"] = shipped["scheduler"] = sched["_class_name"]
 
 
@@ -163,7 +158,7 @@ def _write_lora(tmp: str, conv, info, lora_params, rank: int, notes: dict) -> No
     return
   os.makedirs(os.path.join(tmp, "lora"))
   save_file(tensors, os.path.join(tmp, "lora", "adapter_model.safetensors"))
-  _write_json(os.path.join(tmp, "lora", "adapter_config.json"), adapter)
+  runlog.write_json(os.path.join(tmp, "lora", "adapter_config.json"), adapter)
   notes["lora"] = {"base": info.base, "rank": rank, "modules": len(adapter["target_modules"])}
 
 
@@ -176,7 +171,7 @@ def _write_index(tmp: str, pipeline, shipped: dict, sub: str, notes: dict) -> No
     if "vae" in shipped:   # asked for a pipeline (--vae): say why it is not one
       print(notes["model_index"])
     return
-  _write_json(os.path.join(tmp, "model_index.json"), index)
+  runlog.write_json(os.path.join(tmp, "model_index.json"), index)
 
 
 def _grid_kwargs(engine) -> dict:
