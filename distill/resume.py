@@ -195,6 +195,13 @@ def recorded_changes(workdir: str) -> list[dict[str, Any]]:
   return list((stored.get("provenance") or {}).get("config_changes") or [])
 
 
+def recorded_init_runs(workdir: str) -> dict[str, Any]:
+  """Where the trained networks of the run in `workdir` started (`resolved.init_runs` of its
+  config.json: {network: the init.<net> run's reference}); a resume does not read those runs."""
+  stored = _stored(workdir) or {}
+  return dict((stored.get("resolved") or {}).get("init_runs") or {})
+
+
 def _stored(workdir: str) -> Optional[dict[str, Any]]:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

@@ -404,15 +404,6 @@ def _trace(engine: Engine, state, frozen, stage: int) -> None:
     raise SetupError(_naming_the_key(str(e.args[0] if e.args else e), engine.config)) from e
 
 
-def _recorded_init_runs(workdir: str) -> dict:
-  """The `resolved.init_runs` of the run's config.json (empty without one)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return (json.load(f).get("resolved") or {}).get("init_runs") or {}
-
-
 def frozen_references(engine: Engine) -> dict:
   """{network: reference (path, step, hash)} of each network loaded from the teacher checkpoint,
   and of each frozen network loaded from another run (`init.<network>`; its reference names
@@ -694,7 +685,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
   if is_main:
     resolved = _resolved(engine, data_hash)
     if restored is not None:   # trained networks' init runs are read only when a run starts
-      resolved["init_runs"] = {**_recorded_init_runs(workdir), **resolved["init_runs"]}
+      resolved["init_runs"] = {**resume.recorded_init_runs(workdir), **resolved["init_runs"]}
     runlog.write_json(os.path.join(workdir, "config.json"), {
         **config.to_dict(), "provenance": provenance, "resolved": resolved})
 
