@@ -57,6 +57,12 @@ def jsonable(v: Any) -> Any:
   return v
 
 
+def first_line(text: str, limit: int) -> str:
+  """The first non-blank line of a (possibly multi-line) message, stripped, at most `limit`
+  characters: what one-line reports keep of a library's long error."""
+  return next((ln.strip() for ln in text.splitlines() if ln.strip()), text.strip())[:limit]
+
+
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename)."""
   tmp = path + ".tmp"

@@ -71,10 +71,6 @@ def topology_devices(name: str):
     raise ValueError(f"--topology: {name!r} is not a TPU topology libtpu knows ({e})") from None
 
 
-def _first_line(message: str) -> str:
-  return next((ln.strip() for ln in message.splitlines() if ln.strip()), message)[:500]
-
-
 def compile_step(step, *args):
   """Lowers and compiles one jitted phase step for its arguments' (abstract) shardings."""
   return step.lower(*args).compile()
@@ -82,6 +78,7 @@ def compile_step(step, *args):
 
 def compile_config(config, topology: str) -> dict:
   import jax
+  from distill import runlog
   from distill import sharding as shd
   from distill import teacher as teacher_lib
   from distill import trainer
@@ -115,7 +112,7 @@ def compile_config(config, topology: str) -> dict:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       phases[label] = {"compile_s": round(time.perf_counter() - t0, 2), "fits": False,
-                       "error": _first_line(str(e))}
+                       "error": runlog.first_line(str(e), 500)}
       continue
     row = {"compile_s": round(time.perf_counter() - t0, 2)}
     mem = compiled.memory_analysis()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from distill import runlog
 from distill.registry import Registry
 
 IMAGE_INPUTS: Registry = Registry("image input")
@@ -237,11 +238,6 @@ class TfdsImages:
     return listing_hash([self.name, self.version, self.split, len(self.source)])
 
 
-def _first_line(e: BaseException) -> str:
-  """An exception's message up to its first line break, at most 200 characters."""
-  return (str(e).strip().splitlines() or [""])[0][:200]
-
-
 def _tfds_where(data_dir: str | None) -> str:
   """Where tfds looked, for a message: --tfds_data_dir, or tfds' default without it."""
   if data_dir:
@@ -267,7 +263,7 @@ def _tfds_error(builder, spec: str, data_dir: str | None, e: BaseException) -> s
     return (f"--input tfds:{spec}: not prepared in {_tfds_where(data_dir)} (expected "
             f"{builder.data_dir} in array_record format; this tool never downloads)")
   return (f"--input tfds:{spec}: cannot be read from {_tfds_where(data_dir)} "
-          f"({type(e).__name__}: {_first_line(e)})")
+          f"({type(e).__name__}: {runlog.first_line(str(e), 200)})")
 
 
 def open_input(spec: str, size: int, **kwargs):
