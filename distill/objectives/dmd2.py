@@ -193,12 +193,8 @@ def generator_loss(trainable, ctx, batch, rng, t, *, draw, **kw):
                                                           shape), **kw)
 
 
-def critic_loss(trainable, ctx, batch, rng, t, *, draw, real_stream="", **kw):
-  """The "critic" phase loss: draws from `rng`, then `critic_loss_given`."""
-  del t
-  real_shape = m.real_images(batch, real_stream)[0].shape
-  draws = draw(ctx.nets[m.STUDENT].process, rng, batch["x"].shape, real_shape=real_shape)
-  return critic_loss_given(trainable, ctx, batch, draws, real_stream=real_stream, **kw)
+# The "critic" phase loss: draws from `rng`, then `critic_loss_given`.
+critic_loss = functools.partial(m.critic_phase_loss, critic_loss_given)
 
 
 # --------------------------------------------------------------------------------------------

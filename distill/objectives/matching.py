@@ -459,6 +459,16 @@ def gan_head_network(cfg):
                  kwargs={"feature_dim": int(cfg.gan_feature_dim), "hidden": int(cfg.gan_hidden)})
 
 
+def critic_phase_loss(given, trainable, ctx, batch, rng, t, *, draw, real_stream="", **kw):
+  """The "critic" phase loss of dmd2 and sid: the draws of `draw(process, rng, shape,
+  real_shape=...)` (the real images' shape: the batch's, or its `real_stream`'s), then
+  `given(trainable, ctx, batch, draws, real_stream=..., **kw)`."""
+  del t
+  real_shape = real_images(batch, real_stream)[0].shape
+  draws = draw(ctx.nets[STUDENT].process, rng, batch["x"].shape, real_shape=real_shape)
+  return given(trainable, ctx, batch, draws, real_stream=real_stream, **kw)
+
+
 def real_stream_from(cfg, gan: bool) -> str:
   """`objective.real_stream`: the data stream of the GAN's real images ("" = the train
   stream's own images); one line when set without a GAN term (nothing would read it)."""
