@@ -344,14 +344,12 @@ def run_runtime(config, teacher: Teacher, platform: Optional[str] = None) -> dic
                if k in model and k in fields and not _same_setting(model[k], recorded.get(k))}
   runtime.update(runtime_of(config))
   platform = platform or jax.default_backend()
-  for key in ("attention", "jvp_attention"):
-    name = runtime.get(key, recorded.get(key))
-    if key in fields and name and not attention.runs_on(name, platform):
-      if key in runtime:   # named by this config: check_platform refuses it in one line
-        continue
-      log.info("the teacher's recorded %s=%r does not run on %s: using xla", key, name,
-               platform)
-      runtime[key] = "xla"
+  recorded_kernels = {k: recorded.get(k) for k in attention.KERNEL_KEYS
+                      if k in fields and k not in runtime}   # the config's own: check_platform
+  for key in attention.unrunnable_kernels(recorded_kernels, platform):
+    log.info("the teacher's recorded %s=%r does not run on %s: using xla", key,
+             recorded_kernels[key], platform)
+    runtime[key] = "xla"
   return runtime
 
 

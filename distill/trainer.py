@@ -201,11 +201,9 @@ def runnable_here(config: ml_collections.ConfigDict,
   platform = platform or jax.default_backend()
   with config.unlocked():
     for prefix, node in _attention_nodes(config):
-      for key in ("attention", "jvp_attention"):
-        name = node.get(key)
-        if name is not None and not attention_lib.runs_on(name, platform):
-          log.info("%s.%s=%r does not run on %s: using xla", prefix, key, name, platform)
-          node[key] = "xla"
+      for key in attention_lib.unrunnable_kernels(node, platform):
+        log.info("%s.%s=%r does not run on %s: using xla", prefix, key, node[key], platform)
+        node[key] = "xla"
   return config
 
 

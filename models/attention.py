@@ -793,6 +793,16 @@ def runs_on(name: str, platform: str) -> bool:
   return platform in IMPL_PLATFORMS.get(name, (platform,))
 
 
+KERNEL_KEYS = ("attention", "jvp_attention")
+
+
+def unrunnable_kernels(settings, platform: str) -> list:
+  """The kernel keys of `settings` (a model section or runtime dict: `attention`,
+  `jvp_attention`) naming an implementation that cannot run on `platform`."""
+  return [key for key in KERNEL_KEYS
+          if settings.get(key) is not None and not runs_on(settings[key], platform)]
+
+
 def check_platform(attention_impl: str, jvp_attention_impl: str, platform: str,
                    prefix: str = "model") -> None:
   """Raises one ValueError line when a named kernel cannot run on `platform` ("cpu", "gpu",
