@@ -62,6 +62,19 @@ def load_config(args: argparse.Namespace):
   return config
 
 
+def distributed_from_overrides(overrides) -> None:
+  """`jax.distributed.initialize` for a command that reads a run (sample, evaluate), as the
+  `--config.distributed.*` overrides on its command line ask (what launch/tpu_pod.sh and
+  launch/slurm_gpu.sh append); before anything starts JAX's backend. The run's recorded
+  `distributed` section is not used: a pod's run read on a workstation must not wait for the
+  pod's coordinator."""
+  keys = [o for o in overrides if o.startswith("distributed.")]
+  if not keys:
+    return
+  from distill import config as config_lib  # pylint: disable=import-outside-toplevel
+  _maybe_distributed(config_lib.apply_overrides(config_lib.base_config(), keys))
+
+
 def _maybe_distributed(config) -> None:
   d = config.get("distributed")
   if d is None or not d.initialize:

@@ -13,7 +13,9 @@ eval keys, e.g.
         --config.eval.reference_stats=/ckpt/imagenet256_ref.npz [--config.eval.vae=/ckpt/vae]
 
 (distill/metrics/suite.py describes them; distill/config.py lists the keys). Bad input prints
-one line and exits 2.
+one line and exits 2. Multi-host (launch/tpu_pod.sh, launch/slurm_gpu.sh): the
+`--config.distributed.*` overrides initialise jax.distributed; every process samples its share
+and process 0 writes eval.json.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def main(argv: list[str]) -> int:
     overrides.append(f"eval.metrics={tuple(names)!r}")
   from distill.metrics.suite import MetricError
   try:
+    cli.distributed_from_overrides(overrides)   # multi-host: before JAX starts
     engine, state, frozen, step = trainer.open_run(args.workdir, overrides)
     trainer.check_eval_steps(engine)
   except (ValueError, KeyError, FileNotFoundError) as e:
@@ -61,8 +64,10 @@ def main(argv: list[str]) -> int:
     report = trainer.run_evaluation(engine, state, frozen, step)
   except MetricError as e:  # a missing file, a stale statistics file, too few samples
     return cli.fail(e)
-  runlog.write_json(os.path.join(args.workdir, "eval.json"), report)
-  cli.print_eval(report)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:   # every process holds the same report
+    runlog.write_json(os.path.join(args.workdir, "eval.json"), report)
+    cli.print_eval(report)
   return 0
 
 

@@ -139,6 +139,7 @@ def main(argv: list[str]) -> int:
     if args.out and os.path.splitext(args.out)[1].lower() not in _image_extensions():
       raise ValueError(f"--out {args.out}: expected an image file name (.png, .jpg, ...); the "
                        "samples are also saved beside it as .npy")
+    cli.distributed_from_overrides(args.overrides)   # multi-host: before JAX starts
     engine, state, frozen, step = trainer.open_run(args.workdir, args.overrides)
     obj = engine.objective
     role = args.network or ("teacher" if obj.evaluates_as == "teacher" else "student")
@@ -175,9 +176,11 @@ def main(argv: list[str]) -> int:
                                  f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"
                                  f"{steps}steps{which}_seed{args.seed}.png")
   title = f"{role} {sampler} {steps} step{'s' if steps > 1 else ''} (step {step})"
-  images.save_panels(out, [(title, x)])
-  np.save(os.path.splitext(out)[0] + ".npy", x)
-  print(f"wrote {out} ({args.num} samples, {1000 * sec:.3f} ms/sample)")
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:   # every process holds the same samples
+    images.save_panels(out, [(title, x)])
+    np.save(os.path.splitext(out)[0] + ".npy", x)
+    print(f"wrote {out} ({args.num} samples, {1000 * sec:.3f} ms/sample)")
   return 0
 
 

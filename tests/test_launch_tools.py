@@ -50,6 +50,58 @@ def test_evaluate_writes_eval_json(tiny_run):
   assert "| teacher | 4 | 4 |" in p.stdout
 
 
+_TWO_PROCESS = """
+import sys, jax
+from launch import evaluate
+rc = evaluate.main(sys.argv[1:])
+assert jax.process_count() == 2 and jax.device_count() == 2, (jax.process_count(),
+                                                              jax.device_count())
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_processes_equals_one(tiny_run, tmp_path):
+  """launch.evaluate with the `--config.distributed.*` overrides the pod and cluster launchers
+  append runs as one jax.distributed job of two CPU processes (each with one device; the
+  samples are generated data-parallel over both and gathered), and its eval.json, written once,
+  equals the single-process one (float32 sampling of the same noise on 1 vs 2 devices: 1e-6
+  relative on the SWD)."""
+  import shutil
+  import socket
+  single = tmp_path / "single"
+  multi = tmp_path / "multi"
+  shutil.copytree(tiny_run, single)
+  shutil.copytree(tiny_run, multi)
+  for d in (single, multi):
+    (d / "eval.json").unlink(missing_ok=True)
+  common = ["--num", "96", "--teacher_steps", "4"]
+  p = tool("evaluate", "--workdir", str(single), *common)
+  assert p.returncode == 0, p.stderr[-2000:]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  e = {**env(), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS, "--workdir", str(multi), *common,
+       "--config.distributed.initialize=true",
+       f"--config.distributed.coordinator_address=localhost:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+      cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [q.communicate(timeout=600) for q in procs]
+  for q, (_, err) in zip(procs, outs):
+    assert q.returncode == 0, err[-3000:]
+  assert "| teacher | 4 | 4 |" in outs[0][0] and "| teacher |" not in outs[1][0]  # printed once
+  want = json.load(open(single / "eval.json"))
+  got = json.load(open(multi / "eval.json"))
+  assert set(got["results"]) == set(want["results"]) == {"teacher_steps_1", "teacher_steps_4"}
+  assert got["data_floor"] == want["data_floor"]
+  for name, row in want["results"].items():
+    assert got["results"][name]["num_samples"] == 96
+    assert got["results"][name]["swd"] == pytest.approx(row["swd"], rel=1e-6), name
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--workdir", "/no/such/run"], "config.json"),
     (["--class", "99"], "--class"),
