@@ -249,3 +249,23 @@ def test_sharded_extraction_equals_one_device():
   proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, capture_output=True,
                         text=True, timeout=300, env=env)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_few_samples_against_published_statistics(tmp_path):
+  """A published statistics file (mu / sigma only, no features) with fewer samples than the
+  2048 pool dimensions: the FID goes through the samples' features and the published moments
+  (exact) and equals the FID against our own file of the same reference (which keeps the
+  features), where the 2048 x 2048 root of the singular product raised FloatingPointError.
+  75 x 75 images, random weights, as test_evaluation_entry_point; tolerance 1e-6 relative
+  (float32 features, float64 sums; the two forms differ only in summation order)."""
+  weights = _random_inception_file(str(tmp_path / "inception.npz"))
+  rng = np.random.default_rng(0)
+  real = rng.uniform(-1, 1, (16, 75, 75, 3)).astype(np.float32)
+  fake = np.clip(real[::-1] * 0.5 + 0.3 * rng.standard_normal(real.shape), -1, 1)
+  m = fid.InceptionMetrics(weights, resize=False, batch_size=16, gram=True)
+  ours = m.reference(real)
+  published = {"mu": ours["mu"], "sigma": ours["sigma"]}
+  feats = m.features(fake.astype(np.float32))
+  want = m.scores(feats, ours, which=("fid",))["fid"]
+  got = m.scores(feats, published, which=("fid",))["fid"]
+  assert want > 0 and got == pytest.approx(want, rel=1e-6)

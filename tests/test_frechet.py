@@ -116,3 +116,25 @@ def test_fallback_paths(monkeypatch):
   monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j)
   with pytest.raises(FloatingPointError, match="imaginary"):
     frechet_distance(m1, s1, m2, s2)
+
+
+def test_few_samples_against_moments_equal_the_features_form():
+  """Few samples against a reference given by (mu, sigma) only (a published statistics file):
+  `frechet_distance_features_moments` equals the exact two-sided features form when sigma is
+  the covariance of reference features, and the sqrtm formula where that is well posed.
+  Tolerance 1e-8 relative: float64 eigen / singular values of small matrices."""
+  from distill.metrics.frechet import (frechet_distance_features,
+                                       frechet_distance_features_moments)
+  rng = np.random.default_rng(3)
+  d = 64
+  x = rng.standard_normal((12, d)) * 0.7 + 0.2                   # singular: 11 < 64
+  y = rng.standard_normal((200, d)) @ rng.standard_normal((d, d)) * 0.2
+  want = frechet_distance_features(x, y)
+  got = frechet_distance_features_moments(x, *stats(y))
+  assert got == pytest.approx(want, rel=1e-8)
+  x = rng.standard_normal((300, 8))                               # well posed: sqrtm agrees
+  y = rng.standard_normal((300, 8)) * 1.3 + 0.5
+  assert frechet_distance_features_moments(x, *stats(y)) == pytest.approx(
+      frechet_distance(*stats(x), *stats(y)), rel=1e-8)
+  with pytest.raises(ValueError, match="mismatched shapes"):
+    frechet_distance_features_moments(x, np.zeros(3), np.eye(3))

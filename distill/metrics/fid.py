@@ -99,14 +99,20 @@ def fid_from_features(a, b) -> float:
   return frechet.frechet_distance(*frechet.stats(a), *frechet.stats(b))
 
 
-def _frechet(feats: extract.Features, name: str, mu_ref, sigma_ref, ref_features=None) -> float:
+def _frechet(feats: extract.Features, name: str, mu_ref, sigma_ref, ref_features=None,
+             gram: bool = False) -> float:
   """FD of output `name` of `feats` against reference moments; through the features
   (`frechet.frechet_distance_features`, exact) when both sides kept them and the covariances
-  are singular (few samples), else the float64 sqrtm formula on the moments."""
+  are singular (few samples); through the samples' features and the reference moments
+  (`frechet.frechet_distance_features_moments`, exact) when only the samples' were kept (a
+  published statistics file), theirs is singular and `gram` asks; else the float64 sqrtm
+  formula on the moments."""
   kept = feats.arrays.get(name)
   if (ref_features is not None and kept is not None and len(kept)
       and frechet.prefer_features(len(kept), len(ref_features), kept.shape[1])):
     return frechet.frechet_distance_features(kept, ref_features)
+  if gram and ref_features is None and kept is not None and 1 < len(kept) <= kept.shape[1]:
+    return frechet.frechet_distance_features_moments(kept, mu_ref, sigma_ref)
   return frechet.frechet_distance(*feats.stats(name), mu_ref, sigma_ref)
 
 
@@ -278,7 +284,7 @@ class InceptionMetrics:
     out = {}
     if "fid" in which:
       out["fid"] = _frechet(feats, "pool", reference["mu"], reference["sigma"],
-                            reference.get("features") if self.gram else None)
+                            reference.get("features") if self.gram else None, self.gram)
     if "sfid" in which and "mu_s" in reference:
       out["sfid"] = _frechet(feats, "spatial", reference["mu_s"], reference["sigma_s"])
     if "inception_score" in which:

@@ -17,6 +17,12 @@ of S1 S2 are those of C C^T / c with C = A B^T (n1 x n2) and c = (n1 - 1)(n2 - 1
     tr((S1 S2)^(1/2)) = sum_i sv_i(C) / sqrt(c)      (the nuclear norm of C, scaled)
 
 No eps offset is involved. Every sum is float64.
+
+Few samples against published moments (`frechet_distance_features_moments`: a reference given
+as (mu, sigma) only, e.g. pytorch-fid's statistics). With S1 = A^T A / (n1 - 1) as above and S2
+any covariance, the non-zero eigenvalues of S1 S2 are those of the n1 x n1 symmetric PSD matrix
+A S2 A^T / (n1 - 1), so tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(A S2 A^T / (n1 - 1))): exact,
+O(n1 D^2), and never the ill-posed D x D root of a singular product.
 """
 from __future__ import annotations
 
@@ -87,6 +93,29 @@ def frechet_distance_features(x, y) -> float:
   cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(c)
   value = (diff @ diff + np.sum(a * a) / (len(a) - 1) + np.sum(b * b) / (len(b) - 1)
            - 2.0 * cross)
+  return float(max(value, 0.0))
+
+
+def frechet_distance_features_moments(x, mu2, sigma2) -> float:
+  """The Frechet distance between the Gaussian fitted (`stats`) to features `x` (n1, ...) and
+  N(mu2, sigma2), through the n1 x n1 matrix A sigma2 A^T (module docstring): exact, and the
+  stable path when n1 - 1 < D (the samples' covariance is singular)."""
+  a = np.asarray(x, np.float64).reshape(len(x), -1)
+  mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+  s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu2.shape != (a.shape[1],) or s2.shape != (a.shape[1],) * 2:
+    raise ValueError(f"mismatched shapes: features {a.shape}, mu {mu2.shape}, sigma {s2.shape}")
+  if len(a) < 2:
+    raise ValueError(f"the Frechet distance needs at least 2 samples, got {len(a)}")
+  diff = a.mean(axis=0) - mu2
+  a = a - a.mean(axis=0)
+  m = a @ s2 @ a.T / (len(a) - 1)
+  lam = np.linalg.eigvalsh(0.5 * (m + m.T))
+  # Eigenvalues at rounding level are zeros (the centring's null direction, at least): their
+  # square roots would add sqrt(eps)-sized terms.
+  lam = np.where(lam > len(lam) * np.finfo(np.float64).eps * max(lam.max(), 0.0), lam, 0.0)
+  cross = np.sqrt(lam).sum()
+  value = diff @ diff + np.sum(a * a) / (len(a) - 1) + np.trace(s2) - 2.0 * cross
   return float(max(value, 0.0))
 
 

@@ -34,7 +34,9 @@ a file written here, with features). Only process 0 writes the file.
 
 Few samples. With fewer samples than feature dimensions (e.g. `eval.num_samples` 256 during
 training) the covariances are singular: the FID then goes through the features
-(`frechet.frechet_distance_features`, exact and fast) instead of the 2048 x 2048 square root.
+(`frechet.frechet_distance_features`, exact and fast; against a published file without
+features, `frechet.frechet_distance_features_moments`, the samples' features against its
+moments) instead of the 2048 x 2048 square root.
 sFID keeps only moments of its features, so it stays on the square root with its eps fallback
 (finite, but slow at 299: 2023-d). Minimum sizes are checked before any sampling, with one line
 naming `eval.num_samples`.
