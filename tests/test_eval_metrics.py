@@ -389,3 +389,36 @@ def test_image_data_without_a_metric_of_its_own_defaults_to_fid():
   digits = sources.make_source({"name": "digits"}, 0)
   assert [evaluation.default_metric(s) for s in (latents_like, points, digits)] == [
       "fid", "swd", "fd"]
+
+
+def test_published_statistics_of_another_input_size_or_features_are_one_line(tmp_path):
+  """A statistics file without our meta record (pytorch-fid's mu / sigma, an ADM reference
+  batch) was measured on 299 x 299 inputs: with another eval.inception_size its FID would be
+  silently meaningless (sFID crashed on the 63- vs 2023-d spatial moments), and a file of other
+  features (not 2048-d) crashed on the shapes; both stop with one line naming the key. At 299
+  the file is used as it is."""
+  weights = tmp_path / "w.pth"
+  weights.write_bytes(b"only its digest is read here")
+  rng = np.random.default_rng(0)
+  pub = tmp_path / "pub.npz"
+  np.savez(pub, mu=rng.standard_normal(2048), sigma=np.eye(2048),
+           mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+  other = tmp_path / "other.npz"
+  np.savez(other, mu=np.zeros(512), sigma=np.eye(512))
+
+  def setup(path, size):
+    s = suite.MetricSetup(metrics=("fid", "sfid"), inception_weights=str(weights),
+                          reference_stats=str(path), inception_size=size)
+    return s.bind(data_hash="d", num_samples=N, seed=0)
+  for path, size, want in ((pub, 75, "eval.inception_size=75 is not comparable"),
+                           (other, 299, "mu (512,) (expected (2048,))")):
+    suite._REFERENCES.clear()
+    with pytest.raises(suite.MetricError) as e:
+      setup(path, size).reference_statistics(None)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith("eval.reference_stats: ") and \
+        want in msg, msg
+  suite._REFERENCES.clear()
+  stats = setup(pub, 299).reference_statistics(None)
+  np.testing.assert_array_equal(stats["mu"], np.load(pub)["mu"])
+  suite._REFERENCES.clear()

@@ -30,7 +30,8 @@ with `eval.reference_stats`, stored in that .npz (fid.py's keys, with the pool f
 precision/recall and a `meta` record of the key) or read from it when it exists. A file of ours
 whose `meta` differs raises one line naming what differs; a published file without `meta`
 (pytorch-fid's mu / sigma, an ADM reference batch) is used as it is (precision/recall then need
-a file written here, with features). Only process 0 writes the file.
+a file written here, with features), at the standard input size only: with another
+`eval.inception_size`, or dimensions other than the FID Inception's, it stops with one line. Only process 0 writes the file.
 
 Few samples. With fewer samples than feature dimensions (e.g. `eval.num_samples` 256 during
 training) the covariances are singular: the FID then goes through the features
@@ -333,6 +334,8 @@ class MetricSetup:
         raise MetricError(f"eval.reference_stats: {path} was computed for other data or "
                           f"settings (file vs this evaluation: {diff}); delete it to recompute "
                           "or point eval.reference_stats elsewhere")
+      if "meta" not in stats:
+        _check_published(path, stats, int(self.inception_size))
     else:
       if reference is None:
         raise MetricError("eval.reference_stats: no statistics file and no reference data")
@@ -388,6 +391,27 @@ class MetricSetup:
     for i, images in zip(range(0, len(samples), bs), self.image_batches(samples)):
       pairs.append(scorer.pair_scores(images, tokens[i:i + len(images)]))
     return clip.score_from_pairs(np.concatenate(pairs))
+
+
+def _check_published(path: str, stats: dict, size: int) -> None:
+  """A published statistics file (no `meta`: pytorch-fid's, an ADM reference batch) holds the
+  FID Inception's features of 299 x 299 inputs: 2048 pool dimensions (and 2023 spatial ones).
+  Another `eval.inception_size`, or a file of other features, stops with one line (its
+  numbers would not be FIDs against that file)."""
+  from distill.metrics import inception  # pylint: disable=import-outside-toplevel
+  dims = {"mu": 2048, "mu_s": 2023}
+  got = {k: tuple(np.shape(stats[k])) for k in dims if k in stats}
+  bad = [f"{k} {got[k]} (expected ({n},))" for k, n in dims.items() if k in got
+         and got[k] != (n,)]
+  if bad:
+    raise MetricError(f"eval.reference_stats: {path} holds no FID Inception statistics of "
+                      f"299 x 299 images: {', '.join(bad)}")
+  if size != inception.SIZE:
+    raise MetricError(f"eval.reference_stats: {path} is a published statistics file (no meta "
+                      f"record), measured at the standard {inception.SIZE} x {inception.SIZE} "
+                      f"Inception input; eval.inception_size={size} is not comparable with it "
+                      f"(use {inception.SIZE}, or a statistics path of your own that the "
+                      "evaluation writes)")
 
 
 @functools.lru_cache(maxsize=2)
