@@ -13,6 +13,12 @@
 #SBATCH --job-name=distill
 #SBATCH --ntasks-per-node=1
 set -euo pipefail
+# Whether this is a task of a job step (srun, e.g. inside an allocation): SLURM_STEP_ID is a
+# step number there; unset, or one of Slurm's reserved ids (>= 0xfffffffa: the batch script,
+# an interactive or extern step) elsewhere.
+in_step() {
+  [[ "${SLURM_STEP_ID:-}" =~ ^[0-9]+$ ]] && (( SLURM_STEP_ID < 4294967290 ))
+}
 [ $# -ge 1 ] || { echo "usage: sbatch [options] $0 launch.<command> [args...]" >&2; exit 2; }
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
 PYTHON=${PYTHON:-python3}
@@ -24,7 +30,9 @@ if [ -n "${COORDINATOR:-}" ]; then
          --config.distributed.num_processes="${NUM_PROCESSES:?}"
          --config.distributed.process_id="${PROCESS_ID:?}")
 elif [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol > /dev/null; then
-  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # (awk reads every line: `head -n 1` exits early and, with pipefail, a long node list's
+  # SIGPIPE to scontrol would stop this script with status 141)
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
   dist+=(--config.distributed.coordinator_address="$head:${PORT:-12345}"
          --config.distributed.num_processes="${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}}"
          --config.distributed.process_id="${SLURM_PROCID:-0}")
@@ -32,9 +40,14 @@ fi
 cmd=("$PYTHON" -m "$module" "$@" "${dist[@]}")
 if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo
-elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${DISTILL_SRUN:-}" ]; then
-  # The batch script itself: start one task per node (srun passes the environment on).
-  DISTILL_SRUN=1 exec srun --ntasks-per-node=1 bash "$0" "$module" "$@"
+elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${DISTILL_SRUN:-}" ] && ! in_step; then
+  # The batch script itself: start one task per node (srun passes the environment on). sbatch
+  # runs a copy of this file from the first node's spool directory, which the other nodes do
+  # not have: the tasks run the checkout's own copy.
+  script="$REPO/launch/slurm_gpu.sh"
+  [ -f "$script" ] || { echo "error: $script does not exist: set REPO to this checkout's path" \
+                             "on the nodes (sbatch from the checkout's root sets it)" >&2; exit 2; }
+  DISTILL_SRUN=1 exec srun --ntasks-per-node=1 bash "$script" "$module" "$@"
 else
   cd "$REPO" && exec "${cmd[@]}"
 fi

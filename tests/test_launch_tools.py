@@ -176,3 +176,47 @@ def test_slurm_launcher_sets_the_coordinator_from_the_environment():
   p = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sh")], capture_output=True,
                      text=True, timeout=60)
   assert p.returncode == 2 and "usage" in p.stderr
+
+
+def test_slurm_batch_script_starts_the_checkouts_copy_and_tasks_run_directly(tmp_path):
+  """Under sbatch the script runs as a copy in the first node's spool directory, which the other
+  nodes lack: the srun it starts must name the checkout's launch/slurm_gpu.sh (REPO, by
+  default the submit directory). A task of an srun step (the README's 'inside an allocation'
+  form, SLURM_STEP_ID a step number) runs the command itself instead of starting srun again
+  from inside its step. srun, scontrol and python are stand-ins that print what they got;
+  scontrol lists more hosts than a pipe holds (a `head -n 1` reader would SIGPIPE it, and
+  pipefail stopped the script with status 141)."""
+  import shutil
+  import stat
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, body in (("srun", 'echo "srun $*"'), ("scontrol", "echo node0; seq 200000 | sed s/^/node/"),
+                     ("fakepython", 'echo "python $*"')):
+    f = bin_dir / name
+    f.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    f.chmod(f.stat().st_mode | stat.S_IEXEC)
+  spool = tmp_path / "spool" / "job7"
+  spool.mkdir(parents=True)
+  shutil.copy(os.path.join(ROOT, "launch", "slurm_gpu.sh"), spool / "slurm_script")
+  base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DISTILL_"))}
+  base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON="fakepython", SLURM_JOB_ID="7",
+              SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NODELIST="node[0-1]", SLURM_NTASKS="2")
+
+  def run_script(script, **extra):
+    p = subprocess.run(["bash", str(script), "launch.evaluate", "--workdir", "/shared/r"],
+                       env={**base, **extra}, cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+  batch = run_script(spool / "slurm_script", SLURM_PROCID="0")   # the batch step
+  assert batch == (f"srun --ntasks-per-node=1 bash {ROOT}/launch/slurm_gpu.sh launch.evaluate "
+                   "--workdir /shared/r"), batch
+  batch = run_script(spool / "slurm_script", SLURM_STEP_ID="4294967294")  # batch, newer Slurm
+  assert batch.startswith(f"srun --ntasks-per-node=1 bash {ROOT}/launch/slurm_gpu.sh "), batch
+  task = run_script(os.path.join(ROOT, "launch", "slurm_gpu.sh"), SLURM_STEP_ID="0",
+                    SLURM_PROCID="1")
+  assert shlex.split(task) == [
+      "python", "-m", "launch.evaluate", "--workdir", "/shared/r",
+      "--config.distributed.initialize=true",
+      "--config.distributed.coordinator_address=node0:12345",
+      "--config.distributed.num_processes=2", "--config.distributed.process_id=1"], task
