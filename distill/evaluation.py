@@ -420,12 +420,13 @@ def ideal_solver_id(solver: str, process, teacher_process, teacher_steps: int) -
 def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_samples: int,
                     seed: int, solver: str, steps: int, class_conditional: bool,
                     guidance: float = 1.0, metric_setup: str = "",
-                    conditions: str = "") -> str:
+                    conditions: str = "", batch: int = 0) -> str:
   """The key of one teacher row in a teacher's row cache (everything the row depends on; the
   guidance scale only when it is not 1, the metric setup (`MetricSetup.identity`: weights,
   decoder, published statistics) and the prompts (`conditions_hash`) only when there are any,
-  so caches written before them keep their keys). `metric`: the metric names joined by
-  commas."""
+  and the generation chunk `batch` only when it splits the samples (each chunk draws its own
+  noise, so the chunk size changes the samples), so caches written before them keep their
+  keys). `metric`: the metric names joined by commas."""
   key = {"teacher": teacher_hash, "data": data_hash, "metric": metric,
          "num_samples": int(num_samples), "seed": int(seed), "solver": solver,
          "steps": int(steps), "class_conditional": bool(class_conditional)}
@@ -435,6 +436,8 @@ def teacher_row_key(*, teacher_hash: str, data_hash: str, metric: str, num_sampl
     key["metric_setup"] = metric_setup
   if conditions:
     key["conditions"] = conditions
+  if 0 < int(batch) < int(num_samples):
+    key["batch"] = int(batch)
   return json.dumps(key, sort_keys=True)
 
 
@@ -559,7 +562,8 @@ def evaluate(*, ctx: ctx_lib.Context, source, params: dict, step: int, student: 
                               guidance=guidance, metric_setup=setup_id,
                               conditions=conditions_hash(
                                   conds, ctx.nets[ode_teacher or net].null_inputs
-                                  if guidance != 1 else None))
+                                  if guidance != 1 else None),
+                              batch=batch)
       if key is not None and key in teacher_cache:   # (rows cached before CFG counted 2)
         results[name] = {**teacher_cache[key], "nfe": row_nfe(net, solver, steps, ode_teacher)}
       else:

@@ -156,10 +156,24 @@ def test_text_run_writes_grids_and_eval_with_its_prompts(text_run, monkeypatch):
   same = trainer.run_evaluation(engine, state, frozen, step, teacher_cache=cache)
   assert same["results"]["teacher_steps_2"]["swd"] == pytest.approx(swd, rel=1e-5)
   assert len(cache) == 2 and all('"conditions"' in k for k in cache)
+  # A generation chunk that splits the samples draws other noise (per chunk): other rows under
+  # other keys, never the cached ones; a chunk holding every sample is the same samples.
+  default_batch = cfg.eval.batch_size
+  with cfg.unlocked():
+    cfg.eval.batch_size = 4
+  chunked = trainer.run_evaluation(engine, state, frozen, step, teacher_cache=cache)
+  assert len(cache) == 4 and all('"batch": 4' in k for k in list(cache)[2:])
+  assert chunked["results"]["teacher_steps_2"]["swd"] != pytest.approx(swd, rel=1e-3)
+  with cfg.unlocked():
+    cfg.eval.batch_size = 6
+  whole = trainer.run_evaluation(engine, state, frozen, step, teacher_cache=cache)
+  assert len(cache) == 4 and whole["results"] == same["results"]
+  with cfg.unlocked():
+    cfg.eval.batch_size = default_batch
   shifted = {"text_embeds": src.conditions(6, cfg.eval.seed)["text_embeds"] + 2.0}
   monkeypatch.setattr(src, "conditions", lambda n, seed: {k: v[:n] for k, v in shifted.items()})
   other = trainer.run_evaluation(engine, state, frozen, step, teacher_cache=cache)
-  assert len(cache) == 4
+  assert len(cache) == 6
   for name in ("teacher_steps_1", "teacher_steps_2"):
     assert other["results"][name]["swd"] != pytest.approx(same["results"][name]["swd"], rel=1e-3)
   # The grids sample with `source.conditions(sample.num, sample.seed)`.
