@@ -548,3 +548,19 @@ def test_latents_source_checks_the_largest_caption_id_at_setup(caption_latents, 
   src = make_source({"name": "latents", "path": old, "text_embeds": short}, 0)
   with pytest.raises(ValueError, match="caption id 6 is outside embeds.npy's 6 captions"):
     src.batch(0, len(src))
+
+
+@pytest.mark.parametrize("argv", [["-m", "launch.precompute", "--help"],
+                                  ["-c", "import distill.data.latents"],
+                                  ["-c", "import distill.data.prompts"]])
+def test_precompute_and_data_modules_import_first_in_a_fresh_interpreter(argv):
+  """`python -m launch.precompute ...` (the documented command) stopped with an ImportError
+  traceback before parsing its flags: it imports distill.data.latents first, whose import of
+  sources registers the datasets, and prompts then read names latents had not defined yet."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True,
+                     text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
