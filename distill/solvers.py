@@ -24,6 +24,7 @@ Every solver is a `lax.scan` over the grid (one trace of the denoiser), pure and
 | `dpmpp_2m`    | DPM-Solver++(2M), data prediction, logSNR multistep            | n        |
 | `consistency` | x0 = f(x_t, t); re-noise alpha x0 + sigma eps' at the next time | n        |
 | `lcm`         | consistency with LCM's c_skip/c_out boundary (diffusers LCM)   | n        |
+|               | on LCMScheduler's grid (`lcm_grid`, discrete processes)        |          |
 | `tcd`         | TCD strategic stochastic sampling with `gamma` (diffusers TCD) | n        |
 | `trigflow`    | sCM step-adaptive sampler; grid [pi/2, mids..., 0]             | n        |
 | `cm`          | consistency on the CM multistep grid (Karras times, then 0)    | n        |
@@ -356,6 +357,16 @@ def trigflow_grid(process, steps: int, intermediate: Optional[Sequence[float]] =
   return _grid_through(process, steps, intermediate)
 
 
+def lcm_grid(process, steps: int, original_steps: int = 50, **grid_kwargs) -> np.ndarray:
+  """LCMScheduler's grid: on a discrete process, `steps` of the `original_steps`-step DDIM
+  times the LCM student is trained on (the "lcm" spacing; 4 of 50 on SD: 999, 759, 499, 259),
+  then t_end; on continuous processes their own grid (no lattice to stay on)."""
+  if getattr(process, "name", "") == "vp_discrete" and "spacing" not in grid_kwargs:
+    return process.timesteps(steps, spacing="lcm", original_steps=int(original_steps),
+                             **grid_kwargs)
+  return process.timesteps(steps, **grid_kwargs)
+
+
 def cm_grid(process, steps: int, intermediate: Optional[Sequence[float]] = None) -> np.ndarray:
   """Consistency-model multistep grid [t_max, intermediate..., t_end]: by default the first
   `steps` times of the rho-spaced (Karras) grid of steps + 1 times from t_max to t_min (1 step:
@@ -372,7 +383,7 @@ SOLVERS.add("heun", Solver(_heun, nfe=lambda steps: 2 * steps - 1))
 SOLVERS.add("ddim", Solver(_ddim))
 SOLVERS.add("dpmpp_2m", Solver(_dpmpp_2m))
 SOLVERS.add("consistency", Solver(_consistency, grid=refine_grid))
-SOLVERS.add("lcm", Solver(_lcm))
+SOLVERS.add("lcm", Solver(_lcm, grid=lcm_grid))
 SOLVERS.add("tcd", Solver(_tcd, grid=refine_grid))
 SOLVERS.add("trigflow", Solver(_consistency, grid=trigflow_grid))
 SOLVERS.add("cm", Solver(_consistency, grid=cm_grid))

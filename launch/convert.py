@@ -119,6 +119,7 @@ def _export(args) -> int:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
       shipped["vae"] = "AutoencoderKL"
     _write_index(tmp, conv.pipeline_for(info.module), shipped, sub, notes)
+    _note_guidance(engine, info, conv.pipeline_for(info.module), notes)
     runlog.write_json(os.path.join(tmp, "export.json"), notes)
     os.rename(tmp, args.out)
   except BaseException:
@@ -172,6 +173,28 @@ def _write_index(tmp: str, pipeline, shipped: dict, sub: str, notes: dict) -> No
       print(notes["model_index"])
     return
   runlog.write_json(os.path.join(tmp, "model_index.json"), index)
+
+
+# Pipelines that take a guidance-embedded network's w as `guidance_scale`: our w (CFG u + w (c - u))
+# -> the pipeline's guidance_scale (LatentConsistencyModelPipeline embeds guidance_scale - 1 as
+# LCM's w' = w - 1, which is what our UNet's guidance_inputs embed: the same number).
+PIPELINE_GUIDANCE_SCALE = {"LatentConsistencyModelPipeline": lambda w: w}
+
+
+def _note_guidance(engine, info, pipeline, notes: dict) -> None:
+  """export.json's "guidance" for a network that takes w as an input: the pipeline's
+  guidance_scale for the run's evaluated w (eval.guidance) and the w range it was trained on."""
+  from distill import context as ctx_lib  # pylint: disable=import-outside-toplevel
+  if not ctx_lib.embeds_guidance(info.module):
+    return
+  w = float(engine.config.eval.get("guidance", 1.0))
+  note = {"w": w, "convention": "w of u + w (c - u) (LCM's w' = w - 1)"}
+  trained = engine.config.objective.get("guidance_range", None)
+  if trained is not None:
+    note["trained_range"] = [float(v) for v in trained]
+  if pipeline in PIPELINE_GUIDANCE_SCALE:
+    note.update(pipeline=pipeline, guidance_scale=PIPELINE_GUIDANCE_SCALE[pipeline](w))
+  notes["guidance"] = note
 
 
 def _grid_kwargs(engine) -> dict:

@@ -92,14 +92,23 @@ def _random_update(self, state, frozen, step, batches=None):
   return state.replace(params=params), frozen, {}
 
 
-def make_run(workdir, spec: str, teacher: str, data: dict, overrides=()):
-  """A run directory of config `spec` at step 1 (see the module docstring)."""
+def _random_update_and_ema(self, state, frozen, step, batches=None):
+  """_random_update, with every EMA role of a moved network set to its new weights (an EMA
+  student's evaluated and exported weights are its EMA)."""
+  state, frozen, metrics = _random_update(self, state, frozen, step, batches)
+  ema = {n: {role: state.params[n] for role in roles} for n, roles in state.ema.items()}
+  return state.replace(ema=ema), frozen, metrics
+
+
+def make_run(workdir, spec: str, teacher: str, data: dict, overrides=(), update=None):
+  """A run directory of config `spec` at step 1 (see the module docstring); `update` replaces
+  the train step (default `_random_update`)."""
   c = trainer.load_config(spec, [f"teacher.checkpoint={teacher}", "train.steps=1",
                                  "train.batch_size=2", "eval.at_end=false",
                                  "checkpoint.every_steps=0", "sample.num=0", *overrides])
   c.data = config_lib.ConfigDict(data)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(Engine, "train_step", _random_update)
+    mp.setattr(Engine, "train_step", update or _random_update)
     mp.setattr(trainer, "_trace", lambda *a: None)
     trainer.train(c, str(workdir))
   return str(workdir)
@@ -368,3 +377,57 @@ def test_run_whose_prompt_directory_moved_exports_with_its_new_place(runs, tmp_p
   rc, lines = export(run, tmp_path / "out", f"--config.data.text_embeds={moved}")
   assert rc == 0, lines
   assert (tmp_path / "out" / "unet" / "config.json").is_file()
+
+
+def test_lcm_pipeline_from_the_export_reproduces_our_sampler_at_the_documented_guidance(
+    runs, tmp_path_factory):
+  """The w-embedded LCM student (sd15:lcm) exported with --vae loads as diffusers'
+  LatentConsistencyModelPipeline; at the guidance scale export.json documents for our w (the
+  recipe's eval.guidance), with the same initial noise, prompt embeddings and step noise (the
+  scheduler's draws from torch's global stream), it returns our own sampler's latents
+  (evaluation.make_sampler with the run's student sampler, as launch.sample) at 1, 2 and 4
+  steps. atol 1e-4 on latents of unit scale: up to four float32 UNet calls (parity 1e-5 each)
+  and the scheduler's float32 arithmetic. w + 1 changes the output by over 10x that, so the
+  w convention is what is checked. (4 steps differed: our sampler walked 999, 749, 499, 249,
+  LCMScheduler 999, 759, 499, 259, the grid the student is trained on.)"""
+  from distill import evaluation
+  root = tmp_path_factory.mktemp("lcm_w")
+  # The EMA (the evaluated and exported weights) moves too, so w's projection is not zero.
+  run = make_run(root / "run", "configs/t2i/sd15.py:lcm", runs["teachers"]["sd15"],
+                 prompt_data("sd15"), update=_random_update_and_ema)
+  out = root / "export"
+  rc, lines = export(run, out, "--vae", runs["vae"])
+  assert rc == 0, lines
+  notes = json.load(open(out / "export.json"))
+  w = notes["guidance"]["guidance_scale"]
+  # float32 (the recipe's teacher.runtime computes in bf16), as the diffusers pipeline.
+  engine, state, frozen, _ = trainer.open_run(run, ["teacher.runtime.dtype=float32"])
+  assert w == float(engine.config.eval.guidance) == 7.5
+  pipe = diffusers.DiffusionPipeline.from_pretrained(str(out), text_encoder=None,
+                                                     tokenizer=None)
+  assert type(pipe).__name__ == notes["guidance"]["pipeline"] == "LatentConsistencyModelPipeline"
+  pipe.set_progress_bar_config(disable=True)
+  ctx = trainer.context_for(engine, state, frozen)
+  params = trainer.eval_params(engine, state, frozen)["student"]
+  g = torch.Generator().manual_seed(1)
+  shape = (2, 4, 8, 8)
+  noise = torch.randn(shape, generator=g)
+  text = torch.randn(2, 5, 24, generator=g)
+  nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+
+  def pipeline(steps, scale):
+    torch.manual_seed(7)
+    return pipe(prompt_embeds=text, latents=noise.clone(), num_inference_steps=steps,
+                guidance_scale=scale, output_type="latent").images.numpy()
+
+  for steps in (1, 2, 4):
+    theirs = pipeline(steps, w)
+    torch.manual_seed(7)
+    step_noise = [torch.randn(shape).numpy() for _ in range(steps - 1)] + [np.zeros(shape)]
+    fn = evaluation.make_sampler(ctx, "student", solver=trainer.student_sampler(engine),
+                                 steps=steps, guidance=w,
+                                 step_noise=jnp.stack([nhwc(a) for a in step_noise]))
+    ours = np.asarray(fn(params, nhwc(noise.numpy()),
+                         {"text_embeds": jnp.asarray(text.numpy())}, None)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0, err_msg=f"{steps} steps")
+    assert np.max(np.abs(pipeline(steps, w + 1.0) - theirs)) > 1e-3   # 10 x the tolerance
