@@ -4,8 +4,10 @@
 
 Defaults: the run's student with its sampler (`eval.sampler`, else its objective's; `--sampler`
 takes a solver name or a spec such as "tcd(gamma=0.0)") (a teacher-training run: its teacher
-with Euler at `eval.teacher_steps`). Writes a PNG grid (image data) or a scatter plot (2-D toy
-data) and a `.npy` of the raw samples beside it.
+with Euler at `eval.teacher_steps`). `--guidance` defaults to 1 (no CFG), except for a network
+that takes w as an input (LCM's w-embedded UNet student): `eval.guidance`, the w its
+`launch.evaluate` rows and its export (export.json "guidance") use. Writes a PNG grid (image
+data) or a scatter plot (2-D toy data) and a `.npy` of the raw samples beside it.
 
 Text-to-image runs sample from the prompts of the run's data (`Source.conditions(num, seed)`),
 or from `--prompt_embeds`: a .npy of one prompt's embeddings (L, D) or of n prompts (n, L, D),
@@ -30,7 +32,7 @@ def _extra(p):
   p.add_argument("--network", default="")
   p.add_argument("--sampler", default="")
   p.add_argument("--steps", type=int, default=None)
-  p.add_argument("--guidance", type=float, default=1.0)
+  p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--class", dest="class_label", type=int, default=None)
   p.add_argument("--prompt_embeds", default="")
   p.add_argument("--rows", default="")
@@ -166,6 +168,9 @@ def main(argv: list[str]) -> int:
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   ctx = trainer.context_for(engine, state, frozen)
+  if args.guidance is None:   # a w input: the w of launch.evaluate's rows and of the export
+    args.guidance = (float(engine.config.eval.get("guidance", 1.0))
+                     if evaluation.embeds_guidance(ctx, net) else 1.0)
   params = trainer.eval_params(engine, state, frozen)
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
                                steps=steps, shape=engine.source.shape, guidance=args.guidance,

@@ -379,8 +379,17 @@ def test_run_whose_prompt_directory_moved_exports_with_its_new_place(runs, tmp_p
   assert (tmp_path / "out" / "unet" / "config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def lcm_w_run(runs, tmp_path_factory):
+  """An sd15:lcm run whose EMA (the evaluated and exported weights) moved too, so the student's
+  w projection is not zero (it starts at zero) and w changes its output."""
+  root = tmp_path_factory.mktemp("lcm_w")
+  return make_run(root / "run", "configs/t2i/sd15.py:lcm", runs["teachers"]["sd15"],
+                  prompt_data("sd15"), update=_random_update_and_ema)
+
+
 def test_lcm_pipeline_from_the_export_reproduces_our_sampler_at_the_documented_guidance(
-    runs, tmp_path_factory):
+    runs, lcm_w_run, tmp_path_factory):
   """The w-embedded LCM student (sd15:lcm) exported with --vae loads as diffusers'
   LatentConsistencyModelPipeline; at the guidance scale export.json documents for our w (the
   recipe's eval.guidance), with the same initial noise, prompt embeddings and step noise (the
@@ -391,11 +400,8 @@ def test_lcm_pipeline_from_the_export_reproduces_our_sampler_at_the_documented_g
   w convention is what is checked. (4 steps differed: our sampler walked 999, 749, 499, 249,
   LCMScheduler 999, 759, 499, 259, the grid the student is trained on.)"""
   from distill import evaluation
-  root = tmp_path_factory.mktemp("lcm_w")
-  # The EMA (the evaluated and exported weights) moves too, so w's projection is not zero.
-  run = make_run(root / "run", "configs/t2i/sd15.py:lcm", runs["teachers"]["sd15"],
-                 prompt_data("sd15"), update=_random_update_and_ema)
-  out = root / "export"
+  run = lcm_w_run
+  out = tmp_path_factory.mktemp("lcm_w_export") / "export"
   rc, lines = export(run, out, "--vae", runs["vae"])
   assert rc == 0, lines
   notes = json.load(open(out / "export.json"))
@@ -431,3 +437,21 @@ def test_lcm_pipeline_from_the_export_reproduces_our_sampler_at_the_documented_g
                          {"text_embeds": jnp.asarray(text.numpy())}, None)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0, err_msg=f"{steps} steps")
     assert np.max(np.abs(pipeline(steps, w + 1.0) - theirs)) > 1e-3   # 10 x the tolerance
+
+
+def test_sample_gives_a_w_embedded_student_the_evaluated_w_by_default(lcm_w_run, tmp_path):
+  """launch.sample without --guidance samples the LCM student at eval.guidance (7.5), the w of
+  its evaluate rows and of its export's documented guidance_scale: it sampled at w = 1, outside
+  the trained range (6, 16), unlike every other tool. Compared exactly: the same jitted
+  sampler, seed and prompts; w = 1 differs."""
+  from launch import sample as launch_sample
+
+  def sample(*flags):
+    out = tmp_path / f"s{len(os.listdir(tmp_path))}.png"
+    assert launch_sample.main(["--workdir", lcm_w_run, "--num", "2", "--steps", "2",
+                               "--out", str(out), *flags]) == 0
+    return np.load(str(out).replace(".png", ".npy"))
+
+  default = sample()
+  np.testing.assert_array_equal(default, sample("--guidance", "7.5"))
+  assert np.max(np.abs(default - sample("--guidance", "1"))) > 1e-3
