@@ -298,10 +298,25 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
       student="student", sampler=sampler, evaluates_as="student")
 
 
+def lcm_sampler(num_ddim_steps: int, sigma_data: float, timestep_scaling: float) -> str:
+  """The `lcm` sampler spec of a student trained with these settings: its grid on the
+  `num_ddim_steps` lattice it was trained on, its boundary scalings; the plain name at LCM's
+  defaults (50, 0.5, 10), which diffusers' LCMScheduler defaults to as well."""
+  options = []
+  if float(timestep_scaling) != LCM_DEFAULTS["timestep_scaling"]:
+    options.append(f"timestep_scaling={float(timestep_scaling)!r}")
+  if float(sigma_data) != LCM_DEFAULTS["sigma_data"]:
+    options.append(f"sigma_data={float(sigma_data)!r}")
+  if int(num_ddim_steps) != LCM_DEFAULTS["num_ddim_steps"]:
+    options.append(f"grid_kwargs={{'original_steps': {int(num_ddim_steps)}}}")
+  return f"lcm({', '.join(options)})" if options else "lcm"
+
+
 @register_objective("lcm", defaults=LCM_DEFAULTS)
 def build_lcm(cfg) -> Objective:
-  return _build(cfg, "lcm", "lcm", scalings={"sigma_data": float(cfg.sigma_data),
-                                             "timestep_scaling": float(cfg.timestep_scaling)})
+  return _build(cfg, "lcm", lcm_sampler(cfg.num_ddim_steps, cfg.sigma_data, cfg.timestep_scaling),
+                scalings={"sigma_data": float(cfg.sigma_data),
+                          "timestep_scaling": float(cfg.timestep_scaling)})
 
 
 @register_objective("segmented_cm", defaults=SEGMENTED_DEFAULTS)
