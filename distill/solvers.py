@@ -121,7 +121,7 @@ def sample(denoiser: Denoiser, process: procs.Process, noise: Array, *, solver: 
   if timesteps is None:
     if steps is None:
       raise ValueError("sample() needs `steps` or `timesteps`")
-    make_grid = entry.grid or _process_grid
+    make_grid = entry.grid or process_grid
     grid = make_grid(process, steps, **dict(grid_kwargs or {}))
   else:
     grid = timesteps
@@ -133,7 +133,7 @@ def sample(denoiser: Denoiser, process: procs.Process, noise: Array, *, solver: 
   return entry.run(denoiser, process, noise, grid, noise_at, **kw)
 
 
-def _process_grid(process, steps: int, **grid_kwargs) -> np.ndarray:
+def process_grid(process, steps: int, **grid_kwargs) -> np.ndarray:
   return process.timesteps(steps, **grid_kwargs)
 
 

@@ -111,7 +111,7 @@ def _export(args) -> int:
                                         out_dir=os.path.join(tmp, sub))
     shipped = {sub: type(torch_module).__name__}
     if sampler:
-      _write_scheduler(tmp, info, sampler, _grid_kwargs(engine), notes, shipped)
+      _write_scheduler(tmp, info, sampler, tuple(engine.config.eval.steps), notes, shipped)
     if engine.plans[net].lora is not None:
       _write_lora(tmp, conv, info, jax.device_get(params), int(engine.plans[net].lora.rank),
                   notes)
@@ -129,13 +129,16 @@ def _export(args) -> int:
   return 0
 
 
-def _write_scheduler(tmp: str, info, sampler: str, grid: dict, notes: dict,
+def _write_scheduler(tmp: str, info, sampler: str, steps: tuple, notes: dict,
                      shipped: dict) -> None:
-  """scheduler/scheduler_config.json of the diffusers scheduler reproducing `sampler`, or the
-  reason there is none (export.json and one printed line)."""
+  """scheduler/scheduler_config.json of the diffusers scheduler reproducing `sampler` (its
+  spec carries the settings, e.g. an LCM student's lattice and boundary scaling), or the
+  reason there is none (export.json and one printed line). A flow-matching scheduler's grid is
+  not ours: export.json's `sigmas` gives, for each of `steps` (eval.steps), the `sigmas=` that
+  make it walk our sampler's grid."""
   from models.convert import export  # pylint: disable=import-outside-toplevel
   try:
-    sched = export.scheduler_config(info, sampler, grid)
+    sched = export.scheduler_config(info, sampler)
   except ValueError as e:
     notes["scheduler"] = str(e)
     print(f"no scheduler: {e}")
@@ -143,6 +146,12 @@ def _write_scheduler(tmp: str, info, sampler: str, grid: dict, notes: dict,
   os.makedirs(os.path.join(tmp, "scheduler"))
   runlog.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
   notes["scheduler"] = shipped["scheduler"] = sched["_class_name"]
+  sigmas = export.flow_sigmas(sched, info, sampler, steps)
+  if sigmas is not None:
+    notes["sigmas"] = sigmas
+    notes["sigmas_note"] = ("pass sigmas=sigmas[str(steps)] to the pipeline (or "
+                            "scheduler.set_timesteps) to walk the student's own grid; the "
+                            "scheduler's default grid is diffusers' linspace")
 
 
 def _write_lora(tmp: str, conv, info, lora_params, rank: int, notes: dict) -> None:
@@ -195,17 +204,6 @@ def _note_guidance(engine, info, pipeline, notes: dict) -> None:
   if pipeline in PIPELINE_GUIDANCE_SCALE:
     note.update(pipeline=pipeline, guidance_scale=PIPELINE_GUIDANCE_SCALE[pipeline](w))
   notes["guidance"] = note
-
-
-def _grid_kwargs(engine) -> dict:
-  """Sampler settings the scheduler config needs (LCM's original grid and scalings)."""
-  keys = getattr(engine.objective.phases[0].loss, "keywords", {}) or {}
-  out = {}
-  if "num_steps" in keys:
-    out["original_steps"] = int(keys["num_steps"])
-  if "timestep_scaling" in keys:
-    out["timestep_scaling"] = float(keys["timestep_scaling"])
-  return out
 
 
 if __name__ == "__main__":

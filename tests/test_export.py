@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 
 from distill import context as ctx_lib
+from distill import evaluation
 from distill import processes as procs
 from distill import solvers
+from distill import wrappers
+from distill.objectives import lcm as lcm_objective
+from distill.registry import parse_spec
 from models import convert, lora
 from models.convert import export
 from tests.test_dit_convert import random_dit
@@ -42,15 +46,23 @@ def tiny_vae(seed=0):
   return vae.eval()
 
 
-def _grid(sched, steps):
+def _set_timesteps(sched, steps, sigmas=None):
+  """set_timesteps(steps), or with the given flow sigmas (export.flow_sigmas)."""
+  if sigmas is None:
+    sched.set_timesteps(steps)
+  else:
+    sched.set_timesteps(sigmas=sigmas)
+
+
+def _grid(sched, steps, sigmas=None):
   """The grid a pipeline walks: timesteps (+ our clean end -1) or flow sigmas (end 0)."""
-  sched.set_timesteps(steps)
+  _set_timesteps(sched, steps, sigmas)
   if hasattr(sched, "sigmas") and type(sched).__name__.startswith("FlowMatch"):
     return sched.sigmas.numpy().astype(np.float32)
   return np.append(sched.timesteps.numpy().astype(np.float32), -1.0)
 
 
-def _diffusers_images(dm, vae, sched, labels, steps):
+def _diffusers_images(dm, vae, sched, labels, steps, sigmas=None):
   """DiTPipeline (guidance 1, latents from Generator(0)); flow-matching schedulers have no
   scale_model_input, which DiTPipeline calls, so for them the same loop is written out: the
   scheduler's timesteps into the transformer, its step on the output, the VAE decode."""
@@ -61,7 +73,7 @@ def _diffusers_images(dm, vae, sched, labels, steps):
                 generator=torch.Generator().manual_seed(0), output_type="np").images
   x = torch.randn((len(labels), 4, 8, 8), generator=torch.Generator().manual_seed(0))
   y = torch.tensor(labels)
-  sched.set_timesteps(steps)
+  _set_timesteps(sched, steps, sigmas)
   with torch.no_grad():
     for t in sched.timesteps:
       out = dm(x, timestep=t.expand(len(labels)), class_labels=y).sample
@@ -75,12 +87,20 @@ CASES = {
     "ddim_eps_learn_sigma": ("ddim", {"name": "vp_discrete", "beta_schedule": "linear"}, "eps",
                              True, 4),
     "lcm_v": ("lcm", {"name": "vp_discrete", "beta_schedule": "scaled_linear"}, "v", False, 4),
+    # The sampler of an LCM student trained on another lattice with another boundary scaling
+    # (objective.num_ddim_steps=20, timestep_scaling=5: lcm.lcm_sampler's spec).
+    "lcm_v_lattice20": (lcm_objective.lcm_sampler(20, 0.5, 5.0),
+                        {"name": "vp_discrete", "beta_schedule": "scaled_linear"}, "v", False, 4),
     # DMD2's multistep sampler over an SD-like VP student (LCMScheduler, no boundary scalings).
     "consistency_vp_eps": ("consistency", {"name": "vp_discrete",
                                            "beta_schedule": "scaled_linear"}, "eps", False, 4),
     "euler_flow": ("euler", {"name": "rectified_flow", "shift": 3.0}, "flow", False, 4),
     "consistency_flow": ("consistency", {"name": "rectified_flow"}, "flow", False, 3),
+    # sCM's sampler over a rectified-flow network presented as TrigFlow (flow_to_trigflow): its
+    # mid-time grid walked by the flow scheduler through the exported sigmas.
+    "trigflow_flow": ("trigflow", {"name": "rectified_flow", "shift": 2.0}, "flow", False, 3),
 }
+WRAPPERS = {"trigflow_flow": lambda: wrappers.FlowToTrigFlow(sigma_data=0.5)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -94,18 +114,20 @@ def test_dit_pipeline_with_exported_scheduler_reproduces_our_sampler(case):
   module, variables = convert.from_diffusers(dm)
   process = procs.make_process(**proc_cfg)
   info = ctx_lib.NetInfo(name="student", module=module, prediction=kind, process=process,
-                         num_classes=1000, output_channels=4 if learn_sigma else 0)
-  sched_cfg = export.scheduler_config(info, sampler, {"original_steps": 50})
+                         num_classes=1000, output_channels=4 if learn_sigma else 0,
+                         wrapper=WRAPPERS[case]() if case in WRAPPERS else None)
+  sched_cfg = export.scheduler_config(info, sampler)
   make = lambda: getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
   vae = tiny_vae()
   labels = [3, 998]
   torch.manual_seed(123)
-  images = _diffusers_images(dm, vae, make(), labels, steps)
+  sigmas = (export.flow_sigmas(sched_cfg, info, sampler, [steps]) or {}).get(str(steps))
+  images = _diffusers_images(dm, vae, make(), labels, steps, sigmas)
 
   shape = (2, 4, 8, 8)
   noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
   torch.manual_seed(123)
-  stochastic = sampler in ("lcm", "consistency")
+  stochastic = sampler.split("(")[0] in ("lcm", "consistency", "trigflow")
   lcm = sched_cfg["_class_name"] == "LCMScheduler"
   draws = steps - 1 if lcm else steps                    # LCM draws none at its last step
   step_noise = [torch.randn(shape).numpy() for _ in range(draws if stochastic else 0)]
@@ -113,11 +135,22 @@ def test_dit_pipeline_with_exported_scheduler_reproduces_our_sampler(case):
   ctx = ctx_lib.Context(params={"student": variables["params"]}, ema={}, model_state={},
                         nets={"student": info})
   y = jnp.asarray(labels)
-  den = lambda x, t: ctx.x0("student", x, t, {"class_labels": y})
   nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
-  latents = solvers.sample(den, process, nhwc(noise), solver=sampler,
-                           timesteps=_grid(make(), steps),
-                           step_noise=jnp.stack([nhwc(a) for a in step_noise]))
+  # Our sampler on its own grid (not the scheduler's): the grids must agree too.
+  # (a flow-matching scheduler walks it with the sigmas export.json records: flow_sigmas)
+  name, options = parse_spec(sampler)
+  ours_grid = (solvers.SOLVERS.get(name).grid or solvers.process_grid)(
+      info.process, steps, **options.get("grid_kwargs", {}))
+  if sigmas is not None:   # as flow sigmas of the same noise levels
+    alpha, sigma = (np.asarray(v) for v in info.process.alpha_sigma(ours_grid))
+    ours_grid = sigma / (alpha + sigma)
+  np.testing.assert_allclose(ours_grid, _grid(make(), steps, sigmas), atol=1e-6, rtol=0)
+  # The noise at the first time in the presented process (TrigFlow's prior is sigma_d eps).
+  prior = float(info.process.prior_std)
+  latents = evaluation.make_sampler(ctx, "student", solver=sampler, steps=steps,
+                                    step_noise=jnp.stack([nhwc(a) for a in step_noise]))(
+                                        ctx.params["student"], prior * nhwc(noise),
+                                        {"label": y}, None)
   with torch.no_grad():
     z = torch.from_numpy(np.array(latents).transpose(0, 3, 1, 2)) / vae.config.scaling_factor
     ours = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -128,7 +161,6 @@ def test_dit_pipeline_with_exported_scheduler_reproduces_our_sampler(case):
 def test_wrapped_students_say_what_they_export():
   module, _ = convert.from_diffusers(random_dit(DIT))
   rf = procs.make_process("rectified_flow")
-  from distill import wrappers
   cm = ctx_lib.NetInfo(name="s", module=module, prediction="flow", process=rf,
                        wrapper=wrappers.EDMConsistency())
   with pytest.raises(ValueError, match="edm_consistency"):
@@ -249,3 +281,29 @@ def test_lcm_lora_run_exports_a_pipeline_diffusers_loads(tmp_path):
   img = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2,
              generator=torch.Generator().manual_seed(0), output_type="np").images
   assert img.shape[0] == 1 and img.shape[-1] == 3 and np.all(np.isfinite(img))
+
+
+def test_export_json_gives_the_sigmas_that_walk_a_flow_students_grid(tmp_path):
+  """launch.convert's scheduler note: for an sCM student over a flow network (shift 3),
+  export.json's sigmas for each eval step count make the exported FlowMatchEuler scheduler walk
+  our trigflow grid (as flow sigmas); a DDIM student's own scheduler grid needs none."""
+  from launch import convert as convert_tool
+  module, _ = convert.from_diffusers(random_dit(DIT))
+  scm = ctx_lib.NetInfo(name="s", module=module, prediction="flow",
+                        process=procs.make_process("rectified_flow", shift=3.0),
+                        wrapper=wrappers.FlowToTrigFlow(sigma_data=0.5))
+  notes, shipped = {}, {}
+  convert_tool._write_scheduler(str(tmp_path / "a"), scm, "trigflow", (1, 2, 4), notes, shipped)
+  sched = json.load(open(tmp_path / "a" / "scheduler" / "scheduler_config.json"))
+  assert sorted(notes["sigmas"]) == ["1", "2", "4"]
+  for n in (1, 2, 4):
+    s = diffusers.FlowMatchEulerDiscreteScheduler.from_config(sched)
+    s.set_timesteps(sigmas=notes["sigmas"][str(n)])
+    alpha, sigma = (np.asarray(v) for v in scm.process.alpha_sigma(
+        solvers.trigflow_grid(scm.process, n)))
+    np.testing.assert_allclose(s.sigmas.numpy(), sigma / (alpha + sigma), atol=1e-6)
+  vp = ctx_lib.NetInfo(name="s", module=module, prediction="eps",
+                       process=procs.make_process("vp_discrete"))
+  notes = {}
+  convert_tool._write_scheduler(str(tmp_path / "b"), vp, "ddim", (1, 2, 4), notes, {})
+  assert notes["scheduler"] == "DDIMScheduler" and "sigmas" not in notes

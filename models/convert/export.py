@@ -20,7 +20,13 @@ A TrigFlow student presented by `flow_to_trigflow` is a rectified-flow network u
 sCM sampler's step (x0 = f(x_t, t), re-noise to the next time) is the stochastic flow-matching
 step in the network's own coordinates (same x0, same unit noise; the TrigFlow prior sigma_d eps
 is the flow prior eps scaled), so one step is identical and K steps differ only in the grid
-(diffusers' linspace instead of sCM's mid times). Students presented by `edm_consistency` (CD,
+(diffusers' linspace instead of sCM's mid times).
+
+Grids. The discrete schedulers' own grids are our samplers' grids. FlowMatchEulerDiscreteScheduler's
+default grid (a linspace down to its smallest training sigma) is not: `flow_sigmas` gives, per
+step count, the `sigmas=` to pass (`scheduler.set_timesteps(sigmas=...)`, or a pipeline's
+`sigmas` argument: SanaPipeline, StableDiffusion3Pipeline) so it walks our sampler's grid, in
+the scheduler's pre-shift units; `launch.convert` writes them to export.json. Students presented by `edm_consistency` (CD,
 CT, ECT) have no diffusers scheduler over their raw network (the boundary scalings are part of
 the student): `scheduler_config` says so in one line.
 
@@ -120,6 +126,11 @@ SCHEDULERS.add("consistency/rectified_flow", _flow_match(True))
 SCHEDULERS.add("trigflow/rectified_flow", _flow_match(True))
 
 
+# Sampler options a scheduler config reproduces, by sampler: LCM's boundary scaling and the
+# DDIM lattice its grid walks (`grid_kwargs={"original_steps": N}`; see _lcm).
+SCHEDULER_OPTIONS = {"lcm": ("timestep_scaling", "grid_kwargs")}
+
+
 def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
   """The diffusers scheduler config reproducing `sampler` (a solver name, or a spec such as
   "tcd(gamma=0.3)") over network `info`'s raw output (its own process and prediction; a
@@ -140,10 +151,35 @@ def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
     raise ValueError(f"export: no diffusers scheduler reproduces sampler {sampler!r} on a "
                      f"{getattr(process, 'name', '')} network (known: "
                      f"{', '.join(SCHEDULERS.names())})")
+  grid = dict(grid or {})
+  reproduced = SCHEDULER_OPTIONS.get(sampler, ())
+  grid.update(options.pop("grid_kwargs", {}) if "grid_kwargs" in reproduced else {})
+  grid.update({k: options.pop(k) for k in reproduced if k in options})
   if options:
     raise ValueError(f"export: sampler {spec!r} has options no diffusers scheduler reproduces "
                      f"({', '.join(sorted(options))}); --sampler {sampler} writes the plain one")
-  return SCHEDULERS.get(key)(process, prediction, dict(grid or {}))
+  return SCHEDULERS.get(key)(process, prediction, grid)
+
+
+def flow_sigmas(sched: Mapping[str, Any], info, sampler: str, steps) -> Optional[dict]:
+  """{str(n): sigmas} for n in `steps`: the `sigmas=` that make FlowMatchEulerDiscreteScheduler
+  config `sched` walk `sampler`'s n-step grid on network `info` (the grid over its presented
+  process, e.g. sCM's TrigFlow angles, as flow sigmas sigma / (alpha + sigma) of the same
+  noise level, before the scheduler's shift, which set_timesteps applies; without the final 0,
+  which the scheduler appends). None for other schedulers (their own grid is ours)."""
+  if sched.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+    return None
+  from distill import solvers  # pylint: disable=import-outside-toplevel
+  name, options = parse_spec(sampler, "sampler")
+  grid_of = solvers.SOLVERS.get(name).grid or solvers.process_grid
+  shift = float(sched.get("shift", 1.0))
+  out = {}
+  for n in steps:
+    t = np.asarray(grid_of(info.process, int(n), **options.get("grid_kwargs", {})), np.float64)
+    alpha, sigma = (np.asarray(v, np.float64) for v in info.process.alpha_sigma(t[:-1]))
+    flow = sigma / (alpha + sigma)
+    out[str(int(n))] = [round(float(v), 8) for v in flow / (shift - (shift - 1.0) * flow)]
+  return out
 
 
 # --------------------------------------------------------------------------------------------
