@@ -105,15 +105,18 @@ def test_content_hash(src):
     src.images[0, 0, 0, 0] = 0.0
 
 
-def test_floor_reference_is_disjoint_from_reference(src):
-  """The fd data floor compares two real halves with no image in common (while 2n <= 1797)."""
+def test_floor_reference_is_disjoint_from_reference(src, caplog):
+  """The fd data floor compares two real halves with no image in common (while 2n <= 1797);
+  beyond, a warning line says the floor is optimistic."""
   n = 898
   ref = src.reference_index(n, seed=3)
   other = src.reference_index(2 * n, seed=3)[n:]
   assert not set(ref.tolist()) & set(other.tolist())
   np.testing.assert_array_equal(src.floor_reference(n, 3), src.images[other])
   np.testing.assert_array_equal(src.reference(n, 3), src.images[ref])
+  assert "optimistic" not in caplog.text
   # Beyond half the set no disjoint half exists: an independent second permutation instead.
   big = src.floor_reference(1000, 3)
   assert big.shape == (1000, 16, 16, 1)
   assert not np.array_equal(big, src.reference(1000, 3))
+  assert "floor of 1000 samples" in caplog.text and "optimistic" in caplog.text
