@@ -931,6 +931,10 @@ def _check_recorded_data(config, overrides) -> None:
                                 "naming where that data is now")
 
 
+# The keys a run's config.json must name: the registries that give every other key its schema.
+RUN_IDENTITY_KEYS = ("objective.name", "model.name", "data.name")
+
+
 def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
   """Rebuilds a run's engine from its config.json and restores its latest checkpoint.
 
@@ -947,6 +951,11 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
     saved = json.load(f)
   saved.pop("provenance", None)
   recorded = _recorded_teacher(saved.pop("resolved", None) or {})
+  for key in RUN_IDENTITY_KEYS:   # what the defaults of every other key hang on
+    section, _, name = key.partition(".")
+    if not isinstance(saved.get(section), dict) or not saved[section].get(name):
+      raise config_lib.ConfigError(f"{path}: no {key!r} (a damaged or hand-edited config.json; "
+                                   "the run cannot be rebuilt without it)")
   config = config_lib.from_dict(saved)
   names = [o.partition("=")[2] for o in overrides if o.startswith("data.name=")]
   if names and names[-1] != config.data.name:

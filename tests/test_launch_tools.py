@@ -144,6 +144,28 @@ def test_a_run_whose_config_json_has_a_key_this_version_lacks_is_named(tiny_run,
                                  "'objective.retired_key'") and "remove it" in str(e.value)
 
 
+@pytest.mark.parametrize("damage", ["objective.name", "objective", "model.name", "data"])
+def test_a_run_whose_config_json_lacks_what_names_its_parts_says_so(tiny_run, tmp_path, damage):
+  """A config.json without its objective / model / data name (a damaged or hand-edited file)
+  stops with one line naming the key, not an 'unknown key' of the defaults it fell back to."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run, run)
+  cfg = json.loads((run / "config.json").read_text())
+  section, _, name = damage.partition(".")
+  if name:
+    del cfg[section][name]
+  else:
+    del cfg[section]
+  (run / "config.json").write_text(json.dumps(cfg))
+  from distill import config as config_lib, trainer
+  with pytest.raises(config_lib.ConfigError) as e:
+    trainer.open_run(str(run))
+  key = damage if name else f"{damage}.name"
+  assert str(e.value) == (f"{run / 'config.json'}: no {key!r} (a damaged or hand-edited "
+                          "config.json; the run cannot be rebuilt without it)")
+
+
 def _dry(script, env, *args):
   e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   e.update(env, DRY_RUN="1")
