@@ -168,9 +168,14 @@ def main(argv: list[str]) -> int:
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   ctx = trainer.context_for(engine, state, frozen)
+  w_input = evaluation.embeds_guidance(ctx, net)
   if args.guidance is None:   # a w input: the w of launch.evaluate's rows and of the export
-    args.guidance = (float(engine.config.eval.get("guidance", 1.0))
-                     if evaluation.embeds_guidance(ctx, net) else 1.0)
+    args.guidance = float(engine.config.eval.get("guidance", 1.0)) if w_input else 1.0
+  if args.guidance != 1.0 and not w_input and labels is None and not conds:
+    return cli.fail(ValueError(
+        f"--guidance {args.guidance:g}: classifier-free guidance needs a condition to guide "
+        "(--class N; a text-to-image run guides its prompts); without one every sample is "
+        "the null condition's, the same at any scale"))
   params = trainer.eval_params(engine, state, frozen)
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
                                steps=steps, shape=engine.source.shape, guidance=args.guidance,

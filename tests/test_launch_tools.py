@@ -111,6 +111,7 @@ def test_evaluate_on_two_processes_equals_one(tiny_run, tmp_path):
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--num", "-2"], "--num: must be >= 1"),
     (["--out", "samples"], "--out samples: expected an image file name"),
+    (["--guidance", "2"], "--guidance 2: classifier-free guidance needs a condition to guide"),
     # launch.evaluate's counts are checked with the config, before any sampling
     (["--num", "-5", "evaluate"], "config key 'eval.num_samples': must be >= 1, got -5"),
     (["--teacher_steps", "0", "evaluate"], "'eval.teacher_steps': must be >= 1, got 0"),
