@@ -151,6 +151,10 @@ class Objective:
   student: str = "student"
   sampler: str = "euler"
   evaluates_as: str = "student"
+  # The step count its student is trained to be sampled with, where the method fixes one
+  # (progressive's N, segmented_cm's segments; per stage, so a run stopped mid-way is sampled
+  # as its current stage's student): launch.sample's default --steps. None: eval.steps[0].
+  student_steps: Optional[int] = None
   # Whether its losses read batch["x"] as real data. False: data-free (VSD, SiD and DMD2
   # without their GAN terms read only the batch's shape and conditioning), so a prompts-only
   # source (`prompts`) can feed it. A stream name: only that stream's images are read as real

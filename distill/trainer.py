@@ -515,6 +515,15 @@ def student_sampler(engine: Engine) -> str:
   return engine.config.eval.get("sampler", "") or engine.objective.sampler
 
 
+def student_steps(engine: Engine, state) -> int:
+  """The student's default step count: the one its objective trains it for at the run's stage
+  (`Objective.student_steps`: a progressive student stopped in its 16 -> 8 stage is an 8-step
+  model), else the first of `eval.steps`."""
+  objectives = engine.stage_objectives
+  objective = objectives[min(int(state.stage), len(objectives) - 1)]
+  return int(objective.student_steps or engine.config.eval.steps[0])
+
+
 def _teacher_name(engine: Engine) -> Optional[str]:
   for name, plan in engine.plans.items():
     if plan.init_from == "checkpoint":

@@ -3,11 +3,14 @@
 [--seed S] [--num K] [--out FILE.png]`.
 
 Defaults: the run's student with its sampler (`eval.sampler`, else its objective's; `--sampler`
-takes a solver name or a spec such as "tcd(gamma=0.0)") (a teacher-training run: its teacher
-with Euler at `eval.teacher_steps`). `--guidance` defaults to 1 (no CFG), except for a network
-that takes w as an input (LCM's w-embedded UNet student): `eval.guidance`, the w its
-`launch.evaluate` rows and its export (export.json "guidance") use. Writes a PNG grid (image
-data) or a scatter plot (2-D toy data) and a `.npy` of the raw samples beside it.
+takes a solver name or a spec such as "tcd(gamma=0.0)") at the step count its objective trains
+it for at the run's stage (progressive, guided, segmented_cm: a run stopped in its 16 -> 8
+stage samples 8 steps), else the first of `eval.steps`; the teacher with its reference solver
+at `eval.teacher_steps` (a teacher-training run: its teacher). `--guidance` defaults to 1 (no
+CFG), except for a network that takes w as an input (LCM's w-embedded UNet student):
+`eval.guidance`, the w its `launch.evaluate` rows and its export (export.json "guidance") use.
+Writes a PNG grid (image data) or a scatter plot (2-D toy data) and a `.npy` of the raw samples
+beside it.
 
 Text-to-image runs sample from the prompts of the run's data (`Source.conditions(num, seed)`),
 or from `--prompt_embeds`: a .npy of one prompt's embeddings (L, D) or of n prompts (n, L, D),
@@ -156,7 +159,7 @@ def main(argv: list[str]) -> int:
     if args.num < 1:
       raise ValueError(f"--num: must be >= 1, got {args.num}")
     steps = args.steps or (engine.config.eval.teacher_steps if is_teacher_role
-                           else int(engine.config.eval.steps[0]))
+                           else trainer.student_steps(engine, state))
     evaluation.check_steps(info.process, (steps,), "--steps")
     labels = None
     if args.class_label is not None:

@@ -121,6 +121,29 @@ def test_stages_halve_the_steps_and_promote():
     Engine(mu.tiny_config("progressive", student_steps=4, num_stages=4), teacher=teacher)
 
 
+def test_default_sample_steps_are_the_current_stages_student_steps():
+  """launch.sample's default --steps is what the student is trained for at the run's stage
+  (it was eval.steps[0] = 1: a 4-step progressive student sampled in one step by default)."""
+  from distill import trainer
+  from distill.engine import Engine
+  teacher = mu.make_teacher(num_classes=4)
+  cases = [("progressive", dict(student_steps=16, num_stages=3, stage_steps=4), [16, 8, 4]),
+           ("segmented_cm", dict(num_ddim_steps=8, segment_stages=(8, 4, 2, 1), stage_steps=2),
+            [8, 4, 2, 1]),
+           ("segmented_cm", dict(num_ddim_steps=8, num_segments=4), [4]),
+           # guided: the guidance stage's student has no fixed count (eval.steps[0]).
+           ("guided", dict(student_steps=8, num_stages=2, stage_steps=2, guidance_steps=2),
+            [1, 8, 4]),
+           ("lcm", {}, [1])]
+  for name, keys, want in cases:
+    config = mu.tiny_config(name, **keys)
+    engine = Engine(config, teacher=teacher)
+    state, _ = engine.init_state()
+    got = [trainer.student_steps(engine, state.replace(stage=jnp.int32(s)))
+           for s in range(len(want))]
+    assert got == want, (name, keys, got)
+
+
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------
@@ -193,3 +216,35 @@ def test_sharded_run_matches_single_device(tmp_path):
           "--config.objective.num_stages=2", "--config.objective.stage_steps=5",
           "--config.objective.guidance=2.0"]
   mu.check_sharded_losses(CONFIG, tmp_path, args, mu.phase_losses, ["progressive/loss"])
+
+
+@pytest.mark.slow
+def test_launch_sample_defaults_to_the_students_steps_finished_and_mid_stage(tmp_path):
+  """A finished 8 -> 4 -> 2 run samples 2 steps by default, one stopped in its second stage 4,
+  each equal to --steps given explicitly."""
+  import shutil
+  import subprocess
+  import sys
+  teacher = mu.shared_tiny_teacher()
+  w = tmp_path / "pd"
+  mu.run_train(CONFIG, w, *SMALL, f"--config.teacher.checkpoint={teacher}",
+               "--config.objective.num_stages=3", "--config.objective.stage_steps=3",
+               "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=10",
+               "--config.eval.at_end=false")
+
+  def sample(*args):
+    p = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", str(w), "--num",
+                        "16", *args], cwd=mu.ROOT, capture_output=True, text=True, timeout=600,
+                       env=mu.env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+  for steps in (2, 4):   # the finished run (stage 2: 2 steps), then stopped at step 4 (stage 1)
+    assert (w / "checkpoints" / "4").is_dir()
+    out = sample("--out", str(tmp_path / f"default{steps}.png"))
+    assert "wrote" in out
+    sample("--steps", str(steps), "--out", str(tmp_path / f"explicit{steps}.png"))
+    np.testing.assert_array_equal(np.load(tmp_path / f"default{steps}.npy"),
+                                  np.load(tmp_path / f"explicit{steps}.npy"))
+    for step in (9, 8, 6):
+      shutil.rmtree(w / "checkpoints" / str(step), ignore_errors=True)

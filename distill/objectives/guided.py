@@ -137,4 +137,5 @@ def build(cfg) -> Objective:
                               overrides={"stage_part": "guidance"}))
     stages = tuple(halving)
   return Objective(networks=tuple(networks), phases=(phase,), stages=stages,
-                   student="student", sampler="ddim", evaluates_as="student")
+                   student="student", sampler="ddim", evaluates_as="student",
+                   student_steps=None if running == "guidance" else n0)

@@ -124,4 +124,5 @@ def build(cfg) -> Objective:
   return Objective(networks=(Network("teacher", init="checkpoint", trainable=None),
                              Network("student", init="teacher")),
                    phases=(Phase("progressive", loss=loss, trains=("student",)),),
-                   stages=stages, student="student", sampler="ddim", evaluates_as="student")
+                   stages=stages, student="student", sampler="ddim", evaluates_as="student",
+                   student_steps=n0)
