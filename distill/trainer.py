@@ -515,6 +515,14 @@ def student_sampler(engine: Engine) -> str:
   return engine.config.eval.get("sampler", "") or engine.objective.sampler
 
 
+def eval_guidance(engine: Engine, ctx: ctx_lib.Context, net: str, is_teacher: bool) -> float:
+  """The guidance scale the evaluation samples network `net` at: `eval.guidance` for the
+  teacher (CFG) and for a network that takes w as its input, 1 for any other student (its
+  guidance, if any, is distilled in)."""
+  guidance = float(engine.config.eval.get("guidance", 1.0))
+  return guidance if is_teacher or evaluation.embeds_guidance(ctx, net) else 1.0
+
+
 def student_steps(engine: Engine, state) -> int:
   """The student's default step count: the one its objective trains it for at the run's stage
   (`Objective.student_steps`: a progressive student stopped in its 16 -> 8 stage is an 8-step
@@ -551,20 +559,24 @@ def write_samples(engine: Engine, state, frozen, step: int, workdir: str,
   conds = evaluation.network_conditions(
       evaluation.source_conditions(engine.source, cfg.sample.num, cfg.sample.seed))
   teacher = obj.student if obj.evaluates_as == "teacher" else _teacher_name(engine)
+  # At the evaluation's guidance scale (eval.json's rows): the teacher's CFG, a w input.
+  with_w = lambda w: f" w={w:g}" if w != 1.0 else ""
   if teacher is not None:
+    w = eval_guidance(engine, ctx, teacher, True)
     x, _ = evaluation.generate(ctx, teacher, params[teacher], n=cfg.sample.num,
                                seed=cfg.sample.seed,
                                solver=evaluation.teacher_solver(engine.nets[teacher].process),
                                steps=cfg.eval.teacher_steps, shape=engine.source.shape,
-                               labels=labels, conds=conds)
-    panels.append((f"teacher {cfg.eval.teacher_steps} steps", x))
+                               guidance=w, labels=labels, conds=conds)
+    panels.append((f"teacher {cfg.eval.teacher_steps} steps{with_w(w)}", x))
   if obj.evaluates_as != "teacher":
+    w = eval_guidance(engine, ctx, obj.student, False)
     for steps in cfg.eval.steps:
       x, _ = evaluation.generate(ctx, obj.student, params[obj.student], n=cfg.sample.num,
                                  seed=cfg.sample.seed, solver=student_sampler(engine),
-                                 steps=int(steps),
-                                 shape=engine.source.shape, labels=labels, conds=conds)
-      panels.append((f"student {steps} step{'s' if steps > 1 else ''}", x))
+                                 steps=int(steps), shape=engine.source.shape, guidance=w,
+                                 labels=labels, conds=conds)
+      panels.append((f"student {steps} step{'s' if steps > 1 else ''}{with_w(w)}", x))
   if engine.source.real_data:
     panels.insert(0, ("data", engine.source.reference(cfg.sample.num, cfg.sample.seed)))
   if cfg.eval.get("vae"):  # latents -> images in [-1, 1]

@@ -6,11 +6,12 @@ Defaults: the run's student with its sampler (`eval.sampler`, else its objective
 takes a solver name or a spec such as "tcd(gamma=0.0)") at the step count its objective trains
 it for at the run's stage (progressive, guided, segmented_cm: a run stopped in its 16 -> 8
 stage samples 8 steps), else the first of `eval.steps`; the teacher with its reference solver
-at `eval.teacher_steps` (a teacher-training run: its teacher). `--guidance` defaults to 1 (no
-CFG), except for a network that takes w as an input (LCM's w-embedded UNet student):
-`eval.guidance`, the w its `launch.evaluate` rows and its export (export.json "guidance") use.
-Writes a PNG grid (image data) or a scatter plot (2-D toy data) and a `.npy` of the raw samples
-beside it.
+at `eval.teacher_steps` (a teacher-training run: its teacher). `--guidance` defaults to the
+run's `eval.guidance` where its evaluation samples with it (the teacher's CFG, a student that
+takes w as its input, e.g. LCM's w-embedded UNet: the w of its eval rows and of its export,
+export.json "guidance"), else 1; CFG with nothing to guide (no `--class`, no prompts) stops in
+one line when asked for and is off by default. Writes a PNG grid (image data) or a scatter plot
+(2-D toy data) and a `.npy` of the raw samples beside it.
 
 Text-to-image runs sample from the prompts of the run's data (`Source.conditions(num, seed)`),
 or from `--prompt_embeds`: a .npy of one prompt's embeddings (L, D) or of n prompts (n, L, D),
@@ -172,23 +173,27 @@ def main(argv: list[str]) -> int:
     return cli.fail(e)
   ctx = trainer.context_for(engine, state, frozen)
   w_input = evaluation.embeds_guidance(ctx, net)
-  if args.guidance is None:   # a w input: the w of launch.evaluate's rows and of the export
-    args.guidance = float(engine.config.eval.get("guidance", 1.0)) if w_input else 1.0
-  if args.guidance != 1.0 and not w_input and labels is None and not conds:
+  nothing_to_guide = not w_input and labels is None and not conds
+  guidance = args.guidance
+  if guidance is None:   # as the evaluation samples this network
+    guidance = 1.0 if nothing_to_guide else trainer.eval_guidance(engine, ctx, net,
+                                                                  is_teacher_role)
+  elif guidance != 1.0 and nothing_to_guide:
     return cli.fail(ValueError(
-        f"--guidance {args.guidance:g}: classifier-free guidance needs a condition to guide "
+        f"--guidance {guidance:g}: classifier-free guidance needs a condition to guide "
         "(--class N; a text-to-image run guides its prompts); without one every sample is "
         "the null condition's, the same at any scale"))
   params = trainer.eval_params(engine, state, frozen)
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
-                               steps=steps, shape=engine.source.shape, guidance=args.guidance,
+                               steps=steps, shape=engine.source.shape, guidance=guidance,
                                labels=labels, conds=conds)
   which = (f"_class{args.class_label}" if labels is not None else "") + (
-      f"_w{args.guidance:g}" if args.guidance != 1.0 else "")
+      f"_w{guidance:g}" if guidance != 1.0 else "")
   out = args.out or os.path.join(args.workdir, "samples",
                                  f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"
                                  f"{steps}steps{which}_seed{args.seed}.png")
-  title = f"{role} {sampler} {steps} step{'s' if steps > 1 else ''} (step {step})"
+  title = (f"{role} {sampler} {steps} step{'s' if steps > 1 else ''}"
+           f"{f' w={guidance:g}' if guidance != 1.0 else ''} (step {step})")
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:   # every process holds the same samples
     images.save_panels(out, [(title, x)])

@@ -188,6 +188,36 @@ def test_stage_plan():
     Engine(mu.tiny_config("guided", part="all"), teacher=teacher)
 
 
+def test_sample_grid_uses_the_evaluations_guidance(tmp_path, monkeypatch):
+  """The training's sample grid samples as eval.json's rows do at eval.guidance = 2: the teacher
+  with CFG at 2 and the w-embedded student with w = 2 (they were both sampled at w = 1); a
+  student without a w input samples as it is. The panel titles say w."""
+  from distill import evaluation, images, trainer
+  from distill.engine import Engine
+  teacher = mu.make_teacher(num_classes=4)
+  real = evaluation.generate
+  for objective, keys, student_w in (("guided", dict(part="guidance"), 2.0),
+                                     ("progressive", dict(num_stages=1, student_steps=2), 1.0)):
+    config = mu.tiny_config(objective, **keys)
+    config.eval.guidance = 2.0
+    config.eval.class_conditional = True
+    config.eval.steps = (1,)
+    config.eval.teacher_steps = 2
+    config.sample.num = 8
+    engine = Engine(config, teacher=teacher)
+    state, frozen = engine.init_state()
+    seen, shown = [], []
+    monkeypatch.setattr(evaluation, "generate",
+                        lambda ctx, net, *a, **k: seen.append((net, k["guidance"]))
+                        or real(ctx, net, *a, **k))
+    monkeypatch.setattr(images, "save_panels", lambda path, panels: shown.append(panels))
+    trainer.write_samples(engine, state, frozen, 0, str(tmp_path))
+    assert seen == [("teacher", 2.0), ("student", student_w)], objective
+    titles = [t for t, _ in shown[0]]
+    assert titles[1] == "teacher 2 steps w=2"
+    assert titles[2] == ("student 1 step w=2" if student_w == 2.0 else "student 1 step")
+
+
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,21 @@ def test_sample_writes_png_and_raw_samples(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_sample_defaults_to_the_runs_eval_guidance(tiny_run, tmp_path):
+  """Without --guidance the teacher samples with CFG at the run's eval.guidance, as its eval
+  rows do (it sampled at w = 1); --guidance still overrides it."""
+  def sample(name, *args):
+    p = tool("sample", "--workdir", str(tiny_run), "--steps", "4", "--num", "32", "--class",
+             "3", "--out", str(tmp_path / f"{name}.png"), *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return np.load(tmp_path / f"{name}.npy")
+  default = sample("default", "--config.eval.guidance=2.0")
+  np.testing.assert_array_equal(default, sample("w2", "--guidance", "2"))
+  unguided = sample("w1", "--config.eval.guidance=2.0", "--guidance", "1")
+  assert np.abs(default - unguided).max() > 1e-3
+
+
+@pytest.mark.slow
 def test_evaluate_writes_eval_json(tiny_run):
   p = tool("evaluate", "--workdir", str(tiny_run), "--num", "128", "--teacher_steps", "4")
   assert p.returncode == 0, p.stderr[-2000:]
