@@ -688,7 +688,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
   if restored is not None:
     start, state, meta = restored
     with _setup_failure_closes(ckpt):
-      frozen = _restore_promoted(engine, ckpt, state, frozen, start)
+      frozen = _restore_promoted(engine, ckpt, state, frozen, start, meta)
     _set_aside_skipped(ckpt, start, is_main)
     rlog.truncate_after(start)
     rlog.message(f"resumed from step {start}")
@@ -814,13 +814,34 @@ def _meta(engine: Engine, step: int, sums: Optional[dict] = None,
   stage, _ = engine.stage_of(min(step, max(engine.total_steps - 1, 0)))
   window = {"sums": {k: float(v) for k, v in jax.device_get(sums or {}).items()},
             "counts": dict(counts or {}), "count": int(count)}
-  return {"step": int(step), "stage": int(stage),
+  return {"step": int(step), "stage": int(stage), "stage_bounds": list(engine.stage_bounds),
           "data": {"kind": "stateless", "seed": int(engine.config.seed),
                    "processes": jax.process_count()}, "log_window": window}
 
 
-def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int) -> dict:
-  """Frozen networks promoted at stage boundaries are re-read from the boundary checkpoint."""
+def _check_stage_bounds(engine: Engine, ckpt, step: int, meta: Optional[dict]) -> None:
+  """The stage boundaries a restored run has passed (those before `step`, recorded in the
+  checkpoint's meta) must be this config's: with others (objective.stage_steps changed under
+  train.allow_config_change) the run would go on in another stage than its state's, from a
+  teacher re-read at the wrong step. Later boundaries may change (a longer last stage, a stage
+  added to a finished run)."""
+  recorded = (meta or {}).get("stage_bounds")
+  if recorded is None:   # checkpoints written before the bounds were recorded
+    return
+  passed = lambda bounds: [int(b) for b in bounds[1:-1] if int(b) < step]
+  if passed(recorded) != passed(engine.stage_bounds):
+    raise ValueError(
+        f"{ckpt.directory}: step {step} was trained with stage boundaries at steps "
+        f"{passed(recorded)}, this config puts them at {passed(engine.stage_bounds)} "
+        f"(objective.*steps keys); the stages a run has passed cannot change length: use a new "
+        f"--workdir (--config.init.<network>=RUN starts one from its weights)")
+
+
+def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int,
+                      meta: Optional[dict] = None) -> dict:
+  """Frozen networks promoted at stage boundaries are re-read from the boundary checkpoint
+  (after checking that the stages the run passed are this config's)."""
+  _check_stage_bounds(engine, ckpt, step, meta)
   stage = int(state.stage)
   stages = engine.stages
   for s in range(1, stage + 1):
@@ -1022,8 +1043,8 @@ def open_run(workdir: str, overrides=()) -> tuple[Engine, Any, dict, int]:
           f"--workdir: no checkpoint in {ckpt.directory} fits this config (steps {list(steps)} "
           f"exist; {ckpt.last_restore_error}: the overrides change the networks, e.g. another "
           "data set's classes?)")
-    step, state, _ = restored
-    frozen = _restore_promoted(engine, ckpt, state, frozen, step)
+    step, state, meta = restored
+    frozen = _restore_promoted(engine, ckpt, state, frozen, step, meta)
   finally:
     ckpt.close()
   return engine, state, frozen, step

@@ -248,3 +248,38 @@ def test_launch_sample_defaults_to_the_students_steps_finished_and_mid_stage(tmp
                                   np.load(tmp_path / f"explicit{steps}.npy"))
     for step in (9, 8, 6):
       shutil.rmtree(w / "checkpoints" / str(step), ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_lengths_of_the_stages_it_passed(tmp_path):
+  """A run stopped in its second stage (8 -> 4 -> 2, stages of 3 steps, stopped at step 4) and
+  resumed with stages of 2 steps under allow_config_change stops in one line and writes
+  nothing: it went on in stage 2 from a state of stage 1, its teacher re-read from the step-2
+  checkpoint (a half-trained first-stage student), and never promoted the second stage's
+  student. Adding a stage to the finished run is a later boundary: it goes on and promotes."""
+  import shutil
+  import subprocess
+  teacher = mu.shared_tiny_teacher()
+  w = tmp_path / "pd"
+  args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.objective.num_stages=3",
+          "--config.objective.stage_steps=3", "--config.checkpoint.every_steps=1",
+          "--config.checkpoint.keep=100", "--config.eval.at_end=false",
+          "--config.train.allow_config_change=true"]
+  mu.run_train(CONFIG, w, *args)
+  finished = tmp_path / "finished"
+  shutil.copytree(w, finished)
+  for step in range(5, 10):
+    shutil.rmtree(w / "checkpoints" / str(step))
+  before = (w / "config.json").read_bytes()
+  p = subprocess.run(mu.train_cmd(CONFIG, w, *args, "--config.objective.stage_steps=2"),
+                     cwd=mu.ROOT, capture_output=True, text=True, timeout=600, env=mu.env())
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+  assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+  assert "stage boundaries at steps [3], this config puts them at [2]" in lines[0]
+  assert (w / "config.json").read_bytes() == before
+  assert sorted(int(s) for s in os.listdir(w / "checkpoints")) == [1, 2, 3, 4]
+  # A fourth stage (2 -> 1 steps) after the finished three: resumed, entered and promoted.
+  p = mu.run_train(CONFIG, finished, *args, "--config.objective.num_stages=4")
+  assert "resumed from step 9" in p.stdout and "stage 3 begins at step 9" in p.stdout
+  last = mu.metrics(finished)[-1]
+  assert (last["step"], last["stage"]) == (12, 3)
