@@ -17,7 +17,7 @@ the frozen teacher, online target): `--config.objective.lora_rank=16
 About 1-1.5 minutes on 2 CPU cores. Expected result (eval.json, SWD over 4096 samples; 3 seeds
 in docs/results_toy.md): the 4-step student closes 98-101% of the teacher's gap between 1 and
 64 Euler steps (gmm 0.141, checkerboard 0.047, spiral 0.097; teacher 64 steps 0.121, 0.055,
-0.085), and 1 step already 97-100%.
+0.085), and 1 step already 96.6-99.7%.
 """
 from configs.toy.common import toy_distill_config
 
