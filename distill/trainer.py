@@ -523,13 +523,18 @@ def eval_guidance(engine: Engine, ctx: ctx_lib.Context, net: str, is_teacher: bo
   return guidance if is_teacher or evaluation.embeds_guidance(ctx, net) else 1.0
 
 
-def student_steps(engine: Engine, state) -> int:
-  """The student's default step count: the one its objective trains it for at the run's stage
-  (`Objective.student_steps`: a progressive student stopped in its 16 -> 8 stage is an 8-step
-  model), else the first of `eval.steps`."""
+def trained_steps(engine: Engine, state) -> Optional[int]:
+  """The step count the student is trained for at the run's stage (`Objective.student_steps`:
+  a progressive student stopped in its 16 -> 8 stage is an 8-step model), or None where its
+  objective fixes none."""
   objectives = engine.stage_objectives
-  objective = objectives[min(int(state.stage), len(objectives) - 1)]
-  return int(objective.student_steps or engine.config.eval.steps[0])
+  steps = objectives[min(int(state.stage), len(objectives) - 1)].student_steps
+  return None if steps is None else int(steps)
+
+
+def student_steps(engine: Engine, state) -> int:
+  """The student's default step count: `trained_steps`, else the first of `eval.steps`."""
+  return trained_steps(engine, state) or int(engine.config.eval.steps[0])
 
 
 def _teacher_name(engine: Engine) -> Optional[str]:

@@ -106,12 +106,15 @@ def _export(args) -> int:
            # What the exported network computes (read back by `launch.convert --diffusers`).
            "process": procs.process_config(info.own_process),
            "prediction": info.own_prediction}
+  steps = trainer.trained_steps(engine, state) if net == engine.objective.student else None
+  if steps:   # progressive / segmented students: the pipeline's num_inference_steps
+    notes["steps"] = steps
   try:
     torch_module = convert.to_diffusers(info.module, {"params": jax.device_get(full)},
                                         out_dir=os.path.join(tmp, sub))
     shipped = {sub: type(torch_module).__name__}
     if sampler:
-      _write_scheduler(tmp, info, sampler, tuple(engine.config.eval.steps), notes, shipped)
+      _write_scheduler(tmp, info, sampler, _sigma_steps(engine, steps), notes, shipped)
     if engine.plans[net].lora is not None:
       _write_lora(tmp, conv, info, jax.device_get(params), int(engine.plans[net].lora.rank),
                   notes)
@@ -127,6 +130,13 @@ def _export(args) -> int:
     raise
   print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
+
+
+def _sigma_steps(engine, trained) -> tuple:
+  """The step counts export.json's flow sigmas are given for: eval.steps and the count the
+  student is trained for (staged students)."""
+  return tuple(sorted({int(n) for n in engine.config.eval.steps} | ({trained} if trained else
+                                                                    set())))
 
 
 def _write_scheduler(tmp: str, info, sampler: str, steps: tuple, notes: dict,

@@ -307,3 +307,41 @@ def test_export_json_gives_the_sigmas_that_walk_a_flow_students_grid(tmp_path):
   notes = {}
   convert_tool._write_scheduler(str(tmp_path / "b"), vp, "ddim", (1, 2, 4), notes, {})
   assert notes["scheduler"] == "DDIMScheduler" and "sigmas" not in notes
+
+
+@pytest.mark.slow
+def test_staged_student_export_records_its_step_count(tmp_path):
+  """A segmented_cm student of a VP DiT teacher through Hyper-SD-like stages 4 -> 2 segments:
+  export.json records `steps` = 2 (the pipeline's num_inference_steps) beside the DDIM
+  scheduler; a student whose objective fixes no count (LCM) records none."""
+  root = tmp_path / "teacher"
+  cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+             num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
+  random_dit(cfg).save_pretrained(root / "transformer", safe_serialization=True)
+  diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012).save_config(root / "scheduler")
+  common = ["--config.data.name=digits", "--config.data.size=16",
+            f"--config.teacher.checkpoint={root}", "--config.teacher.params=raw",
+            "--config.objective.num_ddim_steps=8", "--config.train.batch_size=8",
+            "--config.eval.at_end=false", "--config.checkpoint.every_steps=0",
+            "--config.sample.num=0"]
+  runs = {"segmented_cm": ["--config.objective.segment_stages=(4,2)",
+                           "--config.objective.stage_steps=1"],
+          "lcm": ["--config.train.steps=1"]}
+  for name, extra in runs.items():
+    w = tmp_path / name
+    p = subprocess.run([sys.executable, "-m", "launch.train", "--config",
+                        os.path.join(ROOT, "configs", "toy", f"{name}.py") + ":digits",
+                        "--workdir", str(w), *common, *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / f"{name}_export"
+    p = subprocess.run([sys.executable, "-m", "launch.convert", "--workdir", str(w), "--out",
+                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    notes = json.load(open(out / "export.json"))
+    if name == "segmented_cm":
+      assert notes["scheduler"] == "DDIMScheduler" and notes["steps"] == 2, notes
+    else:
+      assert notes["scheduler"] == "LCMScheduler" and "steps" not in notes, notes
