@@ -155,6 +155,9 @@ class Objective:
   # (progressive's N, segmented_cm's segments; per stage, so a run stopped mid-way is sampled
   # as its current stage's student): launch.sample's default --steps. None: eval.steps[0].
   student_steps: Optional[int] = None
+  # Its losses sample the teacher with classifier-free guidance (guided, agd; lcm, segmented_cm,
+  # progressive with a guidance scale): the teacher must take a condition CFG can drop.
+  distils_guidance: bool = False
   # Whether its losses read batch["x"] as real data. False: data-free (VSD, SiD and DMD2
   # without their GAN terms read only the batch's shape and conditioning), so a prompts-only
   # source (`prompts`) can feed it. A stream name: only that stream's images are read as real

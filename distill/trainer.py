@@ -315,6 +315,22 @@ def _check_latents_vae(engine: Engine) -> None:
             "data.other_vae=True if you mean it", stream))
 
 
+def _check_guidance_condition(engine: Engine) -> None:
+  """An objective that distils classifier-free guidance (`Objective.distils_guidance`) needs a
+  teacher with a condition to drop (the train data's classes or prompts): with an unconditional
+  one u + w (c - u) = u, and the run would distil no guidance while looking fine."""
+  teacher = _teacher_name(engine)
+  if teacher is None or not any(o.distils_guidance for o in engine.stage_objectives):
+    return
+  keys = dict.fromkeys(engine.abstract_batch(sources.TRAIN_STREAM))
+  if not ctx_lib.conditional(engine.nets[teacher], ctx_lib.cond_from_batch(keys)):
+    raise ValueError(
+        f"objective {engine.config.objective.name!r} distils classifier-free guidance, but its "
+        f"teacher is unconditional on data {engine.stream_datasets[sources.TRAIN_STREAM]!r} (no "
+        f"classes or prompts to drop, so guidance changes nothing): use a class-conditional "
+        f"dataset and teacher (toy: gmm, spiral) or one with prompts")
+
+
 def _check_what_training_evaluates(engine: Engine) -> None:
   """When the run evaluates or samples, the network it evaluates exists and its metrics score
   this data (ValueError): found after training otherwise."""
@@ -649,6 +665,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "_Stop") -> di
     teacher_lib.check_toy_data(teacher, config.data)
     engine = Engine(config, teacher=teacher)
     check_data_fits(engine)
+    _check_guidance_condition(engine)
     _check_what_training_evaluates(engine)
     resuming = bool(_saved_steps(workdir))
     if resuming:

@@ -218,6 +218,41 @@ def test_sample_grid_uses_the_evaluations_guidance(tmp_path, monkeypatch):
     assert titles[2] == ("student 1 step w=2" if student_w == 2.0 else "student 1 step")
 
 
+def test_guidance_distillation_needs_a_conditional_teacher():
+  """guided and agd (and lcm / progressive with a guidance scale) on an unconditional teacher
+  would distil u + w (c - u) = u, i.e. no guidance, while looking fine: refused at setup. The
+  same objectives without guidance, or with a class-conditional teacher, pass."""
+  from distill import trainer
+  from distill.engine import Engine
+  cases = [("guided", {}, True), ("agd", {}, True),
+           ("lcm", dict(guidance_range=(2.0, 4.0)), True), ("lcm", {}, False),
+           ("progressive", dict(guidance=2.0, student_steps=2, num_stages=1), True),
+           ("progressive", dict(student_steps=2, num_stages=1), False)]
+  for name, keys, distils in cases:
+    for classes, data in ((0, "checkerboard"), (4, "gmm")):
+      engine = Engine(mu.tiny_config(name, data=data, **keys),
+                      teacher=mu.make_teacher(num_classes=classes))
+      if distils and not classes:
+        with pytest.raises(ValueError, match="distils classifier-free guidance, but its teacher "
+                                             "is unconditional on data 'checkerboard'"):
+          trainer._check_guidance_condition(engine)   # pylint: disable=protected-access
+      else:
+        trainer._check_guidance_condition(engine)   # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_guided_run_on_an_unconditional_teacher_stops_in_one_line(tmp_path):
+  import subprocess
+  teacher = mu.shared_tiny_teacher("checkerboard")
+  w = tmp_path / "run"
+  p = subprocess.run(mu.train_cmd(f"{CONFIG}:checkerboard", w,
+                                  f"--config.teacher.checkpoint={teacher}"),
+                     cwd=mu.ROOT, capture_output=True, text=True, timeout=600, env=mu.env())
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+  assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+  assert "teacher is unconditional" in lines[0] and not w.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------

@@ -95,4 +95,5 @@ def build(cfg) -> Objective:
                 Network("student", init="teacher", kwargs=kwargs,
                         trainable=str(cfg.adapter_params))),
       phases=(Phase("agd", loss=loss, trains=("student",)),),
-      student="student", sampler="euler", evaluates_as="student", real_data=states == "data")
+      student="student", sampler="euler", evaluates_as="student", real_data=states == "data",
+      distils_guidance=True)

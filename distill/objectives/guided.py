@@ -138,4 +138,4 @@ def build(cfg) -> Objective:
     stages = tuple(halving)
   return Objective(networks=tuple(networks), phases=(phase,), stages=stages,
                    student="student", sampler="ddim", evaluates_as="student",
-                   student_steps=None if running == "guidance" else n0)
+                   student_steps=None if running == "guidance" else n0, distils_guidance=True)

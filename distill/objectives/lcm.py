@@ -296,7 +296,8 @@ def _build(cfg, kind: str, sampler: str, num_segments: int = 1,
       networks=tuple(networks) + (student,),
       phases=(Phase(kind, loss=loss, trains=("student",)),), ema=ema, stages=stages,
       student="student", sampler=sampler, evaluates_as="student",
-      student_steps=num_segments if kind == "segmented_cm" else None)
+      student_steps=num_segments if kind == "segmented_cm" else None,
+      distils_guidance=(lo, hi) != (1.0, 1.0))
 
 
 def lcm_sampler(num_ddim_steps: int, sigma_data: float, timestep_scaling: float) -> str:

@@ -125,4 +125,4 @@ def build(cfg) -> Objective:
                              Network("student", init="teacher")),
                    phases=(Phase("progressive", loss=loss, trains=("student",)),),
                    stages=stages, student="student", sampler="ddim", evaluates_as="student",
-                   student_steps=n0)
+                   student_steps=n0, distils_guidance=float(cfg.guidance) != 1.0)
