@@ -306,6 +306,24 @@ def run_train(config: str, workdir, *extra, devices: int = 1, timeout: int = 600
   return proc
 
 
+def check_killed_stages_resume_exactly(config: str, tmp_path, args, kill_steps, term: str,
+                                       stages) -> None:
+  """A staged run SIGKILLed once a checkpoint of each of `kill_steps` exists, then resumed, logs
+  the (step, stage, `term`) rows of an uninterrupted run exactly, `stages` (the stage of each
+  logged step) among them."""
+  from tests.test_train_e2e import kill_after_checkpoint  # pylint: disable=import-outside-toplevel
+  run_train(config, tmp_path / "ref", *args)
+  w = tmp_path / "killed"
+  for step in kill_steps:
+    kill_after_checkpoint(train_cmd(config, w, *args), w, step)
+  last = run_train(config, w, *args)
+  assert "resumed from step" in last.stdout + last.stderr
+  rows = lambda d: [(r["step"], r["stage"], r[term]) for r in metrics(d)]
+  want = rows(tmp_path / "ref")
+  assert [s for _, s, _ in want] == list(stages)
+  assert rows(w) == want
+
+
 def check_sharded_losses(config: str, tmp_path, args, losses, required) -> None:
   """The run on 8 fake CPU devices (data=4, fsdp=2) logs the same `losses(rows)` as on 1 device
   (rtol 2e-4: the sharded reductions sum in another order), with every `required` key logged."""

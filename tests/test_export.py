@@ -239,17 +239,23 @@ def test_launch_convert_export_refuses_an_existing_out(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.slow
-def test_lcm_lora_run_exports_a_pipeline_diffusers_loads(tmp_path):
-  """A DiT teacher from a diffusers pipeline directory, an LCM-LoRA student trained 2 steps on
-  the digits, exported with a VAE: DiTPipeline.from_pretrained loads it and samples; the LCM
-  scheduler and the PEFT adapter are there."""
-  root = tmp_path / "teacher"
+def digits_vp_dit_teacher(root):
+  """A tiny 1-channel class-conditional DiT with SD's DDIM scheduler as a diffusers pipeline
+  directory at `root` (a VP teacher for the 16 x 16 digits)."""
   cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
              num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
   random_dit(cfg).save_pretrained(root / "transformer", safe_serialization=True)
   diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012).save_config(root / "scheduler")
+  return root
+
+
+@pytest.mark.slow
+def test_lcm_lora_run_exports_a_pipeline_diffusers_loads(tmp_path):
+  """A DiT teacher from a diffusers pipeline directory, an LCM-LoRA student trained 2 steps on
+  the digits, exported with a VAE: DiTPipeline.from_pretrained loads it and samples; the LCM
+  scheduler and the PEFT adapter are there."""
+  root = digits_vp_dit_teacher(tmp_path / "teacher")
   w = tmp_path / "run"
   p = subprocess.run([sys.executable, "-m", "launch.train", "--config",
                       os.path.join(ROOT, "configs", "toy", "lcm.py") + ":digits",
@@ -314,12 +320,7 @@ def test_staged_student_export_records_its_step_count(tmp_path):
   """A segmented_cm student of a VP DiT teacher through Hyper-SD-like stages 4 -> 2 segments:
   export.json records `steps` = 2 (the pipeline's num_inference_steps) beside the DDIM
   scheduler; a student whose objective fixes no count (LCM) records none."""
-  root = tmp_path / "teacher"
-  cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-             num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
-  random_dit(cfg).save_pretrained(root / "transformer", safe_serialization=True)
-  diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012).save_config(root / "scheduler")
+  root = digits_vp_dit_teacher(tmp_path / "teacher")
   common = ["--config.data.name=digits", "--config.data.size=16",
             f"--config.teacher.checkpoint={root}", "--config.teacher.params=raw",
             "--config.objective.num_ddim_steps=8", "--config.train.batch_size=8",

@@ -352,7 +352,6 @@ def test_lora_stages_killed_at_a_stage_boundary_resume_exactly(tmp_path):
   teacher) survives a SIGKILL right after a stage-boundary checkpoint: the resumed run re-reads
   the promoted teacher (base + the boundary's adapter) and logs exactly the losses of an
   uninterrupted run through every stage; its evaluated teacher rows are the original's."""
-  from tests.test_train_e2e import kill_after_checkpoint
   teacher = mu.shared_tiny_teacher()
   args = [f"--config.teacher.checkpoint={teacher}", "--config.train.batch_size=32",
           "--config.eval.num_samples=128", "--config.eval.teacher_steps=8",
@@ -361,18 +360,8 @@ def test_lora_stages_killed_at_a_stage_boundary_resume_exactly(tmp_path):
           "--config.objective.num_ddim_steps=8", "--config.objective.lora_rank=4",
           "--config.objective.target=online", "--config.objective.segment_stages=(4,2,1)",
           "--config.objective.stage_steps=3", "--config.eval.steps=(1,)"]
-  ref = tmp_path / "ref"
-  mu.run_train(SEG_CONFIG, ref, *args)
-  w = tmp_path / "killed"
-  kill_after_checkpoint(mu.train_cmd(SEG_CONFIG, w, *args), w, 3)
-  assert sorted(int(d) for d in os.listdir(w / "checkpoints") if d.isdigit())[-1] in (3, 6)
-  kill_after_checkpoint(mu.train_cmd(SEG_CONFIG, w, *args), w, 6)
-  last = mu.run_train(SEG_CONFIG, w, *args)
-  assert "resumed from step" in last.stdout + last.stderr
-  losses = lambda rows: [(r["step"], r["stage"], r["segmented_cm/loss"]) for r in rows]
-  want = losses(mu.metrics(ref))
-  assert [s for _, s, _ in want] == [0] * 3 + [1] * 3 + [2] * 3
-  assert losses(mu.metrics(w)) == want
+  mu.check_killed_stages_resume_exactly(SEG_CONFIG, tmp_path, args, (3, 6), "segmented_cm/loss",
+                                        [0] * 3 + [1] * 3 + [2] * 3)
   import json
   swd = {n: {k: r["swd"] for k, r in json.load(open(tmp_path / n / "eval.json"))["results"].items()}
          for n in ("ref", "killed")}

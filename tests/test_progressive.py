@@ -14,7 +14,6 @@ from distill.objectives import progressive
 from tests import _matching_utils as mu
 from tests.test_dmd2 import assert_close_tree
 from tests.test_lcm import _gauss_step, _torch_flow_cfg, _torch_jump, _torch_x0_eps
-from tests.test_train_e2e import kill_after_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -170,17 +169,9 @@ def test_kill_between_and_inside_stages_resumes_exactly(tmp_path):
   args = [*SMALL, f"--config.teacher.checkpoint={teacher}", "--config.objective.num_stages=3",
           "--config.objective.stage_steps=6", "--config.train.log_every=1",
           "--config.checkpoint.every_steps=4"]
-  ref = tmp_path / "ref"
-  mu.run_train(CONFIG, ref, *args)
+  mu.check_killed_stages_resume_exactly(CONFIG, tmp_path, args, (6, 16), "progressive/loss",
+                                        [0] * 6 + [1] * 6 + [2] * 6)
   w = tmp_path / "killed"
-  kill_after_checkpoint(mu.train_cmd(CONFIG, w, *args), w, 6)
-  kill_after_checkpoint(mu.train_cmd(CONFIG, w, *args), w, 16)
-  last = mu.run_train(CONFIG, w, *args)
-  assert "resumed from step" in last.stdout + last.stderr
-  losses = lambda rows: [(r["step"], r["stage"], r["progressive/loss"]) for r in rows]
-  want = losses(mu.metrics(ref))
-  assert [s for _, s, _ in want] == [0] * 6 + [1] * 6 + [2] * 6
-  assert losses(mu.metrics(w)) == want
   # Teacher rows after two promotions are the checkpoint's: equal to a run without stages.
   one = tmp_path / "one_stage"
   mu.run_train(CONFIG, one, *args, "--config.objective.num_stages=1",
