@@ -6,7 +6,9 @@ Defaults: the run's student with its sampler (`eval.sampler`, else its objective
 takes a solver name or a spec such as "tcd(gamma=0.0)") at the step count its objective trains
 it for at the run's stage (progressive, guided, segmented_cm: a run stopped in its 16 -> 8
 stage samples 8 steps), else the first of `eval.steps`; the teacher with its reference solver
-at `eval.teacher_steps` (a teacher-training run: its teacher). `--guidance` defaults to the
+at `eval.teacher_steps` (a teacher-training run: its teacher). Without `--class`, a run
+evaluated class-conditionally (`eval.class_conditional`) samples classes drawn uniformly with
+`--seed`, as its eval rows do; other runs sample the null class. `--guidance` defaults to the
 run's `eval.guidance` where its evaluation samples with it (the teacher's CFG, a student that
 takes w as its input, e.g. LCM's w-embedded UNet: the w of its eval rows and of its export,
 export.json "guidance"), else 1; CFG with nothing to guide (no `--class`, no prompts) stops in
@@ -169,6 +171,8 @@ def main(argv: list[str]) -> int:
                          f"({info.num_classes} classes)")
       labels = np.full((args.num,), args.class_label, np.int32)
     conds = run_conditions(engine.source, args)
+    if labels is None and not conds and engine.config.eval.class_conditional:
+      labels = evaluation.sample_labels(info.num_classes, args.num, args.seed)   # as eval rows
   except (ValueError, KeyError, FileNotFoundError) as e:
     return cli.fail(e)
   ctx = trainer.context_for(engine, state, frozen)
@@ -187,7 +191,7 @@ def main(argv: list[str]) -> int:
   x, sec = evaluation.generate(ctx, net, params[net], n=args.num, seed=args.seed, solver=sampler,
                                steps=steps, shape=engine.source.shape, guidance=guidance,
                                labels=labels, conds=conds)
-  which = (f"_class{args.class_label}" if labels is not None else "") + (
+  which = (f"_class{args.class_label}" if args.class_label is not None else "") + (
       f"_w{guidance:g}" if guidance != 1.0 else "")
   out = args.out or os.path.join(args.workdir, "samples",
                                  f"{role}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', sampler)}_"

@@ -54,6 +54,29 @@ def test_sample_defaults_to_the_runs_eval_guidance(tiny_run, tmp_path):
   assert np.abs(default - unguided).max() > 1e-3
 
 
+def test_sample_draws_classes_as_a_class_conditional_evaluation_does(tiny_run, tmp_path):
+  """Without --class, a run evaluated class-conditionally samples classes drawn with --seed (as
+  its eval rows), not the null class; a run that is not stays unconditional."""
+  from distill import evaluation, trainer
+  def sample(name, *args):
+    p = tool("sample", "--workdir", str(tiny_run), "--steps", "2", "--num", "16", "--seed", "5",
+             "--out", str(tmp_path / f"{name}.png"), *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return np.load(tmp_path / f"{name}.npy")
+  drawn = sample("drawn", "--config.eval.class_conditional=true")
+  null = sample("null", "--config.eval.class_conditional=false")
+  engine, state, frozen, _ = trainer.open_run(str(tiny_run))
+  ctx = trainer.context_for(engine, state, frozen)
+  params = trainer.eval_params(engine, state, frozen)
+  net = trainer.network_for_role(engine, "teacher")
+  labels = evaluation.sample_labels(engine.nets[net].num_classes, 16, 5)
+  assert len(set(labels.tolist())) > 1
+  for want, got in ((labels, drawn), (None, null)):
+    x, _ = evaluation.generate(ctx, net, params[net], n=16, seed=5, solver="euler", steps=2,
+                               shape=engine.source.shape, labels=want)
+    np.testing.assert_allclose(got, x, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_evaluate_writes_eval_json(tiny_run):
   p = tool("evaluate", "--workdir", str(tiny_run), "--num", "128", "--teacher_steps", "4")
