@@ -316,19 +316,28 @@ def _check_latents_vae(engine: Engine) -> None:
 
 
 def _check_guidance_condition(engine: Engine) -> None:
-  """An objective that distils classifier-free guidance (`Objective.distils_guidance`) needs a
-  teacher with a condition to drop (the train data's classes or prompts): with an unconditional
-  one u + w (c - u) = u, and the run would distil no guidance while looking fine."""
+  """An objective that distils classifier-free guidance (`Objective.distils_guidance`), or an
+  evaluation at a guidance scale (`eval.guidance`), needs a teacher with a condition to drop
+  (the train data's classes or prompts): with an unconditional one u + w (c - u) = u, and the
+  run would distil no guidance, or report rows at a w that changed nothing, while looking
+  fine."""
   teacher = _teacher_name(engine)
-  if teacher is None or not any(o.distils_guidance for o in engine.stage_objectives):
+  if teacher is None:
     return
   keys = dict.fromkeys(engine.abstract_batch(sources.TRAIN_STREAM))
-  if not ctx_lib.conditional(engine.nets[teacher], ctx_lib.cond_from_batch(keys)):
+  if ctx_lib.conditional(engine.nets[teacher], ctx_lib.cond_from_batch(keys)):
+    return
+  if any(o.distils_guidance for o in engine.stage_objectives):
     raise ValueError(
         f"objective {engine.config.objective.name!r} distils classifier-free guidance, but its "
         f"teacher is unconditional on data {engine.stream_datasets[sources.TRAIN_STREAM]!r} (no "
         f"classes or prompts to drop, so guidance changes nothing): use a class-conditional "
         f"dataset and teacher (toy: gmm, spiral) or one with prompts")
+  if float(engine.config.eval.get("guidance", 1.0)) != 1.0:
+    raise ValueError(
+        f"config key 'eval.guidance': {engine.config.eval.guidance} guides an unconditional "
+        f"teacher on data {engine.stream_datasets[sources.TRAIN_STREAM]!r} (no classes or "
+        f"prompts to drop): its rows would equal w = 1's under another label; use 1")
 
 
 def _check_what_training_evaluates(engine: Engine) -> None:

@@ -241,16 +241,22 @@ def test_guidance_distillation_needs_a_conditional_teacher():
 
 
 @pytest.mark.slow
-def test_guided_run_on_an_unconditional_teacher_stops_in_one_line(tmp_path):
+@pytest.mark.parametrize("config, extra, fragment", [
+    (CONFIG, (), "teacher is unconditional"),
+    # Any objective evaluated at a guidance scale on an unconditional teacher.
+    (os.path.join(mu.ROOT, "configs", "toy", "scm.py"), ("--config.eval.guidance=2.0",),
+     "config key 'eval.guidance': 2.0 guides an unconditional teacher")])
+def test_guided_run_on_an_unconditional_teacher_stops_in_one_line(tmp_path, config, extra,
+                                                                  fragment):
   import subprocess
   teacher = mu.shared_tiny_teacher("checkerboard")
   w = tmp_path / "run"
-  p = subprocess.run(mu.train_cmd(f"{CONFIG}:checkerboard", w,
-                                  f"--config.teacher.checkpoint={teacher}"),
+  p = subprocess.run(mu.train_cmd(f"{config}:checkerboard", w,
+                                  f"--config.teacher.checkpoint={teacher}", *extra),
                      cwd=mu.ROOT, capture_output=True, text=True, timeout=600, env=mu.env())
   lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
   assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
-  assert "teacher is unconditional" in lines[0] and not w.exists()
+  assert fragment in lines[0] and not w.exists()
 
 
 # --------------------------------------------------------------------------------------------
