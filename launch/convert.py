@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
                  help="export: the sampler whose diffusers scheduler to write (default: the "
                       "run's student sampler)")
   p.add_argument("--vae", default=None,
-                 help="export: a diffusers AutoencoderKL directory to ship beside the network "
+                 help="export: a diffusers VAE directory (AutoencoderKL, SANA's AutoencoderDC) "
+                      "to ship beside the network "
                       "(writes model_index.json: a loadable pipeline)")
   p.add_argument("--process", default=None,
                  help="with --diffusers: the teacher's noise process when its scheduler config "
@@ -87,8 +88,9 @@ def _export(args) -> int:
     from distill import solvers  # pylint: disable=import-outside-toplevel
     solvers.check_sampler(args.sampler, "--sampler")
   if args.vae and not os.path.isfile(os.path.join(args.vae, "config.json")):
-    raise FileNotFoundError(f"--vae: {args.vae!r} has no config.json (a diffusers "
-                            "AutoencoderKL directory)")
+    raise FileNotFoundError(f"--vae: {args.vae!r} has no config.json (a diffusers VAE "
+                            "directory)")
+  vae_class = _vae_class(args.vae) if args.vae else None
   engine, state, frozen, step = trainer.open_run(args.workdir, args.overrides)
   net = trainer.network_for_role(engine, args.network)
   params = trainer.eval_params(engine, state, frozen)[net]
@@ -120,7 +122,7 @@ def _export(args) -> int:
                   notes)
     if args.vae:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
-      shipped["vae"] = "AutoencoderKL"
+      shipped["vae"] = vae_class
     _write_index(tmp, conv.pipeline_for(info.module), shipped, sub, notes)
     _note_guidance(engine, info, conv.pipeline_for(info.module), notes)
     runlog.write_json(os.path.join(tmp, "export.json"), notes)
@@ -130,6 +132,18 @@ def _export(args) -> int:
     raise
   print(f"exported {net} at step {step} -> {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
   return 0
+
+
+def _vae_class(path: str) -> str:
+  """The diffusers class of the VAE directory `path` (its config's _class_name: AutoencoderKL,
+  SANA's AutoencoderDC, ...), which model_index.json names."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(path, "config.json")) as f:
+    name = json.load(f).get("_class_name")
+  if not name:
+    raise ValueError(f"--vae: {path!r}/config.json has no _class_name (a diffusers VAE "
+                     "directory: AutoencoderKL, AutoencoderDC)")
+  return name
 
 
 def _sigma_steps(engine, trained) -> tuple:

@@ -346,3 +346,23 @@ def test_staged_student_export_records_its_step_count(tmp_path):
       assert notes["scheduler"] == "DDIMScheduler" and notes["steps"] == 2, notes
     else:
       assert notes["scheduler"] == "LCMScheduler" and "steps" not in notes, notes
+
+
+def test_export_names_the_vae_class_its_config_gives(tmp_path):
+  """--vae ships any diffusers VAE: model_index.json names the class in its config (SANA's
+  AutoencoderDC is not an AutoencoderKL, which from_pretrained would build from its config);
+  a config without _class_name is refused in one line before the run is read."""
+  from launch import convert as convert_tool
+  from tests.test_dcae import random_dcae
+  random_dcae("sana_like").save_pretrained(tmp_path / "dc")
+  tiny_vae().save_pretrained(tmp_path / "kl")
+  assert convert_tool._vae_class(str(tmp_path / "dc")) == "AutoencoderDC"
+  assert convert_tool._vae_class(str(tmp_path / "kl")) == "AutoencoderKL"
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "config.json").write_text(json.dumps({"latent_channels": 4}))
+  p = subprocess.run([sys.executable, "-m", "launch.convert", "--workdir", str(tmp_path),
+                      "--out", str(tmp_path / "new"), "--vae", str(tmp_path / "bad")], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300, env=env())
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and "has no _class_name" in lines[0], p.stderr
+  assert not (tmp_path / "new").exists()
