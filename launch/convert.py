@@ -10,6 +10,9 @@
     # with --vae also vae/ + model_index.json (DiTPipeline.from_pretrained(OUT) loads it)
     python -m launch.convert --workdir runs/x --network student --out export/student \
         [--vae path/to/sd-vae-ft-ema] [--sampler lcm] [--config.data.text_embeds=MOVED ...]
+    # a SANA-Sprint student (configs/t2i/sana_sprint.py) -> SanaSprintPipeline + SCMScheduler;
+    # export.json "pipeline_kwargs" per step count walk its own grid, "guidance" its CFG scale
+    python -m launch.convert --workdir runs/sana_sprint --out export/sprint --vae $SANA/vae
 
 A diffusers source may be a model directory (config.json + safetensors, sharded index too) or a
 pipeline directory (transformer/ or unet/ plus scheduler/, whose config gives the noise process
@@ -176,6 +179,17 @@ def _write_scheduler(tmp: str, info, sampler: str, steps: tuple, notes: dict,
     notes["sigmas_note"] = ("pass sigmas=sigmas[str(steps)] to the pipeline (or "
                             "scheduler.set_timesteps) to walk the student's own grid; the "
                             "scheduler's default grid is diffusers' linspace")
+  timesteps = export.scm_timesteps(sched, info, sampler, steps)
+  if timesteps is not None:
+    notes["timesteps"] = timesteps
+    notes["pipeline_kwargs"] = export.scm_pipeline_kwargs(timesteps)
+    notes["timesteps_note"] = (
+        "SanaSprintPipeline(..., **pipeline_kwargs[str(steps)]) walks the student's own grid "
+        "(timesteps[str(steps)]: SCMScheduler's TrigFlow angles); its defaults (max_timesteps "
+        "1.5708, intermediate_timesteps 1.3) are another grid. Where pipeline_kwargs passes "
+        "timesteps=, diffusers' pipeline calls SCMScheduler.set_timesteps without "
+        "num_inference_steps (a TypeError): first set pipe.scheduler.set_timesteps = "
+        "functools.partial(pipe.scheduler.set_timesteps, steps)")
 
 
 def _write_lora(tmp: str, conv, info, lora_params, rank: int, notes: dict) -> None:
@@ -211,7 +225,9 @@ def _write_index(tmp: str, pipeline, shipped: dict, sub: str, notes: dict) -> No
 # Pipelines that take a guidance-embedded network's w as `guidance_scale`: our w (CFG u + w (c - u))
 # -> the pipeline's guidance_scale (LatentConsistencyModelPipeline embeds guidance_scale - 1 as
 # LCM's w' = w - 1, which is what our UNet's guidance_inputs embed: the same number).
-PIPELINE_GUIDANCE_SCALE = {"LatentConsistencyModelPipeline": lambda w: w}
+# SanaSprintPipeline feeds guidance_scale x guidance_embeds_scale, as our SANA's guidance_inputs.
+PIPELINE_GUIDANCE_SCALE = {"LatentConsistencyModelPipeline": lambda w: w,
+                           "SanaSprintPipeline": lambda w: w}
 
 
 def _note_guidance(engine, info, pipeline, notes: dict) -> None:

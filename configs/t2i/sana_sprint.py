@@ -21,6 +21,13 @@ arg: `scm_ladd` (default) | `scm` (sCD alone).
     # 5. Evaluate (1, 2 and 4 TrigFlow steps; FID and CLIP score on the data's prompts).
     python -m launch.evaluate --workdir runs/sana_sprint --config.eval.vae=$SANA/vae \
         --config.eval.inception_weights=$PT_INCEPTION --config.eval.clip=$CLIP_VIT_B32
+    # 6. Export: a SanaSprintPipeline directory (transformer, SCMScheduler, the DC-AE).
+    python -m launch.convert --workdir runs/sana_sprint --out export/sana_sprint --vae $SANA/vae
+    #    pipe = SanaSprintPipeline.from_pretrained("export/sana_sprint", text_encoder=...,
+    #                                              tokenizer=...)   # the teacher pipeline's
+    #    notes = json.load(open("export/sana_sprint/export.json"))
+    #    pipe(prompt, guidance_scale=notes["guidance"]["guidance_scale"],
+    #         **notes["pipeline_kwargs"]["2"])   # our 2-step grid, not the pipeline's default
 
 The student is the teacher behind the `flow_to_trigflow` wrapper (SANA-Sprint's training-free
 flow -> TrigFlow transform: x_F = y / (sin t + cos t) at s = sin t / (sin t + cos t), velocity
@@ -50,7 +57,8 @@ Settings (NVlabs/Sana train_scripts/train_scm_ladd.py and its 1.6B 1024 px confi
 Published: 1 step FID 7.59, GenEval 0.74 (1024 px). Expected results here: none measured (no
 weights or accelerator on the CI machine); the recipe builds and trains on a tiny SANA
 (tests/test_t2i_recipes.py), from tiny converted teachers of both layouts, then samples and
-exports (tests/test_sana_sprint_teacher.py).
+exports (tests/test_sana_sprint_teacher.py); the export run by SanaSprintPipeline equals our
+sampler at 1, 2 and 4 steps (tests/test_sana_sprint_export.py).
 """
 from configs.t2i import common
 

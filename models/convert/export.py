@@ -15,6 +15,8 @@ walks); `SCHEDULERS` is the registry:
 | consistency              | vp_discrete       | LCMScheduler (the DDPM grid, no boundary scalings)     |
 | euler                    | rectified_flow    | FlowMatchEulerDiscreteScheduler (shift; time x 1000)   |
 | consistency / trigflow   | rectified_flow    | FlowMatchEulerDiscreteScheduler(stochastic_sampling)   |
+| trigflow                 | rectified_flow,   | SCMScheduler (SanaSprintPipeline's: the transformer    |
+|                          | dense time (s x 1)| sees s = sin t' / (sin t' + cos t'))                    |
 
 A TrigFlow student presented by `flow_to_trigflow` is a rectified-flow network underneath: its
 sCM sampler's step (x0 = f(x_t, t), re-noise to the next time) is the stochastic flow-matching
@@ -26,7 +28,10 @@ Grids. The discrete schedulers' own grids are our samplers' grids. FlowMatchEule
 default grid (a linspace down to its smallest training sigma) is not: `flow_sigmas` gives, per
 step count, the `sigmas=` to pass (`scheduler.set_timesteps(sigmas=...)`, or a pipeline's
 `sigmas` argument: SanaPipeline, StableDiffusion3Pipeline) so it walks our sampler's grid, in
-the scheduler's pre-shift units; `launch.convert` writes them to export.json. Students presented by `edm_consistency` (CD,
+the scheduler's pre-shift units; `launch.convert` writes them to export.json. SCMScheduler's
+default grid (pi/2, 1.3, 0 at 2 steps, in SanaSprintPipeline's angles) is not ours either:
+`scm_timesteps` gives our grid in its angles and `scm_pipeline_kwargs` the SanaSprintPipeline
+arguments that walk it (export.json "timesteps" and "pipeline_kwargs"). Students presented by `edm_consistency` (CD,
 CT, ECT) have no diffusers scheduler over their raw network (the boundary scalings are part of
 the student): `scheduler_config` says so in one line.
 
@@ -121,9 +126,25 @@ def _flow_match(stochastic: bool) -> Callable:
   return make
 
 
+# SCMScheduler's sigma_data: SANA-Sprint's. It cancels out of the pipeline's loop (the latents
+# are drawn x sigma_data, divided by it before the transformer, and the result is the denoised
+# sample / sigma_data; the step noise is sigma_data z), so any value walks the same flow states.
+SCM_SIGMA_DATA = 0.5
+
+
+def _trigflow(process, prediction, grid) -> dict:
+  """sCM's sampler over a rectified-flow network presented as TrigFlow: SCMScheduler where the
+  network takes dense flow time s (SanaSprintPipeline's transformer input, timestep_scale 1),
+  the stochastic flow-matching Euler scheduler where it takes s x 1000."""
+  if prediction == "flow" and float(getattr(process, "timestep_scale", 0.0)) == 1.0:
+    return {"_class_name": "SCMScheduler", "num_train_timesteps": FLOW_MATCH_TIMESTEPS,
+            "prediction_type": "trigflow", "sigma_data": SCM_SIGMA_DATA}
+  return _flow_match(True)(process, prediction, grid)
+
+
 SCHEDULERS.add("euler/rectified_flow", _flow_match(False))
 SCHEDULERS.add("consistency/rectified_flow", _flow_match(True))
-SCHEDULERS.add("trigflow/rectified_flow", _flow_match(True))
+SCHEDULERS.add("trigflow/rectified_flow", _trigflow)
 
 
 # Sampler options a scheduler config reproduces, by sampler: LCM's boundary scaling and the
@@ -182,6 +203,44 @@ def flow_sigmas(sched: Mapping[str, Any], info, sampler: str, steps) -> Optional
   return out
 
 
+def scm_timesteps(sched: Mapping[str, Any], info, sampler: str, steps) -> Optional[dict]:
+  """{str(n): timesteps} for n in `steps`: SCMScheduler's n + 1 TrigFlow angles (ending at 0)
+  walking `sampler`'s n-step grid on network `info`, or None for other schedulers.
+
+  SanaSprintPipeline's angle t' is the flow time s = sin t' / (sin t' + cos t') (its TrigFlow
+  clean sample is the flow latent x sigma_data, so its angles are those of sigma_d = 1); our
+  grid's noise levels (alpha, sigma) are s = sigma / (alpha + sigma), i.e. t' = atan2(sigma,
+  alpha): sCM's 1.1 at sigma_d 0.5 is t' = 0.7765, not the pipeline's default 1.3."""
+  if sched.get("_class_name") != "SCMScheduler":
+    return None
+  from distill import solvers  # pylint: disable=import-outside-toplevel
+  name, options = parse_spec(sampler, "sampler")
+  grid_of = solvers.SOLVERS.get(name).grid or solvers.process_grid
+  out = {}
+  for n in steps:
+    t = np.asarray(grid_of(info.process, int(n), **options.get("grid_kwargs", {})), np.float64)
+    alpha, sigma = (np.asarray(v, np.float64) for v in info.process.alpha_sigma(t))
+    out[str(int(n))] = [round(float(v), 8) for v in np.arctan2(sigma, alpha)]
+  return out
+
+
+def scm_pipeline_kwargs(timesteps: Mapping[str, list]) -> dict:
+  """{str(n): SanaSprintPipeline call keywords} walking `timesteps` (scm_timesteps): its own
+  grid's `max_timesteps` / `intermediate_timesteps` where they give it (1 and 2 steps; n steps
+  evenly spaced down to 0), else `timesteps=` (which diffusers' SanaSprintPipeline passes to
+  SCMScheduler.set_timesteps without num_inference_steps, a TypeError: bind it first with
+  `pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, n)`)."""
+  out = {}
+  for key, ts in timesteps.items():
+    n = int(key)
+    kw = {"num_inference_steps": n, "max_timesteps": ts[0],
+          "intermediate_timesteps": ts[1] if n == 2 else None}
+    if n != 2 and not np.allclose(ts, np.linspace(ts[0], 0.0, n + 1), atol=1e-7, rtol=0):
+      kw.update(timesteps=list(ts), max_timesteps=None)
+    out[key] = kw
+  return out
+
+
 # --------------------------------------------------------------------------------------------
 # PEFT LoRA
 # --------------------------------------------------------------------------------------------
@@ -233,6 +292,12 @@ def peft_lora(rules, lora_params: Mapping, *, rank: int, alpha: float) -> tuple[
 # scheduler. Every other component (text encoders, tokenizers, ...) is the teacher pipeline's.
 SHIPPED = ("vae", "scheduler")
 
+# The schedulers a pipeline's denoising loop runs, where it does not run every one: SANA-Sprint's
+# loop converts the flow transformer's output to TrigFlow for SCMScheduler; SanaPipeline hands
+# the raw flow output to its scheduler.
+PIPELINE_SCHEDULERS = {"SanaSprintPipeline": ("SCMScheduler",),
+                       "SanaPipeline": ("FlowMatchEulerDiscreteScheduler",)}
+
 
 def pipeline_index(pipeline: Optional[str], shipped: Mapping[str, str],
                    network: str) -> tuple[Optional[dict], str]:
@@ -252,6 +317,11 @@ def pipeline_index(pipeline: Optional[str], shipped: Mapping[str, str],
     return None, (f"no model_index.json: {pipeline} needs "
                   f"{' and '.join(why.get(k, k + '/') for k in lacking)}; load {network}/ with "
                   f"{shipped[network]}.from_pretrained")
+  runs = PIPELINE_SCHEDULERS.get(pipeline)
+  if runs is not None and shipped["scheduler"] not in runs:
+    return None, (f"no model_index.json: {pipeline}'s loop runs {' or '.join(runs)}, not the "
+                  f"exported {shipped['scheduler']}; load {network}/ with "
+                  f"{shipped[network]}.from_pretrained and step scheduler/ in your own loop")
   import diffusers  # pylint: disable=import-outside-toplevel
   cls = getattr(diffusers, pipeline)
   # pylint: disable=protected-access

@@ -166,6 +166,11 @@ class SanaConverter(TorchConverter):
   subfolder = "transformer"  # its folder in a diffusers pipeline directory
   pipeline_class = "SanaPipeline"
 
+  def pipeline_for(self, module: Sana) -> str:
+    """SanaSprintPipeline for a guidance-embedded SANA (it feeds `guidance`, which SanaPipeline
+    does not: diffusers' time embedding then fails), else SanaPipeline."""
+    return "SanaSprintPipeline" if module.guidance_embeds else self.pipeline_class
+
   def peft_lora(self, module: Sana, lora_params: Mapping, *, rank: int, alpha: float):
     """A LoRA tree over this SANA (params layout) -> PEFT (tensors, adapter_config)."""
     from models.convert import export  # pylint: disable=import-outside-toplevel
