@@ -82,9 +82,10 @@ def test_export_is_a_sana_sprint_pipeline(exported):
   assert notes["guidance"]["pipeline"] == "SanaSprintPipeline"
   assert notes["guidance"]["guidance_scale"] == notes["guidance"]["w"] == 4.5
   assert sorted(notes["pipeline_kwargs"]) == ["1", "2", "4"]   # eval.steps
-  # sCM's 2-step mid time 1.1 (sigma_d 0.5) is flow time 0.4956: angle atan(0.5 tan 1.1).
-  np.testing.assert_allclose(notes["timesteps"]["2"][1], np.arctan(0.5 * np.tan(1.1)),
-                             atol=1e-7)
+  # The recipe's TrigFlow is SANA-Sprint's (sigma_d 1 on unit latents = theirs on latents x
+  # 0.5): its 2-step grid through 1.3 is SanaSprintPipeline's default one, in the same angles.
+  np.testing.assert_allclose(notes["timesteps"]["2"], [np.pi / 2, 1.3, 0.0], atol=1e-6)
+  assert notes["pipeline_kwargs"]["2"]["intermediate_timesteps"] == pytest.approx(1.3)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])

@@ -42,14 +42,22 @@ its pipeline does). Null condition: the encoded empty prompt with its mask (`nul
 - a teacher with them (`guidance_embeds=True`): the student is its copy, and the CFG scale is the
   teacher's input: its velocity (and the LADD features) are one pass at the sampled w.
 
-Settings (NVlabs/Sana train_scripts/train_scm_ladd.py and its 1.6B 1024 px config):
-- sCM: sigma_d 0.5, time proposal ln(sigma) ~ N(0.2, 1.6^2), CFG w from {4, 4.5, 5} distilled
-  into the guidance input, tangent warm-up 4000 steps, tangent normalisation c = 0.1, adaptive
-  weighting head.
+Settings (NVlabs/Sana train_scripts/train_scm_ladd.py and its 1.6B 1024 px config), in this
+project's data space. SANA-Sprint's TrigFlow (sigma_d 0.5) runs on the latents scaled by sigma_d
+(clean = latent x 0.5, noise 0.5 z); the same process on the unit-variance latents themselves is
+TrigFlow with sigma_d 1 (the same angles t and flow times s = sin t / (sin t + cos t); every
+state is SANA-Sprint's / 0.5), so its noise-level settings translate as:
+- sCM: sigma_d 1 (theirs 0.5 on scaled data), time proposal ln(sigma) ~ N(0.2 + ln 2, 1.6^2)
+  (their t = arctan(exp(N(0.2, 1.6^2)) / 0.5)), tangent normalisation c = 0.2 (their
+  g / (||g|| + 0.1) with g in units 0.5 x ours), CFG w from {4, 4.5, 5} distilled into the
+  guidance input, tangent warm-up 4000 steps, adaptive weighting head (their prior weight
+  1 / (0.5 tan t) is ours x 2: a constant the adaptive weight absorbs).
 - LADD (scm_ladd): StyleGAN-T heads on the frozen teacher's blocks 2, 8, 14, 19 (width 2240),
   hinge losses with weight 0.5 on the generator, discriminator re-noising ln(sigma) ~
-  N(-0.6, 1), generator inputs at t = pi/2 half of the time, misaligned real pairs as extra
-  fakes, G and D phases alternating step by step.
+  N(-0.6 + ln 2, 1) (their t_D = arctan(exp(N(-0.6, 1)) / 0.5)), generator inputs at t = pi/2
+  half of the time, misaligned real pairs as extra fakes, G and D phases alternating step by
+  step.
+- Sampling: 2 steps through t = 1.3 (SanaSprintPipeline's default intermediate time).
 - Optimiser: AdamW (SANA-Sprint uses CAME, which optax does not ship) lr 2e-6 for student and
   heads, 5000 warm-up steps, grad clip 0.1; batch 128 (16 per device on 8); bf16 matmuls and
   full remat for the teacher (and the student initialised from it).
@@ -60,7 +68,11 @@ weights or accelerator on the CI machine); the recipe builds and trains on a tin
 exports (tests/test_sana_sprint_teacher.py); the export run by SanaSprintPipeline equals our
 sampler at 1, 2 and 4 steps (tests/test_sana_sprint_export.py).
 """
+import math
+
 from configs.t2i import common
+
+LN2 = math.log(2.0)   # SANA-Sprint's 1 / sigma_d = 2 as a shift of ln(sigma)
 
 SCHEDULE = {"scm_ladd": (20_000, 128, 2e-6, 5000, 0.1), "scm": (20_000, 128, 2e-6, 5000, 0.1)}
 OBJECTIVE = {"scm_ladd": "scm_ladd", "scm": "scm"}
@@ -97,14 +109,16 @@ def scm(c):
   c.optim.name = "adamw"
   c.objective.mode = "scd"
   c.objective.init = "teacher"
-  c.objective.sigma_data = 0.5
-  c.objective.p_mean = 0.2
+  # SANA-Sprint's sigma_d 0.5 on data scaled by 0.5 = sigma_d 1 here (module docstring).
+  c.objective.sigma_data = 1.0
+  c.objective.p_mean = 0.2 + LN2
   c.objective.p_std = 1.6
   c.objective.guidance_scales = (4.0, 4.5, 5.0)
   c.objective.guidance_sampling = "choice"
   c.objective.guidance_embed = True
   c.objective.tangent_warmup = 4000
-  c.objective.tangent_norm = 0.1
+  c.objective.tangent_norm = 0.2
+  c.eval.sampler = "trigflow(grid_kwargs={'mid_t': 1.3})"
   c.objective.label_dropout = 0.0
   return c
 
@@ -115,7 +129,7 @@ def scm_ladd(c):
   c.objective.feature_dim = 2240
   c.objective.adv_loss = "hinge"
   c.objective.adv_weight = 0.5
-  c.objective.d_p_mean = -0.6
+  c.objective.d_p_mean = -0.6 + LN2
   c.objective.d_p_std = 1.0
   c.objective.max_time_prob = 0.5
   c.objective.misaligned_pairs = True

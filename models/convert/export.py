@@ -148,8 +148,10 @@ SCHEDULERS.add("trigflow/rectified_flow", _trigflow)
 
 
 # Sampler options a scheduler config reproduces, by sampler: LCM's boundary scaling and the
-# DDIM lattice its grid walks (`grid_kwargs={"original_steps": N}`; see _lcm).
-SCHEDULER_OPTIONS = {"lcm": ("timestep_scaling", "grid_kwargs")}
+# DDIM lattice its grid walks (`grid_kwargs={"original_steps": N}`; see _lcm); sCM's grid.
+SCHEDULER_OPTIONS = {"lcm": ("timestep_scaling", "grid_kwargs"),
+                     # sCM's grid (mid_t, intermediate): walked through export.json's timesteps
+                     "trigflow": ("grid_kwargs",)}
 
 
 def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
