@@ -106,12 +106,26 @@ def attend_heads(q: Array, k: Array, v: Array, impl: str, bias: Optional[Array] 
     # built for the mesh's platform (an AOT compile for a TPU topology gets the TPU kernel);
     # shapes the mesh does not divide, and calls outside any mesh, run it unsharded.
     mesh = jax.sharding.get_abstract_mesh()
-    return attention_lib.sharded_attention(q, k, v, impl=impl,
-                                           mesh=None if mesh.empty else mesh, strict=False, **kw)
+    mesh = None if mesh.empty else mesh
+    _check_heads_divide(q.shape[2], impl, mesh)
+    return attention_lib.sharded_attention(q, k, v, impl=impl, mesh=mesh, strict=False, **kw)
   if impl != "xla":
     raise ValueError(f"attention implementation {impl!r} needs models.attention; only 'xla' "
                      "is available without it")
   return jax.nn.dot_product_attention(q, k, v, **kw)
+
+
+def _check_heads_divide(heads: int, impl: str, mesh) -> None:
+  """A kernel splits its heads over the mesh's tensor axis (shard_map needs whole heads per
+  device): a head count that axis does not divide stops at the first trace with one line, where
+  the kernel would run unsharded on gathered q, k, v (every device computing every head)."""
+  if impl == "xla" or mesh is None or "tensor" not in mesh.axis_names:
+    return
+  n = dict(zip(mesh.axis_names, mesh.axis_sizes))["tensor"]
+  if heads % n:
+    raise ValueError(f"model.attention={impl!r} runs per shard with the heads split over "
+                     f"mesh.tensor={n}, which does not divide {heads} attention heads: set "
+                     f"mesh.tensor to a divisor of {heads}, or model.attention='xla'")
 
 
 # ----------------------------------------------------------------------------------------------
