@@ -6,12 +6,15 @@ table with `sharding.rules = "embed=fsdp,mlp=tensor,..."`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -73,6 +76,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Optional[Sequence[Any]] = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(data, fsdp, tensor, len(devices))
+  if min(shape) > 1:
+    log.warning("mesh data=%d x fsdp=%d x tensor=%d: with all three axes split, XLA computed a "
+                "DiT wrongly on 8 CPU devices (jaxlib 0.10.2; tests/test_tensor_parallel.py); "
+                "check the first losses against a mesh with one of them at 1", *shape)
   n = int(np.prod(shape))
   try:
     from jax.experimental import mesh_utils
