@@ -366,3 +366,17 @@ def test_export_names_the_vae_class_its_config_gives(tmp_path):
   lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
   assert p.returncode == 2 and len(lines) == 1 and "has no _class_name" in lines[0], p.stderr
   assert not (tmp_path / "new").exists()
+
+
+def test_no_pipeline_index_where_the_pipeline_cannot_run_the_scheduler():
+  """DiTPipeline calls scheduler.scale_model_input, which FlowMatchEulerDiscreteScheduler lacks
+  (a flow DiT student's export): no model_index.json then, and the note says why; with DDIM it
+  is written and names DiTPipeline."""
+  flow = {"transformer": "DiTTransformer2DModel", "vae": "AutoencoderKL",
+          "scheduler": "FlowMatchEulerDiscreteScheduler"}
+  assert not hasattr(diffusers.FlowMatchEulerDiscreteScheduler, "scale_model_input")
+  index, note = export.pipeline_index("DiTPipeline", flow, "transformer")
+  assert index is None and "DiTPipeline's loop runs DDIMScheduler or LCMScheduler" in note
+  index, _ = export.pipeline_index("DiTPipeline", {**flow, "scheduler": "DDIMScheduler"},
+                                   "transformer")
+  assert index["_class_name"] == "DiTPipeline" and index["scheduler"][1] == "DDIMScheduler"

@@ -296,9 +296,12 @@ SHIPPED = ("vae", "scheduler")
 
 # The schedulers a pipeline's denoising loop runs, where it does not run every one: SANA-Sprint's
 # loop converts the flow transformer's output to TrigFlow for SCMScheduler; SanaPipeline hands
-# the raw flow output to its scheduler.
+# the raw flow output to its scheduler; DiTPipeline runs the VP schedulers we export.
 PIPELINE_SCHEDULERS = {"SanaSprintPipeline": ("SCMScheduler",),
-                       "SanaPipeline": ("FlowMatchEulerDiscreteScheduler",)}
+                       "SanaPipeline": ("FlowMatchEulerDiscreteScheduler",),
+                       # DiTPipeline calls scheduler.scale_model_input, which the flow-matching
+                       # schedulers lack
+                       "DiTPipeline": ("DDIMScheduler", "LCMScheduler")}
 
 
 def pipeline_index(pipeline: Optional[str], shipped: Mapping[str, str],
