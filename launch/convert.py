@@ -119,15 +119,16 @@ def _export(args) -> int:
                                         out_dir=os.path.join(tmp, sub))
     shipped = {sub: type(torch_module).__name__}
     if sampler:
-      _write_scheduler(tmp, info, sampler, _sigma_steps(engine, steps), notes, shipped)
+      _write_scheduler(tmp, info, sampler, _grid_steps(engine, steps), notes, shipped)
     if engine.plans[net].lora is not None:
       _write_lora(tmp, conv, info, jax.device_get(params), int(engine.plans[net].lora.rank),
                   notes)
     if args.vae:
       shutil.copytree(args.vae, os.path.join(tmp, "vae"))
       shipped["vae"] = vae_class
-    _write_index(tmp, conv.pipeline_for(info.module), shipped, sub, notes)
-    _note_guidance(engine, info, conv.pipeline_for(info.module), notes)
+    pipeline = conv.pipeline_for(info.module)
+    _write_index(tmp, pipeline, shipped, sub, notes)
+    _note_guidance(engine, info, pipeline, notes)
     runlog.write_json(os.path.join(tmp, "export.json"), notes)
     os.rename(tmp, args.out)
   except BaseException:
@@ -149,9 +150,9 @@ def _vae_class(path: str) -> str:
   return name
 
 
-def _sigma_steps(engine, trained) -> tuple:
-  """The step counts export.json's flow sigmas are given for: eval.steps and the count the
-  student is trained for (staged students)."""
+def _grid_steps(engine, trained) -> tuple:
+  """The step counts export.json's grids (flow `sigmas`, SCM `timesteps`) are given for:
+  eval.steps and the count the student is trained for (staged students)."""
   return tuple(sorted({int(n) for n in engine.config.eval.steps} | ({trained} if trained else
                                                                     set())))
 
@@ -160,9 +161,9 @@ def _write_scheduler(tmp: str, info, sampler: str, steps: tuple, notes: dict,
                      shipped: dict) -> None:
   """scheduler/scheduler_config.json of the diffusers scheduler reproducing `sampler` (its
   spec carries the settings, e.g. an LCM student's lattice and boundary scaling), or the
-  reason there is none (export.json and one printed line). A flow-matching scheduler's grid is
-  not ours: export.json's `sigmas` gives, for each of `steps` (eval.steps), the `sigmas=` that
-  make it walk our sampler's grid."""
+  reason there is none (export.json and one printed line). A flow-matching or SCM scheduler's
+  default grid is not ours: export.json's `sigmas` / `timesteps` and `pipeline_kwargs` give, for
+  each of `steps`, what makes it walk our sampler's grid."""
   from models.convert import export  # pylint: disable=import-outside-toplevel
   try:
     sched = export.scheduler_config(info, sampler)

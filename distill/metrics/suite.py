@@ -31,7 +31,8 @@ precision/recall and a `meta` record of the key) or read from it when it exists.
 whose `meta` differs raises one line naming what differs; a published file without `meta`
 (pytorch-fid's mu / sigma, an ADM reference batch) is used as it is (precision/recall then need
 a file written here, with features), at the standard input size only: with another
-`eval.inception_size`, or dimensions other than the FID Inception's, it stops with one line. Only process 0 writes the file.
+`eval.inception_size`, or dimensions other than the FID Inception's, it stops with one line.
+Only process 0 writes the file.
 
 Few samples. With fewer samples than feature dimensions (e.g. `eval.num_samples` 256 during
 training) the covariances are singular: the FID then goes through the features
@@ -399,7 +400,7 @@ def _check_published(path: str, stats: dict, size: int) -> None:
   Another `eval.inception_size`, or a file of other features, stops with one line (its
   numbers would not be FIDs against that file)."""
   from distill.metrics import inception  # pylint: disable=import-outside-toplevel
-  dims = {"mu": 2048, "mu_s": 2023}
+  dims = {"mu": inception.POOL_DIM, "mu_s": 2023}   # 2023: 17 x 17 x 7 spatial features
   got = {k: tuple(np.shape(stats[k])) for k in dims if k in stats}
   bad = [f"{k} {got[k]} (expected ({n},))" for k, n in dims.items() if k in got
          and got[k] != (n,)]

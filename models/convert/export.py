@@ -22,18 +22,19 @@ A TrigFlow student presented by `flow_to_trigflow` is a rectified-flow network u
 sCM sampler's step (x0 = f(x_t, t), re-noise to the next time) is the stochastic flow-matching
 step in the network's own coordinates (same x0, same unit noise; the TrigFlow prior sigma_d eps
 is the flow prior eps scaled), so one step is identical and K steps differ only in the grid
-(diffusers' linspace instead of sCM's mid times).
-
-Grids. The discrete schedulers' own grids are our samplers' grids. FlowMatchEulerDiscreteScheduler's
-default grid (a linspace down to its smallest training sigma) is not: `flow_sigmas` gives, per
-step count, the `sigmas=` to pass (`scheduler.set_timesteps(sigmas=...)`, or a pipeline's
-`sigmas` argument: SanaPipeline, StableDiffusion3Pipeline) so it walks our sampler's grid, in
-the scheduler's pre-shift units; `launch.convert` writes them to export.json. SCMScheduler's
-default grid (pi/2, 1.3, 0 at 2 steps, in SanaSprintPipeline's angles) is not ours either:
-`scm_timesteps` gives our grid in its angles and `scm_pipeline_kwargs` the SanaSprintPipeline
-arguments that walk it (export.json "timesteps" and "pipeline_kwargs"). Students presented by `edm_consistency` (CD,
+(diffusers' linspace instead of sCM's mid times). Students presented by `edm_consistency` (CD,
 CT, ECT) have no diffusers scheduler over their raw network (the boundary scalings are part of
 the student): `scheduler_config` says so in one line.
+
+Grids. The discrete schedulers' own grids are our samplers' grids.
+FlowMatchEulerDiscreteScheduler's default grid (a linspace down to its smallest training sigma)
+is not: `flow_sigmas` gives, per step count, the `sigmas=` to pass
+(`scheduler.set_timesteps(sigmas=...)`, or a pipeline's `sigmas` argument: SanaPipeline,
+StableDiffusion3Pipeline) so it walks our sampler's grid, in the scheduler's pre-shift units;
+`launch.convert` writes them to export.json. SCMScheduler's default grid (pi/2, 1.3, 0 at 2
+steps, in SanaSprintPipeline's angles) is not ours in general either: `scm_timesteps` gives our
+grid in its angles and `scm_pipeline_kwargs` the SanaSprintPipeline arguments that walk it
+(export.json "timesteps" and "pipeline_kwargs").
 
 PEFT: every LoRA-adapted kernel becomes `base_model.model.<torch module>.lora_A.weight` (r, in)
 and `.lora_B.weight` (out, r) (Conv: (r, in, kh, kw) and (out, r, 1, 1)), with an
@@ -184,6 +185,17 @@ def scheduler_config(info, sampler: str, grid: Mapping[str, Any] = ()) -> dict:
   return SCHEDULERS.get(key)(process, prediction, grid)
 
 
+def _grid_levels(info, sampler: str, steps) -> tuple[np.ndarray, np.ndarray]:
+  """(alpha, sigma), float64, at each time of `sampler`'s `steps`-step grid over network
+  `info`'s presented process (its noise levels, whatever the time coordinate)."""
+  from distill import solvers  # pylint: disable=import-outside-toplevel
+  name, options = parse_spec(sampler, "sampler")
+  grid_of = solvers.SOLVERS.get(name).grid or solvers.process_grid
+  t = np.asarray(grid_of(info.process, int(steps), **options.get("grid_kwargs", {})), np.float64)
+  alpha, sigma = info.process.alpha_sigma(t)
+  return np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+
+
 def flow_sigmas(sched: Mapping[str, Any], info, sampler: str, steps) -> Optional[dict]:
   """{str(n): sigmas} for n in `steps`: the `sigmas=` that make FlowMatchEulerDiscreteScheduler
   config `sched` walk `sampler`'s n-step grid on network `info` (the grid over its presented
@@ -192,15 +204,11 @@ def flow_sigmas(sched: Mapping[str, Any], info, sampler: str, steps) -> Optional
   which the scheduler appends). None for other schedulers (their own grid is ours)."""
   if sched.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
     return None
-  from distill import solvers  # pylint: disable=import-outside-toplevel
-  name, options = parse_spec(sampler, "sampler")
-  grid_of = solvers.SOLVERS.get(name).grid or solvers.process_grid
   shift = float(sched.get("shift", 1.0))
   out = {}
   for n in steps:
-    t = np.asarray(grid_of(info.process, int(n), **options.get("grid_kwargs", {})), np.float64)
-    alpha, sigma = (np.asarray(v, np.float64) for v in info.process.alpha_sigma(t[:-1]))
-    flow = sigma / (alpha + sigma)
+    alpha, sigma = _grid_levels(info, sampler, n)
+    flow = (sigma / (alpha + sigma))[:-1]
     out[str(int(n))] = [round(float(v), 8) for v in flow / (shift - (shift - 1.0) * flow)]
   return out
 
@@ -215,13 +223,9 @@ def scm_timesteps(sched: Mapping[str, Any], info, sampler: str, steps) -> Option
   alpha): sCM's 1.1 at sigma_d 0.5 is t' = 0.7765, not the pipeline's default 1.3."""
   if sched.get("_class_name") != "SCMScheduler":
     return None
-  from distill import solvers  # pylint: disable=import-outside-toplevel
-  name, options = parse_spec(sampler, "sampler")
-  grid_of = solvers.SOLVERS.get(name).grid or solvers.process_grid
   out = {}
   for n in steps:
-    t = np.asarray(grid_of(info.process, int(n), **options.get("grid_kwargs", {})), np.float64)
-    alpha, sigma = (np.asarray(v, np.float64) for v in info.process.alpha_sigma(t))
+    alpha, sigma = _grid_levels(info, sampler, n)
     out[str(int(n))] = [round(float(v), 8) for v in np.arctan2(sigma, alpha)]
   return out
 
