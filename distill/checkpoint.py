@@ -84,6 +84,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    _expect_failed_reads(self.directory, step)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
@@ -133,7 +134,6 @@ class Checkpointer:
 def _restore_failed(step: int, directory: str, e: Exception) -> str:
   """Logs a step that could not be restored in one line (Orbax's errors carry whole
   tensorstore specs); returns the reason."""
-  _quiet_unretrieved_tasks()
   error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
   log.warning("checkpoint at step %d in %s could not be restored (%s); falling back to the "
               "previous one", step, directory, error)
@@ -179,13 +179,29 @@ def _quiet_closed_loop_echoes() -> None:
   _QUIETED.add("loop")
 
 
-def _quiet_unretrieved_tasks() -> None:
-  """After a failed restore: asyncio's "Task exception was never retrieved" record for each of
-  its reads that failed too (the same error, once per array)."""
-  if "tasks" not in _QUIETED:
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "Task exception was never retrieved" not in record.getMessage())
-    _QUIETED.add("tasks")
+_FAILED_READ_DIRS: set[str] = set()   # step directories whose unretrieved read errors are echoes
+
+
+def _expect_failed_reads(directory: str, step: int) -> None:
+  """Before reading checkpoint `step`: asyncio's "Task/Future exception was never retrieved"
+  record for each of its reads that fails (the same error as the restore's, once per array,
+  logged when the garbage collector meets the future: before or after the restore raises) is
+  dropped. Only records whose error names that step's directory; a read that succeeds leaves
+  none, so registering ahead hides nothing else."""
+  base = os.path.join(os.path.abspath(directory), str(step))
+  _FAILED_READ_DIRS.update({base + os.sep, os.path.realpath(base) + os.sep})
+  if "reads" not in _QUIETED:
+    logging.getLogger("asyncio").addFilter(lambda record: not _is_failed_read_echo(record))
+    _QUIETED.add("reads")
+
+
+def _is_failed_read_echo(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  if "exception was never retrieved" not in message:
+    return False
+  if record.exc_info and record.exc_info[1] is not None:
+    message += str(record.exc_info[1])
+  return any(d in message for d in _FAILED_READ_DIRS)
 
 
 def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:
@@ -194,10 +210,10 @@ def layout_mismatch(directory: str, step: int, abstract_state: Any) -> str:
   may differ: a restore casts them). A checkpoint whose metadata cannot be read yields "" (its
   restore then decides)."""
   mngr = _read_only_manager(directory)
+  _expect_failed_reads(directory, step)
   try:
     stored = _leaves(_structure(mngr.item_metadata(step)["state"]))
   except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore
-    _quiet_unretrieved_tasks()
     return ""
   finally:
     mngr.close()
@@ -264,6 +280,7 @@ def restore_raw(directory: str, step: Optional[int] = None, *,
   last_error = None
   for s in candidates:
     items = {"state": ocp.args.PyTreeRestore(), "meta": ocp.args.JsonRestore()}
+    _expect_failed_reads(directory, s)
     try:
       structure = _structure(mngr.item_metadata(s)["state"]) if partial else None
     except Exception as e:  # noqa: BLE001 - unreadable metadata: this step is unusable
