@@ -31,7 +31,8 @@ from distill import sharding as shd
 from distill import solvers
 from distill import teacher as teacher_lib
 from distill.data import sources
-from distill.objective import OBJECTIVES, Network, Objective, Stage, Time, make_time
+from distill.objective import (OBJECTIVES, Network, Objective, Stage, Time, make_time,
+                              promotion_source)
 from distill.state import TrainState, new_state
 from models.registry import MODELS, build_model
 
@@ -384,10 +385,17 @@ class Engine:
                          f"network {net!r} (it trains {', '.join(sorted(trained))})")
 
   def _check_promotions(self) -> None:
-    """A LoRA network promoted into its own base would carry its adapter twice afterwards."""
+    """A promotion's source is a network (or one of its EMA roles) of the objective; a LoRA
+    network promoted into its own base would carry its adapter twice afterwards."""
+    roles = self.ema_roles()
     for stage in self.stages:
       for target, source in stage.promote.items():
-        if self.nets[source].base == target:
+        network, role = promotion_source(source)
+        if role is not None and role not in roles.get(network, {}):
+          raise ValueError(f"stage promotion {source!r} -> {target!r}: network {network!r} has "
+                           f"no EMA role {role!r} (it has "
+                           f"{', '.join(roles.get(network, {})) or 'none'})")
+        if self.nets[network].base == target:
           raise ValueError(f"stage promotion {source!r} -> {target!r}: {target!r} is the base "
                            f"of the LoRA network {source!r} (give the adapter its own frozen "
                            "base network)")
@@ -965,10 +973,15 @@ class Engine:
     return local
 
   # ------------------------------------------------------------------ stages
-  def full_params(self, name: str, params: dict, frozen: dict):
-    """Network `name`'s full weights from a state's `params` and the `frozen` networks (a LoRA
+  def full_params(self, source: str, params: dict, frozen: dict, ema: dict):
+    """A promotion source's full weights (Stage.promote: a network, or "network@role" for one
+    of its EMA averages) from a state's `params` and `ema` and the `frozen` networks (a LoRA
     network's adapter merged into its base): what a stage promotes."""
-    value = params[name] if name in params else frozen[name]
+    name, role = promotion_source(source)
+    if role is not None:
+      value = ema[name][role]
+    else:
+      value = params[name] if name in params else frozen[name]
     return ctx_lib.merge_params(self.nets[name], value, {**frozen, **params})
 
   def enter_stage(self, state: TrainState, frozen: dict, stage: int) -> tuple[TrainState, dict]:
@@ -976,7 +989,7 @@ class Engine:
     spec: Stage = self.stages[stage]
     params = dict(state.params)
     for target, source in spec.promote.items():
-      value = self.full_params(source, params, frozen)
+      value = self.full_params(source, state.params, frozen, state.ema)
       copy = jax.tree_util.tree_map(jnp.copy, value)
       if target in frozen:
         frozen = dict(frozen)

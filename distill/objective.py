@@ -129,13 +129,21 @@ class Phase:
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """A training stage: `steps` long; `overrides` of objective keys; at its start the engine
-  copies networks as `promote` says ({"teacher": "student"}: the student becomes the teacher)
-  and resets optimizer / EMA state when asked."""
+  copies networks as `promote` says ({"teacher": "student"}: the student becomes the teacher;
+  {"teacher": "student@eval"}: the student's EMA of role "eval" does, where that average is
+  what the method evaluates) and resets optimizer / EMA state when asked."""
   steps: int
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   promote: Mapping[str, str] = dataclasses.field(default_factory=dict)
   reset_opt: bool = False
   reset_ema: bool = False
+
+
+def promotion_source(source: str) -> tuple[str, Optional[str]]:
+  """(network, EMA role or None) of a Stage.promote source: "student" is the network's own
+  weights, "student@eval" its EMA of role "eval"."""
+  network, _, role = source.partition("@")
+  return network, (role or None)
 
 
 @dataclasses.dataclass(frozen=True)

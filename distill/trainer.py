@@ -890,7 +890,7 @@ def _restore_promoted(engine: Engine, ckpt, state, frozen, step: int,
           f"with, and the boundary checkpoints kept") from None
     for target, source in spec.promote.items():
       if target in frozen:
-        src = engine.full_params(source, b_state.params, frozen)
+        src = engine.full_params(source, b_state.params, frozen, b_state.ema)
         frozen = dict(frozen)
         frozen[target] = jax.device_put(src, engine.frozen_shardings[target])
   return frozen

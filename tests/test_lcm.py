@@ -249,7 +249,12 @@ def test_structure_and_stages():
   assert engine.total_steps == 12 and engine.boundary_steps == [3, 6, 9]
   segs = [o.phases[0].loss.keywords["num_segments"] for o in engine.stage_objectives]
   assert segs == [8, 4, 2, 1]
-  assert [dict(s.promote) for s in engine.stages] == [{}] + [{"teacher": "student"}] * 3
+  # The default EMA target: the evaluated average goes on as teacher and student.
+  ema_chain = {"teacher": "student@eval", "student": "student@eval"}
+  assert [dict(s.promote) for s in engine.stages] == [{}] + [ema_chain] * 3
+  online = Engine(mu.tiny_config("segmented_cm", batch=B, num_ddim_steps=8, target="online",
+                                 segment_stages=(4, 2), stage_steps=3), teacher=teacher)
+  assert [dict(s.promote) for s in online.stages] == [{}, {"teacher": "student"}]
   assert engine.objective.sampler == "ddim"
   with pytest.raises(ValueError, match="stage_steps"):
     Engine(mu.tiny_config("segmented_cm", segment_stages=(4, 2)), teacher=teacher)
@@ -318,6 +323,29 @@ def test_sharded_run_matches_single_device(tmp_path):
           "--config.objective.guidance_range=(1.0,2.0)",
           "--config.objective.segment_stages=(4,2)", "--config.objective.stage_steps=5"]
   mu.check_sharded_losses(SEG_CONFIG, tmp_path, args, mu.phase_losses, ["segmented_cm/loss"])
+
+
+def test_ema_target_stages_promote_the_evaluated_average():
+  """Hyper-SD / PCM stages with the EMA target: the student that was evaluated at the end of a
+  stage is the EMA, so the next stage's teacher is that average, not the online weights, and
+  the next stage's student (and its reset EMA) starts from it too. A promotion naming an EMA
+  role the network does not keep is refused in one line."""
+  teacher = mu.make_teacher(num_classes=4, seed=0)
+  engine, state, frozen = mu.make_engine("segmented_cm", teacher, batch=B, target="ema",
+                                         target_decay=0.5, num_ddim_steps=8,
+                                         segment_stages=(4, 2), stage_steps=2)
+  for step in range(2):
+    state, frozen, _ = engine.train_step(state, frozen, step)
+  online, average = jax.device_get((state.params["student"], state.ema["student"]["eval"]))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(online),
+                                                      jax.tree_util.tree_leaves(average)))
+  state, frozen = engine.enter_stage(state, frozen, 1)
+  for got in (frozen["teacher"], state.params["student"], state.ema["student"]["eval"]):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), average)
+  engine.stages = (engine.stages[0],
+                   dataclasses.replace(engine.stages[1], promote={"teacher": "student@slow"}))
+  with pytest.raises(ValueError, match="network 'student' has no EMA role 'slow' \\(it has eval"):
+    engine._check_promotions()  # pylint: disable=protected-access
 
 
 def test_lora_stages_promote_the_merged_student_and_keep_the_original_base():

@@ -8,7 +8,8 @@ teacher.
 The argument picks the dataset (gmm, checkerboard, moons, spiral; default gmm) and must match
 the teacher's. Four segments over a 48-step DDIM grid: the student maps every state to its
 segment's lower edge, and the 4-step `ddim` sampler walks the edges. Hyper-SD's progressive
-8 -> 4 -> 2 -> 1 segments as engine stages (each stage's student becomes the next teacher):
+8 -> 4 -> 2 -> 1 segments as engine stages (each stage's evaluated student, the EMA, becomes the
+next teacher and restarts the student):
 `--config.objective.segment_stages="(8,4,2,1)" --config.objective.stage_steps=500`. MLCM's
 training states on the teacher's own trajectories: `--config.objective.states=teacher`.
 

@@ -31,8 +31,9 @@ stop-gradient (`target="online"`, LCM-LoRA). The consistency function f:
   segment by a DDIM jump, alpha_s x0_hat + sigma_s eps_hat (PCM's c_skip = 0, c_out = 1); the
   target is x_t' itself when t' is that edge. M = 1 is LCM with an exact boundary. Sampled
   with `ddim` (M steps: from edge to edge). `segment_stages = (8, 4, 2, 1)` with
-  `stage_steps` runs Hyper-SD's progressive TSCD as engine stages: each stage's student
-  becomes the next stage's teacher (promotion, optimizer reset).
+  `stage_steps` runs Hyper-SD's progressive TSCD as engine stages: each stage's evaluated
+  student (under `target="ema"` its EMA, which also restarts the student) becomes the next
+  stage's teacher (promotion, optimizer and EMA reset).
 
 Networks: "teacher" (frozen), "student" (init from the teacher; `guidance_embed` adds LCM's
 w-embedding, zero-initialised so the student starts as the teacher; `lora_rank` > 0: a LoRA
@@ -329,8 +330,11 @@ def build_segmented(cfg) -> Objective:
     if int(cfg.stage_steps) <= 0:
       raise ValueError("config key 'objective.stage_steps': segment_stages needs the steps of "
                        "each stage (> 0)")
+    # The finished stage's evaluated student goes on: the online weights, or under the EMA
+    # target its average, which then starts the next stage's student as well.
+    promote = ({"teacher": "student@eval", "student": "student@eval"}
+               if choice(cfg, "target", ("ema", "online")) == "ema" else {"teacher": "student"})
     stages = tuple(Stage(steps=int(cfg.stage_steps), overrides={"num_segments": m},
-                         promote={"teacher": "student"} if i else {}, reset_opt=bool(i),
-                         reset_ema=bool(i))
+                         promote=promote if i else {}, reset_opt=bool(i), reset_ema=bool(i))
                    for i, m in enumerate(schedule))
   return _build(cfg, "segmented_cm", "ddim", num_segments=int(cfg.num_segments), stages=stages)
