@@ -36,7 +36,8 @@ devices (the batch split over a 1-D mesh). A shard is written to a temporary nam
 when complete, so a killed run resumes at the first missing shard and rewrites nothing that is
 finished (precompute.json, written before the first shard, holds the settings that decide the
 records, the input's listing fingerprint among them: a rerun with others, or on an input whose
-files, order, labels or caption ids changed, stops with one line instead of mixing them);
+files, order, labels, caption ids or file sizes changed, stops with one line instead of
+mixing them);
 meta.json is written last (by process 0 once every shard exists; with a jsonl input it records
 the `caption_ids` range, which the latents source checks against the embeddings at setup).
 `--size`, `--batch` and `--shard_size` must be positive; an input with no examples stops before
@@ -130,7 +131,7 @@ SETTINGS = "precompute.json"
 POSITIVE = ("size", "batch", "shard_size")
 # Settings added after outputs were first written: a precompute.json without one resumes (there
 # is nothing to compare it with).
-LATER_SETTINGS = ("input_fingerprint",)
+LATER_SETTINGS = ("input_fingerprint", "input_content")
 
 
 def check_flags(args) -> None:
@@ -141,13 +142,14 @@ def check_flags(args) -> None:
       raise ValueError(f"--{flag}: expected a positive number, got {value}")
 
 
-def settings(args, count: int, fingerprint: str) -> dict:
+def settings(args, count: int, fingerprint: str, content: str) -> dict:
   """What decides the records an output holds: resuming with other values would mix them
-  (`fingerprint`: the input's ordered listing, so a changed input of the same count counts)."""
+  (`fingerprint`: the input's ordered listing, so a changed input of the same count counts;
+  `content`: its files' sizes, so an image replaced under its name counts too)."""
   return {"input": args.input, "count": int(count), "size": args.size, "kind": args.kind,
           "flip": bool(args.flip), "dtype": args.dtype, "shard_size": args.shard_size,
           "seed": args.seed if args.kind == "sample" else None, "vae_hash": vae_hash(args.vae),
-          "input_fingerprint": fingerprint}
+          "input_fingerprint": fingerprint, "input_content": content}
 
 
 def _changed(before: dict, now: dict) -> list[str]:
@@ -165,7 +167,11 @@ def check_settings(out: str, now: dict, write: bool) -> None:
     with open(path) as f:
       before = json.load(f)
     diff = _changed(before, now)
-    if diff == ["input_fingerprint"]:
+    if diff == ["input_content"]:
+      raise ValueError(f"--out {out} holds shards of another version of --input {now['input']} "
+                       f"(same listing; image files changed size since: edited or replaced): "
+                       f"rerun on the same files to resume, or choose a new --out")
+    if diff == ["input_fingerprint"] or diff == ["input_content", "input_fingerprint"]:
       raise ValueError(f"--out {out} holds shards of another --input {now['input']} listing "
                        f"(same count {now['count']}; files, their order, labels or caption ids "
                        f"changed since): rerun on the same input to resume, or choose a new --out")
@@ -199,7 +205,7 @@ def run(args) -> int:
   vae_module, variables = convert.load_diffusers_dir(args.vae)
   if not hasattr(vae_module, "encode"):
     raise ValueError(f"--vae {args.vae}: {type(vae_module).__name__} has no encoder")
-  recipe = settings(args, n, source.fingerprint())
+  recipe = settings(args, n, source.fingerprint(), source.content_fingerprint())
   check_settings(args.out, recipe, write=jax.process_index() == 0)
   num_shards = math.ceil(n / args.shard_size)
   names = [records.shard_name(i, num_shards) for i in range(num_shards)]

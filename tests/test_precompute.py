@@ -515,6 +515,34 @@ def test_resume_after_the_input_changed_with_the_same_count_is_refused(vae_dir, 
   assert records.read_meta(out)["count"] == 6
 
 
+def test_resume_after_an_image_was_replaced_under_its_name_is_refused(vae_dir, tmp_path, capsys):
+  """The listing is the same, the content is not: an image re-exported (another size on disk)
+  would mix old and new encodings in one output."""
+  from PIL import Image
+  root = tmp_path / "imgs"
+  _write_images(str(root), {"cat": 3})
+  out = str(tmp_path / "out")
+  common = ["--input", f"folder:{root}", "--vae", vae_dir, "--out", out, "--size", str(SIZE),
+            "--shard_size", "2"]
+  _precompute(*common)
+  left = _kill_last_shard(out)
+  before = os.path.getsize(root / "cat" / "img01.png")
+  Image.new("RGB", (SIZE + 3, SIZE + 5), (200, 10, 10)).save(root / "cat" / "img01.png")
+  assert os.path.getsize(root / "cat" / "img01.png") != before
+  err = _fails(capsys, *common)
+  assert (f"--out {out} holds shards of another version of --input folder:{root} (same listing; "
+          "image files changed size since") in err, err
+  assert sorted(os.listdir(out)) == left
+  # an output written before precompute.json had the content fingerprint resumes
+  with open(os.path.join(out, precompute.SETTINGS)) as f:
+    recorded = json.load(f)
+  del recorded["input_content"]
+  with open(os.path.join(out, precompute.SETTINGS), "w") as f:
+    json.dump(recorded, f)
+  _precompute(*common)
+  assert records.read_meta(out)["count"] == 3
+
+
 def test_jsonl_reordered_with_the_same_count_is_refused(vae_dir, tmp_path, capsys):
   path = _jsonl_images(tmp_path, ["0", "1", "2"])
   out = str(tmp_path / "out")

@@ -12,7 +12,9 @@ Each input has `len()`, `get(i) -> {"image": uint8 (H, W, 3), "orig_size": int32
 "crop_top_left": int32 (2,), "label"?: int, "caption_id"?: int}`, `num_classes`, `describe()`
 (recorded in meta.json), `fingerprint()` (a sha256 of the ordered example listing: relative
 paths with their labels or caption ids, the tfds name, version and split; no image is read; a
-precompute resume compares it) and `caption_ids` ({"min", "max"} of a jsonl's ids, else None).
+precompute resume compares it), `content_fingerprint()` (a sha256 of the image files' sizes in
+order, one stat each, so an image replaced under the same name counts; a tfds dataset's version
+stands for its content) and `caption_ids` ({"min", "max"} of a jsonl's ids, else None).
 Names starting with "." (`.ipynb_checkpoints`, `._x.png`) are never images or classes. A jsonl
 input checks that every image file exists before anything is encoded.
 
@@ -98,6 +100,11 @@ def listing_hash(rows) -> str:
   return h.hexdigest()
 
 
+def sizes_hash(paths) -> str:
+  """sha256 of the byte sizes of `paths` in order (a stat each, no file read)."""
+  return listing_hash(os.path.getsize(p) for p in paths)
+
+
 def caption_id(value) -> int:
   """`value` as a caption id: a JSON integer >= 0 (not 1.7, "3" or true), else a ValueError."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -148,6 +155,9 @@ class ImageFolder:
   def fingerprint(self) -> str:
     return listing_hash((os.path.relpath(p, self.root), c) for p, c in self.items)
 
+  def content_fingerprint(self) -> str:
+    return sizes_hash(p for p, _ in self.items)
+
 
 @IMAGE_INPUTS.register("jsonl")
 class CaptionJsonl:
@@ -195,6 +205,9 @@ class CaptionJsonl:
   def fingerprint(self) -> str:
     return listing_hash((name, c) for name, (_, c) in zip(self.names, self.items))
 
+  def content_fingerprint(self) -> str:
+    return sizes_hash(p for p, _ in self.items)
+
 
 @IMAGE_INPUTS.register("tfds")
 class TfdsImages:
@@ -236,6 +249,9 @@ class TfdsImages:
 
   def fingerprint(self) -> str:
     return listing_hash([self.name, self.version, self.split, len(self.source)])
+
+  def content_fingerprint(self) -> str:
+    return self.fingerprint()   # a prepared version's records do not change
 
 
 def _tfds_where(data_dir: str | None) -> str:
