@@ -375,20 +375,28 @@ def test_lora_stages_promote_the_merged_student_and_keep_the_original_base():
 
 
 @pytest.mark.slow
-def test_lora_stages_killed_at_a_stage_boundary_resume_exactly(tmp_path):
-  """Hyper-SD's chaining (one LoRA over the original base; each stage's merged student the next
-  teacher) survives a SIGKILL right after a stage-boundary checkpoint: the resumed run re-reads
-  the promoted teacher (base + the boundary's adapter) and logs exactly the losses of an
+@pytest.mark.parametrize("student,kill_steps", [
+    pytest.param(["--config.objective.lora_rank=4", "--config.objective.target=online",
+                  "--config.checkpoint.every_steps=0"], (3, 6), id="lora_online"),
+    # Killed inside stages (checkpoints every 4 steps besides the boundaries 3 and 6): the
+    # resume re-reads each teacher from its boundary checkpoint's EMA.
+    pytest.param(["--config.objective.target=ema", "--config.objective.target_decay=0.5",
+                  "--config.checkpoint.every_steps=4"], (4, 8), id="full_ema")])
+def test_stages_killed_resume_exactly(tmp_path, student, kill_steps):
+  """Hyper-SD's chaining (one LoRA over the original base, or a full student under the EMA
+  target; each stage's evaluated student the next teacher) survives a SIGKILL right after a
+  stage-boundary checkpoint or inside a stage: the resumed run re-reads the promoted teacher
+  (base + the boundary's adapter, or the boundary's EMA) and logs exactly the losses of an
   uninterrupted run through every stage; its evaluated teacher rows are the original's."""
   teacher = mu.shared_tiny_teacher()
   args = [f"--config.teacher.checkpoint={teacher}", "--config.train.batch_size=32",
           "--config.eval.num_samples=128", "--config.eval.teacher_steps=8",
           "--config.sample.num=0", "--config.checkpoint.async_save=false",
-          "--config.checkpoint.every_steps=0", "--config.train.log_every=1",
-          "--config.objective.num_ddim_steps=8", "--config.objective.lora_rank=4",
-          "--config.objective.target=online", "--config.objective.segment_stages=(4,2,1)",
-          "--config.objective.stage_steps=3", "--config.eval.steps=(1,)"]
-  mu.check_killed_stages_resume_exactly(SEG_CONFIG, tmp_path, args, (3, 6), "segmented_cm/loss",
+          "--config.train.log_every=1", "--config.objective.num_ddim_steps=8", *student,
+          "--config.objective.segment_stages=(4,2,1)", "--config.objective.stage_steps=3",
+          "--config.eval.steps=(1,)"]
+  mu.check_killed_stages_resume_exactly(SEG_CONFIG, tmp_path, args, kill_steps,
+                                        "segmented_cm/loss",
                                         [0] * 3 + [1] * 3 + [2] * 3)
   import json
   swd = {n: {k: r["swd"] for k, r in json.load(open(tmp_path / n / "eval.json"))["results"].items()}
