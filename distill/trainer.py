@@ -333,7 +333,7 @@ def _check_guidance_condition(engine: Engine) -> None:
         f"teacher is unconditional on data {engine.stream_datasets[sources.TRAIN_STREAM]!r} (no "
         f"classes or prompts to drop, so guidance changes nothing): use a class-conditional "
         f"dataset and teacher (toy: gmm, spiral) or one with prompts")
-  if float(engine.config.eval.get("guidance", 1.0)) != 1.0:
+  if configured_guidance(engine.config) != 1.0:
     raise ValueError(
         f"config key 'eval.guidance': {engine.config.eval.guidance} guides an unconditional "
         f"teacher on data {engine.stream_datasets[sources.TRAIN_STREAM]!r} (no classes or "
@@ -530,7 +530,7 @@ def run_evaluation(engine: Engine, state, frozen, step: int,
       student_steps=tuple(cfg.eval.steps), teacher=teacher, teacher_steps=cfg.eval.teacher_steps,
       num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, metrics=metrics,
       class_conditional=cfg.eval.class_conditional, teacher_cache=teacher_cache,
-      teacher_hash=teacher_hash, guidance=float(cfg.eval.get("guidance", 1.0)), setup=setup,
+      teacher_hash=teacher_hash, guidance=configured_guidance(cfg), setup=setup,
       batch=int(cfg.eval.get("batch_size", 4096)),
       ideal_steps=tuple(int(n) for n in cfg.eval.get("ideal_steps", ())))
 
@@ -540,11 +540,16 @@ def student_sampler(engine: Engine) -> str:
   return engine.config.eval.get("sampler", "") or engine.objective.sampler
 
 
+def configured_guidance(config) -> float:
+  """`eval.guidance`: the w that guided networks are evaluated at (1 where unset)."""
+  return float(config.eval.get("guidance", 1.0))
+
+
 def eval_guidance(engine: Engine, ctx: ctx_lib.Context, net: str, is_teacher: bool) -> float:
   """The guidance scale the evaluation samples network `net` at: `eval.guidance` for the
   teacher (CFG) and for a network that takes w as its input, 1 for any other student (its
   guidance, if any, is distilled in)."""
-  guidance = float(engine.config.eval.get("guidance", 1.0))
+  guidance = configured_guidance(engine.config)
   return guidance if is_teacher or evaluation.embeds_guidance(ctx, net) else 1.0
 
 

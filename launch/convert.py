@@ -235,9 +235,10 @@ def _note_guidance(engine, info, pipeline, notes: dict) -> None:
   """export.json's "guidance" for a network that takes w as an input: the pipeline's
   guidance_scale for the run's evaluated w (eval.guidance) and the w range it was trained on."""
   from distill import context as ctx_lib  # pylint: disable=import-outside-toplevel
+  from distill import trainer  # pylint: disable=import-outside-toplevel
   if not ctx_lib.embeds_guidance(info.module):
     return
-  w = float(engine.config.eval.get("guidance", 1.0))
+  w = trainer.configured_guidance(engine.config)
   note = {"w": w, "convention": "w of u + w (c - u) (LCM's w' = w - 1)"}
   trained = engine.config.objective.get("guidance_range", None)
   if trained is not None:
