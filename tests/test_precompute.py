@@ -489,6 +489,17 @@ def _kill_last_shard(out: str) -> list[str]:
   return sorted(os.listdir(out))
 
 
+def _resume_as_recorded_without(out: str, key: str, args) -> None:
+  """Resumes `out` as if its precompute.json predated setting `key` (nothing to compare)."""
+  path = os.path.join(out, precompute.SETTINGS)
+  with open(path) as f:
+    recorded = json.load(f)
+  del recorded[key]
+  with open(path, "w") as f:
+    json.dump(recorded, f)
+  _precompute(*args)
+
+
 def test_resume_after_the_input_changed_with_the_same_count_is_refused(vae_dir, tmp_path, capsys):
   root = tmp_path / "imgs"
   _write_images(str(root), {"cat": 3, "dog": 3})
@@ -506,12 +517,7 @@ def test_resume_after_the_input_changed_with_the_same_count_is_refused(vae_dir, 
   assert [open(os.path.join(out, f), "rb").read() for f in left] == kept
   # an output written before precompute.json had the fingerprint: nothing to compare, resumes
   os.replace(root / "dog" / "zz_moved.png", root / "cat" / "img00.png")
-  with open(os.path.join(out, precompute.SETTINGS)) as f:
-    recorded = json.load(f)
-  del recorded["input_fingerprint"]
-  with open(os.path.join(out, precompute.SETTINGS), "w") as f:
-    json.dump(recorded, f)
-  _precompute(*common)
+  _resume_as_recorded_without(out, "input_fingerprint", common)
   assert records.read_meta(out)["count"] == 6
 
 
@@ -534,12 +540,7 @@ def test_resume_after_an_image_was_replaced_under_its_name_is_refused(vae_dir, t
           "image files changed size since") in err, err
   assert sorted(os.listdir(out)) == left
   # an output written before precompute.json had the content fingerprint resumes
-  with open(os.path.join(out, precompute.SETTINGS)) as f:
-    recorded = json.load(f)
-  del recorded["input_content"]
-  with open(os.path.join(out, precompute.SETTINGS), "w") as f:
-    json.dump(recorded, f)
-  _precompute(*common)
+  _resume_as_recorded_without(out, "input_content", common)
   assert records.read_meta(out)["count"] == 3
 
 
